@@ -1,0 +1,1 @@
+"""Parity and speed benchmarks for exported models."""

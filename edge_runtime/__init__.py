@@ -1,0 +1,1 @@
+"""The DICOM folder-watching segmentation daemon (no torch)."""

@@ -1,0 +1,1 @@
+"""Export a checkpoint to an ONNX/TensorRT model bundle (needs the [train] extra)."""

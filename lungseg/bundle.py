@@ -1,0 +1,110 @@
+"""Model bundles: a folder holding ``model.onnx`` and its variants, or a single ONNX file.
+
+Layout of a bundle folder (written by ``lungseg-export``)::
+
+    model.onnx          fp32, the reference export
+    model.fp16.onnx     fp16 weights, fp32 inputs/outputs (optional)
+    model.int8.onnx     static QDQ quantisation for the CPU fallback (optional)
+    model.fp16.engine   TensorRT engine, bound to one GPU + TensorRT version (optional)
+    engine.json         what the engine was built for (optional)
+    parity.json         export-time parity against PyTorch
+    MODEL_CARD.md       how the model was trained
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ONNX_FP32 = "model.onnx"
+ONNX_FP16 = "model.fp16.onnx"
+ONNX_INT8 = "model.int8.onnx"
+ENGINE_FP16 = "model.fp16.engine"
+ENGINE_MANIFEST = "engine.json"
+PARITY = "parity.json"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probability"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No usable model at the given location (or no shipped default)."""
+
+
+def default_bundle_dir() -> Path:
+    """The shipped default model bundle (inside the installed package)."""
+    import lungseg.models
+
+    return Path(lungseg.models.__file__).resolve().parent / "default"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A resolved model bundle. ``onnx`` is the file a CPU/CUDA session loads."""
+
+    root: Path
+    onnx: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def variant(self, name: str) -> Path | None:
+        path = self.root / name
+        return path if path.is_file() else None
+
+    @property
+    def engine_manifest(self) -> dict[str, Any] | None:
+        path = self.variant(ENGINE_MANIFEST)
+        return json.loads(path.read_text()) if path else None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("model_name", self.onnx.stem)
+
+    @property
+    def version(self) -> str:
+        return self.metadata.get("model_version", "unknown")
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The ONNX ``metadata_props`` (read with onnxruntime, so the runtime needs no ``onnx``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelNotFoundError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    meta = session.get_modelmeta()
+    return dict(meta.custom_metadata_map)
+
+
+def resolve_bundle(location: str | Path | None = None, onnx_name: str = ONNX_FP32) -> Bundle:
+    """Resolve a bundle folder, an ``.onnx`` file, or ``None`` (the shipped default)."""
+    if location is None:
+        root = default_bundle_dir()
+        if not (root / onnx_name).is_file():
+            raise ModelNotFoundError(
+                "no shipped default model is installed; pass --model PATH "
+                "(a bundle folder from lungseg-export, or an .onnx file)"
+            )
+        location = root
+    path = Path(location)
+    if path.is_dir():
+        onnx = path / onnx_name
+        if not onnx.is_file():
+            raise ModelNotFoundError(f"{path}: bundle folder has no {onnx_name}")
+        return Bundle(root=path, onnx=onnx, metadata=read_onnx_metadata(onnx))
+    if path.is_file():
+        return Bundle(root=path.parent, onnx=path, metadata=read_onnx_metadata(path))
+    raise ModelNotFoundError(f"{path}: no such model file or bundle folder")

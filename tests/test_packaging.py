@@ -1,0 +1,57 @@
+"""The base install is the lean runtime: no torch, instant --help, one import namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import tomllib
+from conftest import REPO_ROOT
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def test_base_dependencies_have_no_torch_and_extras_are_split():
+    project = _pyproject()["project"]
+    base = " ".join(project["dependencies"]).lower()
+    assert "torch" not in base and "tensorrt" not in base and "onnxruntime-gpu" not in base
+    assert "onnxruntime" in base and "pydicom" in base and "highdicom" in base and "watchdog" in base
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("torch") for d in extras["train"])
+    assert any(d.startswith("tensorrt") for d in extras["gpu"])
+    assert any(d.startswith("pytest") for d in extras["dev"])
+
+
+def test_everything_installs_under_the_lungseg_namespace():
+    tool = _pyproject()["tool"]["setuptools"]
+    assert all(p == "lungseg" or p.startswith("lungseg.") for p in tool["packages"])
+    assert set(tool["package-dir"]) == set(tool["packages"])
+
+
+def _run_blocked(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO_ROOT)
+
+
+def test_runtime_help_works_without_torch():
+    for module in ("lungseg.segment", "lungseg.edge_runtime.cli"):
+        result = _run_blocked(f"from {module} import main; main(['--help'])")
+        assert result.returncode == 0, result.stderr
+        assert "usage:" in result.stdout
+
+
+def test_segmenting_works_without_torch(tiny_onnx, fixture_manifest, tmp_path):
+    from lungseg.data import load_manifest
+
+    image = load_manifest(fixture_manifest)[0].image
+    result = _run_blocked(
+        "from lungseg.segment import main; "
+        f"raise SystemExit(main([{str(image)!r}, '--model', {str(tiny_onnx)!r}, '--out', {str(tmp_path)!r}]))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{image.stem}_mask.png").is_file()
+    assert "torch" not in result.stderr

@@ -1,0 +1,65 @@
+"""``lungseg-segment`` end to end with a real onnxruntime session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from lungseg.data import load_manifest
+from lungseg.segment import EXIT_NO_MODEL, EXIT_OK, EXIT_SOME_FAILED, main
+
+
+def _json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_masks_at_native_size_and_json(tmp_path, tiny_onnx, fixture_manifest):
+    records = load_manifest(fixture_manifest)[:3]
+    report = tmp_path / "out.jsonl"
+    code = main([*(str(r.image) for r in records), "--model", str(tiny_onnx), "--out", str(tmp_path / "m"),
+                 "--json", str(report)])
+    assert code == EXIT_OK
+    lines = _json_lines(report)
+    assert len(lines) == 3
+    for record, line in zip(records, lines, strict=True):
+        mask = cv2.imread(str(tmp_path / "m" / f"{record.image.stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(record.image), cv2.IMREAD_UNCHANGED)
+        assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+        assert set(np.unique(mask)) <= {0, 255}
+        assert line["lung_area_px"] == int((mask == 255).sum())
+        assert "lung_area_mm2" not in line  # a PNG has no pixel spacing
+
+
+def test_bad_inputs_are_named_and_the_rest_processed(tmp_path, tiny_onnx, fixture_manifest, capsys):
+    good = load_manifest(fixture_manifest)[0].image
+    junk = tmp_path / "junk.png"
+    junk.write_text("this is not an image")
+    missing = tmp_path / "missing.dcm"
+    code = main([str(junk), str(missing), str(good), "--model", str(tiny_onnx), "--out", str(tmp_path / "m")])
+    assert code == EXIT_SOME_FAILED
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert out[0]["input"] == str(junk) and "decodable" in out[0]["error"]
+    assert out[1]["input"] == str(missing) and "error" in out[1]
+    assert (tmp_path / "m" / f"{good.stem}_mask.png").is_file()
+
+
+def test_missing_model_exit_code(tmp_path, fixture_manifest):
+    image = load_manifest(fixture_manifest)[0].image
+    assert main([str(image), "--model", str(tmp_path / "nope.onnx"), "--out", str(tmp_path)]) == EXIT_NO_MODEL
+
+
+def test_dicom_with_spacing_reports_mm2(tmp_path, tiny_onnx, shared_data, capsys):
+    source = shared_data / "dicom" / "dx_chest_mono2_rotated_j2k_lossless.dcm"
+    copy = tmp_path / "noextension"
+    shutil.copy(source, copy)
+    assert main([str(copy), "--model", str(tiny_onnx), "--out", str(tmp_path / "m")]) == EXIT_OK
+    line = json.loads(capsys.readouterr().out)
+    assert line["rows"] == 1416 or line["columns"] == 1416
+    assert line["pixel_spacing_mm"] == pytest.approx([0.4, 0.4])
+    assert line["lung_area_mm2"] == pytest.approx(line["lung_area_px"] * 0.16)
+    mask = cv2.imread(str(tmp_path / "m" / "noextension_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (line["rows"], line["columns"])

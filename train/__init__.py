@@ -1,0 +1,1 @@
+"""Train the two-stage transfer-learning model (needs the [train] extra)."""

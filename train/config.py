@@ -1,0 +1,63 @@
+"""Training configuration: the paper's protocol as defaults."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved as ``config.json`` in each run folder."""
+
+    manifest: str = ""
+    donor: str = "scratch"
+    repetitions: int = 25
+    stage2_repetitions: int | None = None
+    max_epochs: int = 200
+    stage2_max_epochs: int | None = None
+    patience: int = 20
+    batch_size: int = 16
+    image_size: int = 256
+    lr: float = 1e-3
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    smooth: float = 1.0
+    rotation_degrees: float = 10.0
+    rotation_probability: float = 0.75
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    portable_half_seed: int = 1234
+    device: str = "auto"
+    workers: int = 2
+    threshold: float = 0.5
+    init_features: int = 32
+
+    @property
+    def reps_stage2(self) -> int:
+        return self.stage2_repetitions if self.stage2_repetitions is not None else self.repetitions
+
+    def epochs_for(self, stage: str) -> int:
+        if stage == "stage2" and self.stage2_max_epochs is not None:
+            return self.stage2_max_epochs
+        return self.max_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "split_fractions" in values:
+            values["split_fractions"] = tuple(values["split_fractions"])
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls.from_dict(json.loads(path.read_text()))
