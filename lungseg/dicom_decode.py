@@ -1,0 +1,283 @@
+"""Decode a DICOM radiograph to a presentation-ready MONOCHROME2 :class:`~lungseg.imaging.Radiograph`.
+
+The grayscale pipeline follows PS3.3 C.11 and agrees with dcmtk's ``dcm2pnm``:
+
+1. stored values -> Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence);
+2. -> VOI LUT Sequence, else the first Window Center/Width, else the data's min/max.
+   A window that maps every pixel to one value (it lies wholly outside the data) is
+   ignored in favour of min/max, with a warning;
+3. -> polarity: **invert iff Presentation LUT Shape is INVERSE, or, where the file gives
+   no valid Presentation LUT Shape, iff Photometric Interpretation is MONOCHROME1**.
+   The shape, where present, already accounts for the photometric interpretation
+   (the DX module requires INVERSE with MONOCHROME1 and IDENTITY with MONOCHROME2), so
+   MONOCHROME1 + INVERSE is inverted once, not twice; MONOCHROME1 + IDENTITY is not
+   inverted; MONOCHROME2 + INVERSE is inverted. This is exactly dcmtk's behaviour;
+4. -> linear scaling to float32 [0, 1] (:func:`~lungseg.imaging.to_unit_range`).
+
+Files whose stored polarity is itself unconventional (lungs stored bright in a
+MONOCHROME2 file) are rendered as the file says; no content heuristic is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from lungseg.imaging import Radiograph, UnreadableImageError, to_unit_range
+
+logger = logging.getLogger(__name__)
+
+MEDIA_STORAGE_DIRECTORY_UID = "1.2.840.10008.1.3.10"
+DX_FOR_PROCESSING_UID = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SUPPORTED_MODALITIES = frozenset({"CR", "DX"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL"})
+MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+# Elements at least one of which any image-bearing DICOM data set has; a file read with
+# ``force=True`` that has none of them is not DICOM (or lost everything to truncation).
+_CORE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "PixelData")
+
+
+class UnsupportedDicomError(UnreadableImageError):
+    """A readable DICOM file that is not a single-frame, presentation-ready frontal CR/DX radiograph.
+
+    ``code`` is one of ``"dicomdir"``, ``"no_pixel_data"``, ``"unsupported_modality"``,
+    ``"for_processing"``, ``"lateral_view"``, ``"rgb"`` (not single-sample
+    MONOCHROME1/2) or ``"multiframe"``.
+    """
+
+    def __init__(self, path: str | Path, reason: str, code: str):
+        super().__init__(path, reason)
+        self.code = code
+
+
+def read_dicom(path: str | Path) -> Radiograph:
+    """Read a DICOM file (with or without preamble/file meta, any suffix) as a radiograph.
+
+    Raises :class:`UnsupportedDicomError` for DICOM this tool does not segment and
+    :class:`~lungseg.imaging.UnreadableImageError` for anything else that fails.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(path, "file not found")
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many types for corrupt input
+        raise UnreadableImageError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    if not any(keyword in ds for keyword in _CORE_KEYWORDS) and not _is_dicomdir(ds):
+        if getattr(ds, "preamble", None) is None:
+            reason = "not a DICOM file (no DICM header and no DICOM image elements)"
+        else:
+            reason = "DICOM header but no data elements could be read (truncated or corrupt file?)"
+        raise UnreadableImageError(path, reason)
+    _ensure_transfer_syntax(ds)
+    check_supported(ds, path)
+    return radiograph_from_dataset(ds, path)
+
+
+def check_supported(ds: Dataset, path: str | Path) -> None:
+    """Raise :class:`UnsupportedDicomError` unless ``ds`` is a frontal, single-frame grayscale CR/DX image."""
+    if _is_dicomdir(ds):
+        raise UnsupportedDicomError(path, "DICOMDIR (media directory), not an image", "dicomdir")
+    if "PixelData" not in ds:
+        raise UnsupportedDicomError(path, "no Pixel Data (7FE0,0010)", "no_pixel_data")
+
+    modality = _text(ds, "Modality")
+    if modality and modality not in SUPPORTED_MODALITIES:
+        raise UnsupportedDicomError(path, f"modality {modality} is not a radiograph (CR or DX)", "unsupported_modality")
+    intent = _text(ds, "PresentationIntentType")
+    sop_class = _text(ds, "SOPClassUID") or _media_storage_class(ds)
+    if intent == "FOR PROCESSING" or sop_class == DX_FOR_PROCESSING_UID:
+        raise UnsupportedDicomError(
+            path, "image is FOR PROCESSING (raw detector data), not for presentation", "for_processing"
+        )
+    view = _text(ds, "ViewPosition")
+    if view in LATERAL_VIEWS or "LAT" in view:
+        raise UnsupportedDicomError(path, f"lateral view (ViewPosition {view})", "lateral_view")
+
+    samples = _int(ds, "SamplesPerPixel", 1)
+    photometric = _text(ds, "PhotometricInterpretation")
+    if samples != 1 or photometric not in MONOCHROME:
+        raise UnsupportedDicomError(
+            path,
+            f"not grayscale: SamplesPerPixel {samples}, PhotometricInterpretation {photometric or 'missing'}",
+            "rgb",
+        )
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames > 1:
+        raise UnsupportedDicomError(path, f"multi-frame image ({frames} frames)", "multiframe")
+
+
+def radiograph_from_dataset(ds: Dataset, path: str | Path) -> Radiograph:
+    """Render ``ds`` (already checked) to float32 [0, 1] MONOCHROME2; see the module docstring."""
+    _ensure_transfer_syntax(ds)
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        raise UnreadableImageError(
+            path, f"cannot decode pixel data ({transfer_syntax.name}): {type(exc).__name__}: {exc}"
+        ) from exc
+    if stored.ndim != 2:
+        raise UnreadableImageError(path, f"pixel data has shape {stored.shape}, expected one 2-D frame")
+
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds))
+    except Exception as exc:
+        raise UnreadableImageError(path, f"invalid modality LUT/rescale: {type(exc).__name__}: {exc}") from exc
+    values, voi = _apply_voi(values, ds, path)
+
+    photometric = _text(ds, "PhotometricInterpretation")
+    lut_shape = _text(ds, "PresentationLUTShape")
+    invert = lut_shape == "INVERSE" if lut_shape in {"IDENTITY", "INVERSE"} else photometric == "MONOCHROME1"
+    if invert:
+        values = -values
+    pixels = to_unit_range(values)
+    if not np.all(np.isfinite(pixels)):
+        raise UnreadableImageError(path, "rendering produced non-finite values")
+
+    spacing, spacing_source, magnification = _pixel_spacing(ds)
+    facts: dict[str, Any] = {
+        "format": "dicom",
+        "modality": _text(ds, "Modality") or None,
+        "photometric_interpretation": photometric or None,
+        "presentation_lut_shape": lut_shape or None,
+        "inverted": invert,
+        "voi": voi,
+        "bits_stored": _int(ds, "BitsStored", 0) or None,
+        "transfer_syntax_uid": str(transfer_syntax),
+        "sop_instance_uid": _text(ds, "SOPInstanceUID") or None,
+        "study_instance_uid": _text(ds, "StudyInstanceUID") or None,
+        "series_instance_uid": _text(ds, "SeriesInstanceUID") or None,
+        "rows": int(stored.shape[0]),
+        "columns": int(stored.shape[1]),
+        "spacing_source": spacing_source,
+        "magnification_factor": magnification,
+        "view_position": _text(ds, "ViewPosition") or None,
+        "patient_orientation": _orientation(ds),
+    }
+    return Radiograph(pixels=pixels, source=str(path), pixel_spacing_mm=spacing, dataset=ds, facts=facts)
+
+
+def _media_storage_class(ds: Dataset) -> str:
+    file_meta = getattr(ds, "file_meta", None)
+    return str(file_meta.get("MediaStorageSOPClassUID", "")) if file_meta is not None else ""
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+    return _media_storage_class(ds) == MEDIA_STORAGE_DIRECTORY_UID or "DirectoryRecordSequence" in ds
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set without (0002,0010) the transfer syntax it was actually read with."""
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None:
+        file_meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" in file_meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is False:
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+    else:
+        file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset, path: str | Path) -> tuple[np.ndarray, str]:
+    """Apply the VOI LUT or first window; return the values and which VOI was used."""
+    if ds.get("VOILUTSequence"):
+        kind = "voi_lut"
+        if values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # LUT entries are indexed by integer values
+    elif _has_value(ds, "WindowCenter") and _has_value(ds, "WindowWidth"):
+        kind = "window"
+    else:
+        return values.astype(np.float64), "minmax"
+    try:
+        out = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+    except Exception as exc:
+        logger.warning("%s: ignoring invalid %s (%s); using min/max", path, kind, exc)
+        return values.astype(np.float64), "minmax_fallback"
+    if np.ptp(out) == 0 and np.ptp(values) > 0:
+        logger.warning(
+            "%s: %s maps every pixel to one value (data %.6g..%.6g); using min/max",
+            path,
+            kind,
+            float(values.min()),
+            float(values.max()),
+        )
+        return values.astype(np.float64), "minmax_fallback"
+    return out, kind
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None, float | None]:
+    """Return ``(spacing, source, magnification)``: PixelSpacing, else ImagerPixelSpacing / ERMF."""
+    magnification = _positive(ds.get("EstimatedRadiographicMagnificationFactor"))
+    spacing = _positive_pair(ds.get("PixelSpacing"))
+    if spacing is not None:
+        return spacing, "PixelSpacing", magnification
+    spacing = _positive_pair(ds.get("ImagerPixelSpacing"))
+    if spacing is None:
+        return None, None, magnification
+    if magnification is None:
+        return spacing, "ImagerPixelSpacing", None
+    corrected = (spacing[0] / magnification, spacing[1] / magnification)
+    return corrected, "ImagerPixelSpacing/EstimatedRadiographicMagnificationFactor", magnification
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _positive_pair(value: Any) -> tuple[float, float] | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        items = list(value)
+    except TypeError:
+        return None
+    if len(items) != 2:
+        return None
+    row, column = _positive(items[0]), _positive(items[1])
+    return (row, column) if row is not None and column is not None else None
+
+
+def _has_value(ds: Dataset, keyword: str) -> bool:
+    return keyword in ds and ds[keyword].value not in (None, "", b"")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """The element's value as stripped upper-case text ('' when absent or empty)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return ""
+    return "" if value is None else str(value).strip().upper()
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except Exception:
+        return default
+
+
+def _orientation(ds: Dataset) -> list[str] | None:
+    value = ds.get("PatientOrientation")
+    if not value:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value]
