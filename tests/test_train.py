@@ -72,24 +72,26 @@ def test_training_loss_goes_down(tmp_path, fixture_manifest):
 def test_a_killed_run_resumes_where_it_stopped(tmp_path, fixture_manifest):
     args = ["stage1", "--data", str(fixture_manifest), *TINY]
     args[args.index("--max-epochs") + 1] = "3"
+    command = [sys.executable, "-m", "lungseg.train.cli", *args, "--out"]
+    # every run in a fresh process, so thread settings left by other tests cannot change the numbers
     reference = tmp_path / "reference"
-    assert train_main([*args, "--out", str(reference)]) == 0
+    subprocess.run([*command, str(reference)], check=True, capture_output=True, timeout=300)
 
     stopped = tmp_path / "stopped"
     log = stopped / "stage1" / "rep00" / "log.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lungseg.train.cli", *args, "--out", str(stopped)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*command, str(stopped)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (log.is_file() and len(_lines(log)) >= 1):
+    last = stopped / "stage1" / "rep00" / "last.pt"
+    while time.monotonic() < deadline and not (last.is_file() and log.is_file() and len(_lines(log)) >= 1):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     done_early = len(_lines(log))
     assert 1 <= done_early < 3, "the run should have been killed mid-way"
-    assert (stopped / "stage1" / "rep00" / "last.pt").is_file()
+    assert last.is_file()
 
-    assert train_main([*args, "--out", str(stopped)]) == 0
+    subprocess.run([*command, str(stopped)], check=True, capture_output=True, timeout=300)
     resumed = _lines(log)
     expected = _lines(reference / "stage1" / "rep00" / "log.jsonl")
     assert [e["epoch"] for e in resumed] == [1, 2, 3]

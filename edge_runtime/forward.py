@@ -1,0 +1,132 @@
+"""Optional C-STORE forwarding of the DICOM outputs to a PACS (pynetdicom).
+
+The queue is durable: forwarding rows are added to the ledger in the same
+transaction that marks a file done, and a background thread sends what is due,
+one association per round, retrying with exponential backoff. Outputs are sent
+as written (RLE Lossless SC) when the peer accepts that, otherwise decompressed
+to Explicit VR Little Endian. ``pynetdicom`` is imported only when forwarding is
+configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lungseg.edge_runtime.ledger import Ledger
+from lungseg.edge_runtime.logs import uid_ref
+
+log = logging.getLogger("lungseg.edge.forward")
+
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+MAX_BACKOFF_SECONDS = 3600.0
+TIMEOUT_SECONDS = 15.0
+SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+class ForwardUnavailableError(RuntimeError):
+    """Forwarding is configured but pynetdicom is not installed."""
+
+
+def check_available() -> None:
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError as exc:
+        raise ForwardUnavailableError("forwarding needs pynetdicom (pip install pynetdicom)") from exc
+
+
+class Forwarder:
+    """Sends queued outputs (paths relative to ``out``) to one DICOM peer."""
+
+    def __init__(self, out: Path, state_dir: Path, host: str, port: int, called_ae: str, calling_ae: str,
+                 retry_seconds: float):
+        check_available()
+        self.out = Path(out)
+        self.state_dir = Path(state_dir)
+        self.host, self.port = host, int(port)
+        self.called_ae, self.calling_ae = called_ae, calling_ae
+        self.retry_seconds = max(1.0, float(retry_seconds))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- one round -----------------------------------------------------------
+    def send_due(self, ledger: Ledger, limit: int = 32) -> int:
+        """Send what is due now over one association; returns how many were delivered."""
+        due = ledger.forward_due(time.time(), limit)
+        if not due:
+            return 0
+        from pydicom import dcmread
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_SECONDS
+        ae.add_requested_context(SC_STORAGE, [RLELossless])
+        ae.add_requested_context(SC_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(SEG_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        if not assoc.is_established:
+            for row in due:
+                self._failed(ledger, row, "association with the peer was not established")
+            return 0
+        sent = 0
+        try:
+            for row in due:
+                if self._stop.is_set():
+                    break
+                path = self.out / row["path"]
+                try:
+                    ds = dcmread(path)
+                    syntax = ds.file_meta.TransferSyntaxUID
+                    accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+                    if (ds.SOPClassUID, syntax) not in accepted:
+                        ds.decompress()  # e.g. the peer does not take RLE: send it uncompressed
+                    status = assoc.send_c_store(ds)
+                except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+                    self._failed(ledger, row, f"{type(exc).__name__}: {exc}")
+                    continue
+                code = int(getattr(status, "Status", -1)) if status else -1
+                if code in SUCCESS_STATUSES:
+                    ledger.forward_sent(row["path"])
+                    sent += 1
+                    log.info("forwarded", extra={"event": "forwarded", "output": row["path"].rsplit(".", 2)[-2],
+                                                 "sop": uid_ref(row["sop_uid"]), "peer": self.called_ae})
+                else:
+                    self._failed(ledger, row, "no response" if code < 0 else f"C-STORE status 0x{code:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return sent
+
+    def _failed(self, ledger: Ledger, row: dict[str, Any], error: str) -> None:
+        attempts = int(row["attempts"]) + 1
+        delay = min(MAX_BACKOFF_SECONDS, self.retry_seconds * 2 ** (attempts - 1))
+        ledger.forward_failed(row["path"], error, time.time() + delay)
+        log.warning("forwarding failed (attempt %d, next in %.0f s): %s", attempts, delay, error,
+                    extra={"event": "forward_failed", "sop": uid_ref(row["sop_uid"]), "peer": self.called_ae})
+
+    # --- background ----------------------------------------------------------
+    def _run(self) -> None:
+        ledger = Ledger(self.state_dir)
+        try:
+            while not self._stop.wait(1.0):
+                try:
+                    self.send_due(ledger)
+                except Exception:  # the forwarder must never take the service down
+                    log.exception("forwarder round failed")
+        finally:
+            ledger.close()
+
+    def start(self) -> Forwarder:
+        self._thread = threading.Thread(target=self._run, name="lungseg-forward", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
