@@ -42,6 +42,7 @@ log = logging.getLogger("lungseg.edge")
 SIDECAR_SCHEMA = "lungseg-edge/sidecar/1"
 MIN_LUNG_FRACTION = 0.05
 MAX_LUNG_FRACTION = 0.70
+MIN_LUNG_RATIO = 0.25  # the smaller lung below this fraction of the larger is flagged
 
 
 @dataclass
@@ -121,14 +122,17 @@ def area_report(mask: np.ndarray, spacing_mm: tuple[float, float] | None,
 def qa_report(mask: np.ndarray, raw_qa: dict[str, Any]) -> dict[str, Any]:
     from lungseg.postprocess import label_components
 
-    count, _, _ = label_components(mask)
+    count, _, areas = label_components(mask)
     fraction = float(np.count_nonzero(mask)) / float(mask.size)
     flags = []
     if count != 2:
         flags.append("not_two_lungs")
+    elif int(areas.min()) < MIN_LUNG_RATIO * int(areas.max()):
+        flags.append("lung_size_asymmetry")  # e.g. an inverted or upside-down image, or a collapsed lung
     if not MIN_LUNG_FRACTION <= fraction <= MAX_LUNG_FRACTION:
         flags.append("implausible_area")
     return {"flags": flags, "components": int(count), "lung_fraction": round(fraction, 4),
+            "min_lung_ratio": MIN_LUNG_RATIO,
             "plausible_fraction": [MIN_LUNG_FRACTION, MAX_LUNG_FRACTION], **raw_qa}
 
 

@@ -10,6 +10,7 @@ logits feeding it are computed in fp16 and cast up, so the cost is one Cast.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,7 +29,11 @@ def convert_fp16(source: Path, target: Path, metadata: Mapping[str, str],
     """Write the fp16 variant of ``source`` to ``target`` and validate it."""
     model = onnx.load(str(source))
     block_list = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
-    converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list)
+    with warnings.catch_warnings(record=True) as caught:  # one summary line, not one warning per weight
+        warnings.simplefilter("always", UserWarning)
+        converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block_list)
+    if caught:
+        log.info("fp16: %d weights were clamped to the fp16 range (|w| < 1e-7 or > 65504)", len(caught))
     _restore_fp32_outputs(converted)
     set_metadata(converted, {**metadata, "precision": "fp16", "fp16_fp32_ops": ",".join(keep_fp32_ops)})
     onnx.save(converted, str(target))

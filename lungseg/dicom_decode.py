@@ -203,12 +203,12 @@ def _apply_voi(values: np.ndarray, ds: Dataset, path: str | Path) -> tuple[np.nd
     try:
         out = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
     except Exception as exc:
-        logger.warning("%s: ignoring invalid %s (%s); using min/max", path, kind, exc)
+        logger.warning("%s: ignoring invalid %s (%s); using min/max", Path(path).name, kind, exc)
         return values.astype(np.float64), "minmax_fallback"
     if np.ptp(out) == 0 and np.ptp(values) > 0:
         logger.warning(
             "%s: %s maps every pixel to one value (data %.6g..%.6g); using min/max",
-            path,
+            Path(path).name,  # the file name only: folder names can carry patient names
             kind,
             float(values.min()),
             float(values.max()),

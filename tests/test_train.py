@@ -49,6 +49,7 @@ def test_tiny_two_stage_run_writes_every_artefact(tmp_path, fixture_manifest):
     assert "Table 1" in text and "Tables 3 and 4" in text and "0.9554" in text  # the paper's number beside ours
     for png in ("loss_curves.png", "per_class_stage1_vs_stage2.png", "overlays_stage1_red_stage2_blue.png"):
         assert (report / png).stat().st_size > 1000
+    assert train_main(["best", str(run)]) == 0
     # rerunning the finished run trains nothing more
     assert train_main(["run", "--data", str(fixture_manifest), "--out", str(run), *TINY]) == 0
     assert len(_lines(run / "stage1" / "rep00" / "log.jsonl")) == 2

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "evaluate finished repetitions"),
     ):
         _add_training_flags(sub.add_parser(name, help=help_text))
+    best = sub.add_parser("best", help="print the best finished checkpoint (lowest validation loss)")
+    best.add_argument("run_dir", type=Path)
+    best.add_argument("--stage", default="stage2", choices=("stage1", "stage2"))
     report = sub.add_parser("report", help="Markdown + JSON + PNG report of an evaluated run")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report")
@@ -56,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("lungseg.train")
+    if args.command == "best":
+        from lungseg.train.pipeline import best_checkpoint
+
+        try:
+            print(best_checkpoint(args.run_dir, args.stage))
+        except FileNotFoundError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
+        return EXIT_OK
     if args.command == "report":
         from lungseg.train.report import write_report
 

@@ -127,3 +127,12 @@ def run_evaluation(run: Run) -> dict:
             truth=np.stack([s.lung for s in independent]), **examples,
         )
     return summary
+
+
+def best_checkpoint(run_dir: Path, stage: str = "stage2") -> Path:
+    """The finished repetition of ``stage`` with the lowest validation loss (never chosen on test data)."""
+    finished = sorted(run_dir.glob(f"{stage}/rep*/{DONE}"))
+    if not finished:
+        raise FileNotFoundError(f"{run_dir}: no finished {stage} repetition")
+    best = min(finished, key=lambda p: json.loads(p.read_text())["best_val_loss"])
+    return best.parent / BEST

@@ -181,6 +181,13 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], figures: dict[str, P
     return "\n".join(md)
 
 
+def _portable_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config with the manifest named by its last two path parts (no machine paths)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    config["manifest"] = "/".join(Path(config.get("manifest", "")).parts[-2:])
+    return config
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and figures; returns the Markdown path."""
     metrics_path = run_dir / "evaluation" / "metrics.json"
@@ -198,7 +205,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         "ours": summary,
         "paper": {"table1": paper.TABLE1_STAGE1, "table2": paper.TABLE2_STAGE2,
                   "table3_4_by_class": paper.TABLE34_BY_CLASS},
-        "config": json.loads((run_dir / "config.json").read_text()),
+        "config": _portable_config(run_dir),
         "data_plan": json.loads((run_dir / "data_plan.json").read_text()),
         "epochs": {s: [len(x) for x in _read_logs(run_dir, s)] for s in STAGES},
     }, indent=2) + "\n")
