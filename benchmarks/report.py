@@ -51,8 +51,8 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
                      f"{100 * r['flip_fraction']:.4f}", f"{r['abs_diff_max']:.2e}", f"{r['abs_diff_median']:.2e}",
                      f"{r['abs_diff_p99']:.2e}", f"{r['required_dice']} {'pass' if r['passed'] else 'FAIL'}"])
     sections.append((f"Parity vs {parity['reference']} ({parity['n_images']} images, threshold {parity['threshold']})",
-                     _table(["backend", "precision", "Dice mean", "Dice min", "flip %", "|Δp| max", "|Δp| p50",
-                             "|Δp| p99", "gate (mean Dice)"], rows, markdown)))
+                     _table(["backend", "precision", "Dice mean", "Dice min", "flip %", "abs Δp max", "abs Δp p50",
+                             "abs Δp p99", "gate (mean Dice)"], rows, markdown)))
     if parity["with_truth"]:
         rows = []
         for name, r in parity["results"].items():

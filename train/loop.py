@@ -65,7 +65,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 def checkpoint_payload(model: UNet, config: TrainConfig, stage: str, epoch: int, val_loss: float) -> dict:
     return {
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "manifest": "/".join(Path(config.manifest).parts[-2:])},
         "stage": stage,
         "epoch": epoch,
         "val_loss": val_loss,
