@@ -88,35 +88,25 @@ class ReadyTracker:
             entry = self._entries[path] = _Entry(first_seen=now, last_event=now, stat_since=now)
         return entry
 
-    def written(self, path: Path) -> None:
+    def _event(self, path: Path, **state: bool) -> None:
+        """Record a filesystem event for ``path``: it is touched now, with ``state`` set on its entry."""
         if not self.wanted(path):
             return
         now = time.monotonic()
         with self._lock:
             entry = self._entry(path, now)
             entry.last_event = now
-            entry.closed = False
-            entry.needs_close = self.inotify
+            for name, value in state.items():
+                setattr(entry, name, value)
+
+    def written(self, path: Path) -> None:
+        self._event(path, closed=False, needs_close=self.inotify)
 
     def closed(self, path: Path) -> None:
-        if not self.wanted(path):
-            return
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entry(path, now)
-            entry.last_event = now
-            entry.closed = True
-            entry.needs_close = False
+        self._event(path, closed=True, needs_close=False)
 
     def moved_in(self, path: Path) -> None:
-        if not self.wanted(path):
-            return
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entry(path, now)
-            entry.last_event = now
-            entry.moved_in = True
-            entry.needs_close = False
+        self._event(path, moved_in=True, needs_close=False)
 
     def seen(self, path: Path, delay: float = 0.0) -> None:
         """A file found by a scan (start-up, rescan) or handed back for a retry."""
