@@ -20,16 +20,6 @@ from lungseg.train.dataset import Sample
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint_model(path: Path) -> UNet:
-    """A UNet with the weights of a lungseg checkpoint (or bare state dict)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("model", state)
-    features = int(weights["encoder1.enc1conv1.weight"].shape[0])
-    model = UNet(init_features=features)
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
-
-
 def predict_samples(model: UNet, samples: Sequence[Sample], batch_size: int = 8) -> np.ndarray:
     """fp32 probabilities ``(N, S, S)`` for preprocessed samples."""
     outputs = []

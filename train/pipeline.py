@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from lungseg.data import Record, load_manifest
+from lungseg.export.checkpoint import load_checkpoint
 from lungseg.model import UNet, load_donor
 from lungseg.train.config import TrainConfig
 from lungseg.train.dataset import Sample, load_samples
-from lungseg.train.evaluate import evaluate_model, load_checkpoint_model, write_evaluation
+from lungseg.train.evaluate import evaluate_model, write_evaluation
 from lungseg.train.loop import BEST, DONE, train_stage
 from lungseg.train.protocol import DataPlan, plan_data, stage2_parent, stage_split
 
@@ -88,7 +89,7 @@ def run_stage(run: Run, stage: str) -> None:
             parent = run.rep_dir("stage1", stage2_parent(rep, config)) / BEST
             if not (parent.parent / DONE).is_file():
                 raise RuntimeError(f"stage 2 needs the finished stage-1 model {parent}; run stage1 first")
-            model = load_checkpoint_model(parent).train()
+            model = load_checkpoint(parent).model.train()
         result = train_stage(model, run.samples(train), run.samples(val), config,
                              run.rep_dir(stage, rep), stage, seed)
         log.info("%s rep %d: best val loss %.4f at epoch %d", stage, rep, result.best_val_loss,
@@ -106,7 +107,7 @@ def run_evaluation(run: Run) -> dict:
             if not (rep_dir / DONE).is_file():
                 log.warning("%s: not finished, left out of the evaluation", rep_dir)
                 continue
-            model = load_checkpoint_model(rep_dir / BEST)
+            model = load_checkpoint(rep_dir / BEST).model
             test = run.samples(run.splits(stage, rep)[2])
             extra = {"stage": stage, "rep": rep}
             test_rows, _ = evaluate_model(model, test, run.config.threshold, f"{stage} rep {rep} test",
