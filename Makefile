@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo-output
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test setup lint clean fuzz soak integration bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[train,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,cluster,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,6 +29,28 @@ demo: setup
 	$(VENV)/bin/lungseg-edge run --once --watch $(DEMO)/incoming --out $(DEMO)/out --state $(DEMO)/state --backend auto
 	$(VENV)/bin/lungseg-edge render --first $(DEMO)/out --out $(DEMO)/overlay.png
 	@echo "Outputs: $(DEMO)/out (Secondary Capture + JSON sidecars); preview: $(DEMO)/overlay.png"
+
+# the DICOM chain: storescu -> lungseg-edge SCP -> segmentation -> Orthanc (Debian: orthanc orthanc-dicomweb dcmtk)
+integration: setup
+	@command -v Orthanc >/dev/null && command -v storescu >/dev/null || { \
+	  echo "make integration: needs the Debian packages orthanc, orthanc-dicomweb and dcmtk (see .ci/run)"; exit 2; }
+	$(PY) tests/orthanc_chain.py --count 50
+
+# robustness harness (edge_runtime/harness.py): one summary line each, exit 1 when a check fails
+FUZZ_INPUTS ?= 2000
+SOAK_FILES ?= 300
+SOAK_KILLS ?= 15
+fuzz: setup
+	$(PY) -m lungseg.edge_runtime.harness fuzz --inputs $(FUZZ_INPUTS) --memory-limit 1500000000
+
+soak: setup
+	$(PY) -m lungseg.edge_runtime.harness soak --files $(SOAK_FILES) --kills $(SOAK_KILLS)
+
+# one lungseg-bench run -> docs/benchmarks/ and the README's performance section
+bench: setup
+	$(VENV)/bin/lungseg-bench --model models/default --data ../shared/data/cxr/manifest.csv \
+	  --dicom ../shared/data/dicom --json docs/benchmarks/cpu.json --markdown docs/benchmarks/cpu.md \
+	  --plot docs/benchmarks/latency.png --readme README.md
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

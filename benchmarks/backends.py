@@ -72,7 +72,7 @@ def _fp16_device() -> str:
 def _tensorrt(bundle: Bundle) -> Predictor:
     from lungseg.tensorrt_runtime import load_engine_predictor
 
-    return load_engine_predictor(bundle, rebuild=False)
+    return load_engine_predictor(bundle)
 
 
 def discover(bundle: Bundle, checkpoint: Path | None, threads: int) -> list[Backend]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from lungseg.metrics import METRIC_NAMES
 
-from .latency import STAGES
+from .dicom_path import STAGES
 
 
 def _fmt(value: Any, spec: str = ".2f") -> str:
@@ -25,6 +25,65 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], markdown: bool)
     return [line.format(*r).rstrip() for r in (header, ["-" * w for w in widths], *rows)]
 
 
+def _features(result: dict[str, Any]) -> str:
+    """The CPU's SIMD flags, printed beside every parity and timing figure (int8 kernels depend on them)."""
+    flags = result["machine"].get("cpu_features")
+    return " ".join(flags) if flags else "unknown"
+
+
+def _dicom_sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[str]]]:
+    dicom = result.get("dicom_path")
+    if not dicom:
+        return []
+    cpu = f"[CPU: {_features(result)}]"
+    sections = []
+    stages = dicom["stages"]
+    if "skipped" in stages:
+        sections.append((f"DICOM path, stage by stage {cpu}", [f"skipped: {stages['skipped']}"]))
+    else:
+        rows = []
+        for label in ("default", "legacy"):
+            for name, row in stages[label]["per_file"].items():
+                st, parts = row["stages_ms"], row["write_parts_ms"]
+                detail = ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if v >= 0.5)
+                rows.append([name, label, *(f"{st[k]:.0f}" for k in STAGES), f"{row['non_inference_ms']:.0f}",
+                             _fmt(row["ratio_non_inference_to_infer"]), detail])
+        backend = ", ".join(stages["default"].get("backend") or []) or "-"
+        sections.append((f"DICOM path, stage by stage (lungseg-edge --once --batch-size 1, {backend}; median of "
+                         f"{stages['copies']} copies, ms) {cpu}",
+                         [*_table(["file", "path", *STAGES, "non-inference", "non-inf / infer", "write parts"],
+                                  rows, markdown),
+                          "", f"legacy = the 0.1.0 path: `{stages['legacy_args']}` on the fp32 model alone"]))
+    burst = dicom["burst"]
+    if "skipped" in burst:
+        sections.append((f"Burst {cpu}", [f"skipped: {burst['skipped']}"]))
+    else:
+        rows = []
+        for label in ("default", "legacy"):
+            b = burst[label]
+            rows.append([label, ", ".join(b.get("backend") or []) or "-", f"{b['written']}/{b['files']}",
+                         f"{b['wall_s']:.1f}", _fmt(b["files_per_s"]),
+                         _fmt(b["arrival_to_sc"].get("p50_ms"), ".0f"), _fmt(b["peak_rss_mib"], ".0f"),
+                         _fmt(b.get("worker_peak_rss_mib"), ".0f"), b["exit_code"]])
+        sections.append((f"Burst of {burst['files']} small (512 px) uncompressed files, one --once run each {cpu}",
+                         [*_table(["path", "backend", "written", "wall s", "files/s", "arrival->SC p50 ms",
+                                   "daemon peak RSS MiB", "decode worker peak RSS MiB", "exit"], rows, markdown),
+                          "", f"throughput default / legacy: {_fmt(burst.get('speedup'))}x"]))
+    parity = dicom["mask_parity"]
+    rows = [[name, "x".join(map(str, v["native"])), "x".join(map(str, v["decoded"])), v["level"], f"{v['dice']:.5f}"]
+            for name, v in parity["per_file"].items()]
+    sections.append((f"Native-size mask, default path vs 0.1.0 full-resolution path (decode min side "
+                     f"{parity['min_side']}) {cpu}",
+                     [*_table(["file", "native", "decoded", "level", "mask Dice"], rows, markdown), "",
+                      f"mean Dice {_fmt(parity['dice_mean'], '.5f')}, min {_fmt(parity['dice_min'], '.5f')} "
+                      f"({'pass' if parity['passed'] else 'FAIL'}, gate mean >= {parity.get('gate', 0.995)})"]))
+    rows = [[key, a.get("file") or "-", _fmt(a["value"], ".3f"), a["bound"], _fmt(a.get("legacy"), ".3f"),
+             "pass" if a["passed"] else "FAIL"] for key, a in dicom["acceptance"].items()]
+    sections.append((f"DICOM path acceptance (ratios from this run) {cpu}",
+                     _table(["figure", "file", "value", "bound", "0.1.0 path", "result"], rows, markdown)))
+    return sections
+
+
 def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[str]]]:
     sections = []
     m = result["machine"]
@@ -32,6 +91,7 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
     sections.append(("Machine", [
         f"CPU: {m['cpu']} ({m['usable_cores']} usable cores, {m['threads']} threads used), "
         f"load average {_fmt(m['load_average'][0] if m.get('load_average') else None)}",
+        f"CPU features: {_features(result)}",
         "GPU: " + (f"{gpu['name']} (sm {gpu['compute_capability']})" if gpu["present"] else f"none: {gpu['reason']}"),
         "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"model: {result['model']['name']} {result['model']['version']} ({result['model']['bundle']}); "
@@ -50,7 +110,8 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
         rows.append([name, r["precision"], f"{r['dice_mean']:.5f}", f"{r['dice_min']:.5f}",
                      f"{100 * r['flip_fraction']:.4f}", f"{r['abs_diff_max']:.2e}", f"{r['abs_diff_median']:.2e}",
                      f"{r['abs_diff_p99']:.2e}", f"{r['required_dice']} {'pass' if r['passed'] else 'FAIL'}"])
-    sections.append((f"Parity vs {parity['reference']} ({parity['n_images']} images, threshold {parity['threshold']})",
+    sections.append((f"Parity vs {parity['reference']} ({parity['n_images']} images, threshold {parity['threshold']}) "
+                     f"[CPU: {_features(result)}]",
                      _table(["backend", "precision", "Dice mean", "Dice min", "flip %", "abs Δp max", "abs Δp p50",
                              "abs Δp p99", "gate (mean Dice)"], rows, markdown)))
     if parity["with_truth"]:
@@ -62,23 +123,13 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
         sections.append(("Ground-truth metrics (mean; Δ vs reference)", _table(["backend", *METRIC_NAMES], rows,
                                                                                  markdown)))
     latency = result["latency"]
-    stages = latency.get("stages")
-    if stages:
-        rows = [[s, _fmt(stages[s].get("p50_ms")), _fmt(stages[s].get("p95_ms"))] for s in (*STAGES, "total")]
-        sections.append((f"Pipeline stages, batch 1 ({latency['stage_backend']}, ms)",
-                         _table(["stage", "p50", "p95"], rows, markdown)))
-    dicom = latency.get("dicom_decode")
-    if dicom:
-        text = (f"skipped: {dicom['skipped']}" if "skipped" in dicom else
-                f"p50 {_fmt(dicom.get('p50_ms'))} ms, p95 {_fmt(dicom.get('p95_ms'))} ms over "
-                f"{len(dicom['per_file_ms'])} files" + (f"; unreadable: {dicom['errors']}" if dicom["errors"] else ""))
-        sections.append(("DICOM decode", [text]))
+    sections += _dicom_sections(result, markdown)
     rows = []
     for name, sizes in latency["batches"].items():
         for size, s in sizes.items():
             rows.append([name, size, _fmt(s["p50_ms"]), _fmt(s["p95_ms"]), _fmt(s["per_image_ms"]),
                          _fmt(s["images_per_s"], ".1f")])
-    sections.append(("Inference latency by batch size (ms per call)",
+    sections.append((f"Inference latency by batch size (ms per call) [CPU: {_features(result)}]",
                      _table(["backend", "batch", "p50", "p95", "p50 per image", "images/s"], rows, markdown)))
     compute = result["compute"]
     lines = [f"peak memory: {_fmt(latency['memory'].get('max_rss_mib'), '.0f')} MiB RSS"
@@ -97,17 +148,8 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
                  f"{_fmt(acceptance.get('ort_cpu_p50_ms'))} vs {_fmt(acceptance.get('pytorch_p50_ms'))} ms -> "
                  f"{acceptance.get('ort_not_slower_than_pytorch', 'n/a')}")
     sections.append(("Compute", lines))
-    e2e = result["end_to_end"]
-    if "skipped" in e2e:
-        sections.append(("End to end (lungseg-edge run --once)", [f"skipped: {e2e['skipped']}"]))
-    else:
-        a, s = e2e["arrival_to_sc"], e2e["sidecar_total"]
-        sections.append(("End to end (lungseg-edge run --once)", [
-            f"{e2e['written']}/{e2e['files']} files in {e2e['wall_s']:.1f} s = {_fmt(e2e['files_per_s'])} files/s "
-            f"(exit {e2e['exit_code']}); arrival -> SC p50 {_fmt(a.get('p50_ms'), '.0f')} ms, "
-            f"p95 {_fmt(a.get('p95_ms'), '.0f')} ms; edge's own per-file total p50 {_fmt(s.get('p50_ms'), '.0f')} ms",
-        ]))
-    sections.append(("Result", ["parity: " + ("PASSED" if result["passed"] else "FAILED")]))
+    sections.append(("Result", ["parity (backends, and the DICOM path's native-size mask): "
+                                + ("PASSED" if result["passed"] else "FAILED")]))
     return sections
 
 
@@ -128,7 +170,7 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 
 def latency_plot(result: dict[str, Any], path: Path) -> Path:
-    """Two panels: per-stage p50/p95 (batch 1) and per-image inference time by backend and batch size."""
+    """Two panels: DICOM stages per file (default vs 0.1.0 path) and inference time by backend and batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,16 +178,23 @@ def latency_plot(result: dict[str, Any], path: Path) -> Path:
     import numpy as np
 
     latency = result["latency"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    stages = latency.get("stages") or {}
-    names = [s for s in STAGES if stages.get(s, {}).get("n")]
-    x = np.arange(len(names))
-    left.bar(x - 0.2, [stages[s]["p50_ms"] for s in names], 0.4, label="p50")
-    left.bar(x + 0.2, [stages[s]["p95_ms"] for s in names], 0.4, label="p95")
-    left.set_xticks(x, names)
-    left.set_ylabel("ms per image")
-    left.set_title(f"pipeline stages, batch 1 ({latency.get('stage_backend', '-')})")
-    left.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    stages = (result.get("dicom_path") or {}).get("stages") or {}
+    if "default" in stages:
+        rows = [(f"{name.removesuffix('.dcm')[:22]}\n{label}", row["stages_ms"])
+                for name in stages["default"]["per_file"] for label in ("default", "legacy")
+                if (row := stages[label]["per_file"].get(name))]
+        y = np.arange(len(rows))
+        left_edge = np.zeros(len(rows))
+        for stage in STAGES:
+            values = np.array([r[1][stage] for r in rows])
+            left.barh(y, values, left=left_edge, label=stage)
+            left_edge += values
+        left.set_yticks(y, [r[0] for r in rows], fontsize=6)
+        left.invert_yaxis()
+        left.set_xlabel("ms per file (median)")
+        left.legend(fontsize=7)
+    left.set_title("DICOM path per stage: default vs 0.1.0 path")
     backends = list(latency["batches"])
     sizes = sorted({int(s) for b in backends for s in latency["batches"][b]})
     width = 0.8 / max(len(sizes), 1)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("lungseg", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt", "cuda-python",
-            "opencv-python-headless", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "onnxconverter-common")
+            "opencv-python-headless", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "glymur", "highdicom",
+            "onnxconverter-common")
 
 
 def usable_cores() -> int:
@@ -28,6 +29,26 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp",
+                "sve", "i8mm", "bf16")
+
+
+def cpu_features() -> list[str]:
+    """The SIMD feature flags (x86 ``flags`` / ARM ``Features`` in ``/proc/cpuinfo``) that matter for
+    int8/bf16/fp32 kernels, in :data:`CPU_FEATURES` order; ``[]`` where they cannot be read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    found: set[str] = set()
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("flags", "features"):
+                found.update(value.split())
+    if "asimd" in found:
+        found.add("neon")
+    return [flag for flag in CPU_FEATURES if flag in found]
 
 
 def gpu() -> dict[str, Any]:
@@ -59,6 +80,7 @@ def machine(threads: int) -> dict[str, Any]:
     page_size = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     return {
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "logical_cpus": os.cpu_count(),
         "usable_cores": usable_cores(),
         "threads": threads,

@@ -16,7 +16,10 @@ it is abandoned too: its temp files are removed and nothing is recorded.
 from __future__ import annotations
 
 import _thread
+import dataclasses
+import faulthandler
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -33,10 +36,14 @@ EXIT_USAGE = 2
 EXIT_NO_MODEL = 3
 EXIT_BACKEND = 4
 EXIT_STATE = 5
+EXIT_UNDONE = 6
 EXIT_INTERNAL = 70
 
 STOP_GRACE_SECONDS = 7.0
 TICK_SECONDS = 0.2
+WATCH_CHECK_SECONDS = 1.0
+ONCE_RETRIES = 2  # --once: short retries of a transient fault (memory, disk) before leaving the file undone
+CRASH_LOG = "crash.log"
 
 
 class _Signals:
@@ -73,17 +80,27 @@ class _Signals:
 def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
     """Run the watcher until stopped (or, with ``once``, until the folder is done). Returns an exit code."""
     from lungseg.edge_runtime.fsio import remove_stale_temps
-    from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, StateLock
+    from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, OutputLock, StateLock
     from lungseg.edge_runtime.sdnotify import Notifier
 
+    # every path is resolved once, here: a relative or ``..`` path means the same folder everywhere
+    config = dataclasses.replace(
+        config, watch=Path(config.watch).resolve(), out=Path(config.out).resolve(),
+        state=Path(config.state).resolve() if config.state is not None else None)
     watch, out, state = Path(config.watch), Path(config.out), config.state_dir
     if not watch.is_dir():
         log.error("watch folder %s does not exist or is not a folder", watch)
         return EXIT_USAGE
+    out_lock = None
     try:
         out.mkdir(parents=True, exist_ok=True)
         state.mkdir(parents=True, exist_ok=True)
         lock = StateLock(state).acquire()
+        try:
+            out_lock = OutputLock(out).acquire()
+        except BaseException:
+            lock.release()
+            raise
     except LedgerLockedError as exc:
         log.error("%s", exc)
         return EXIT_STATE
@@ -95,16 +112,26 @@ def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
     signals = _Signals(stop).install()
     observer = None
     ledger = None
+    closers: list = []
     forwarder = None
+    receiver = None
+    from lungseg.edge_runtime import metrics, services
+
     try:
         removed = remove_stale_temps(out) + remove_stale_temps(config.quarantine_dir)
         if removed:
             log.warning("removed %d temp file(s) left by an interrupted run", removed)
         try:
-            ledger = Ledger(state)
+            ledger = Ledger.open_or_rebuild(state, out, config.quarantine_dir)
         except sqlite3.Error as exc:
             log.error("cannot open the ledger in %s: %s", state, exc)
             return EXIT_STATE
+        closers.append(_watch_for_crashes(state, ledger))
+        try:
+            services.start_metrics(config)
+        except services.ServiceError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
         loaded = _load_model(config)
         if isinstance(loaded, int):
             return loaded
@@ -124,7 +151,9 @@ def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
                 forwarder.start()
         from lungseg.edge_runtime.pipeline import Processor
 
+        metrics.set_backend(selection.predictor.backend, selection.predictor.precision)  # the Processor may refine
         processor = Processor(config, selection.predictor, bundle, ledger, stop, selection.fallbacks)
+        closers.append(processor.close)
         prov = processor.provenance
         log.warning(
             "lungseg-edge %s ready: backend %s (%s), model %s %s sha256 %s, watching %s (%s)%s",
@@ -136,15 +165,19 @@ def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
                    "seg": config.seg, "batch_size": config.batch_size},
         )
         tracker = _make_tracker(config)
+        observer = _WatchGuard(config, tracker)
         if not config.once:
-            from lungseg.edge_runtime.watcher import make_observer
-
-            observer = make_observer(tracker, config.polling, config.poll_interval)
             observer.start()
+        metrics.set_queue_probe(services.watch_queue_probe(tracker))
+        try:
+            receiver = services.start_receiver(config)
+        except services.ServiceError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
         found = tracker.scan()
         log.info("%d file(s) already in the watch folder", found, extra={"event": "scan", "files": found})
         notifier.ready(f"watching, {found} file(s) queued at start")
-        code = _loop(config, processor, tracker, notifier, stop)
+        code = _loop(config, processor, tracker, notifier, stop, observer)
         if forwarder is not None and config.once and not stop.is_set():
             forwarder.send_due(ledger, limit=10_000)  # one attempt for everything queued
         return code
@@ -152,18 +185,22 @@ def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
         if stop.is_set():
             log.warning("stop: abandoned the file in progress (it will be processed after the next start)",
                         extra={"event": "abandoned"})
-            return EXIT_OK
+            return EXIT_UNDONE if config.once else EXIT_OK
         raise
     finally:
         signals.restore()
         notifier.stopping()
+        services.stop(receiver)
         if observer is not None:
             observer.stop()
-            observer.join(timeout=3)
         if forwarder is not None:
             forwarder.stop()
+        for close in closers:
+            close()
         if ledger is not None:
             ledger.close()
+        if out_lock is not None:
+            out_lock.release()
         lock.release()
 
 
@@ -177,7 +214,10 @@ def _load_model(config: EdgeConfig):
         log.error("no usable model: %s", exc, extra={"event": "no_model"})
         return EXIT_NO_MODEL
     try:
-        selection = select_predictor(bundle, config.backend, config.threads)
+        from lungseg.edge_runtime.backend_status import backend_options
+
+        # engines are cached and parity-checked in <state>/engines, never in the (read-only) bundle
+        selection = select_predictor(bundle, config.backend, config.threads, backend_options(config))
     except BackendUnavailableError as exc:
         log.error("backend %s unavailable: %s", config.backend, exc, extra={"event": "backend_unavailable"})
         return EXIT_BACKEND
@@ -197,19 +237,123 @@ def _make_tracker(config: EdgeConfig):
     )
 
 
-def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Event) -> int:
-    totals = {"done": 0, "duplicate": 0, "quarantined": 0, "seen": 0}
+class _WatchGuard:
+    """The file-system observer, restarted when the watch folder is deleted and created again.
+
+    inotify watches an inode: a folder removed and recreated under the same name is
+    silently no longer watched. Once a second the folder's identity is checked; a
+    missing folder is logged (once), a new one gets a new observer and a full scan.
+    """
+
+    def __init__(self, config: EdgeConfig, tracker):
+        self.config = config
+        self.tracker = tracker
+        self.observer = None
+        self.identity = self._identity()
+        self.missing = False
+        self.next_check = 0.0
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.config.watch)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if os.path.isdir(self.config.watch) else None
+
+    def start(self) -> None:
+        from lungseg.edge_runtime.watcher import make_observer
+
+        self.observer = make_observer(self.tracker, self.config.polling, self.config.poll_interval)
+        self.observer.start()
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=3)
+            self.observer = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + WATCH_CHECK_SECONDS
+        identity = self._identity()
+        if identity is None:
+            if not self.missing:
+                log.error("the watch folder %s disappeared; waiting for it to come back", self.config.watch,
+                          extra={"event": "watch_missing"})
+                self.missing = True
+            return
+        if identity == self.identity and not self.missing:
+            return
+        log.warning("the watch folder %s is back (or was replaced): watching it again", self.config.watch,
+                    extra={"event": "watch_restored"})
+        self.identity, self.missing = identity, False
+        if self.observer is not None or not self.config.once:
+            self.stop()
+            try:
+                self.start()
+            except OSError as exc:
+                log.error("cannot watch %s yet (%s)", self.config.watch, exc.strerror, extra={"event": "watch_missing"})
+                self.missing = True
+                return
+        self.tracker.scan()
+
+
+def _watch_for_crashes(state: Path, ledger):
+    """Record fatal signals in ``<state>/crash.log``; after one, blame the content that was in progress."""
+    from lungseg.edge_runtime.admission import UNEXPLAINED_DEATHS
+
+    path = Path(state) / CRASH_LOG
+    try:
+        crashed = path.is_file() and path.stat().st_size > 0
+        suspects = ledger.account_unfinished(crashed)
+        if crashed:
+            aside = path.with_name(f"{CRASH_LOG}.{int(time.time())}")
+            os.replace(path, aside)
+            log.critical("the previous run died of a fatal signal (see %s); %d file(s) were in progress: each is "
+                         "processed alone now, and quarantined if it was alone then", aside.name, suspects,
+                         extra={"event": "crash_detected", "suspects": suspects})
+        elif suspects:
+            log.warning("the previous run stopped abnormally with %d file(s) in progress; each is processed alone "
+                        "(%d such stops while alone quarantine a file)", suspects, UNEXPLAINED_DEATHS,
+                        extra={"event": "unfinished_attempts", "suspects": suspects})
+        if faulthandler.is_enabled():  # someone (a test runner) already reports fatal signals
+            return lambda: None
+        handle = path.open("a")
+    except OSError as exc:
+        log.warning("no crash log (%s)", exc.strerror)
+        return lambda: None
+    faulthandler.enable(file=handle, all_threads=True)
+
+    def close() -> None:
+        faulthandler.disable()
+        handle.close()
+
+    return close
+
+
+def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Event, guard=None) -> int:
+    totals = {"done": 0, "duplicate": 0, "quarantined": 0, "seen": 0, "skipped": 0, "undone": 0, "abandoned": 0}
     next_rescan = time.monotonic() + config.rescan_seconds
-    watch = Path(config.watch)
+    once_retries: dict[Path, int] = {}
     while not stop.is_set():
         notifier.ping()
+        if guard is not None:
+            guard.check()
         batch = tracker.take_ready(limit=config.batch_size)
         if batch:
             for outcome in processor.process(batch):
                 if outcome.status in totals:
                     totals[outcome.status] += 1
-                elif outcome.status == "retry":
-                    tracker.seen(watch / outcome.name, delay=outcome.retry_after)
+                elif outcome.status == "retry" and outcome.path is not None:
+                    tries = once_retries[outcome.path] = once_retries.get(outcome.path, 0) + 1
+                    if config.once and outcome.transient and tries > ONCE_RETRIES:
+                        totals["undone"] += 1  # a lasting fault of the box: the next run tries again
+                    elif config.once and outcome.transient:
+                        tracker.seen(outcome.path, delay=min(outcome.retry_after, 1.0 * tries))
+                    else:
+                        tracker.seen(outcome.path, delay=outcome.retry_after)
             notifier.status("processed {done}, duplicates {duplicate}, quarantined {quarantined}; "
                             "{pending} pending".format(pending=tracker.pending(), **totals))
             continue
@@ -219,7 +363,13 @@ def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Even
             tracker.scan()  # safety net for events lost (inotify queue overflow, network shares)
             next_rescan = time.monotonic() + config.rescan_seconds
         stop.wait(TICK_SECONDS)
+    if config.once:  # stopped early: what was still waiting is undone too
+        totals["undone"] += totals["abandoned"] + tracker.pending()
     log.info("stopped", extra={"event": "stopped", **totals})
+    if config.once and totals["undone"]:
+        log.error("%d file(s) left undone (output or system fault); run again once it is fixed", totals["undone"],
+                  extra={"event": "undone", "files": totals["undone"]})
+        return EXIT_UNDONE
     if config.once and totals["quarantined"]:
         return EXIT_QUARANTINED
     return EXIT_OK

@@ -29,6 +29,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
@@ -51,6 +52,12 @@ OPTIONAL_COPIED = (("IssuerOfPatientID", "LO"), ("StudyDescription", "LO"), ("Pa
                    ("BodyPartExamined", "CS"))
 LOSSY_SYNTAXES = {JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless}
 BIPED = {"A", "P", "L", "R", "H", "F"}
+# SCImage keyword -> source attribute: what highdicom's SCImage.from_ref_dataset copies
+_REF_PATIENT_STUDY = (
+    ("patient_id", "PatientID"), ("patient_name", "PatientName"), ("patient_birth_date", "PatientBirthDate"),
+    ("patient_sex", "PatientSex"), ("accession_number", "AccessionNumber"), ("study_id", "StudyID"),
+    ("study_date", "StudyDate"), ("study_time", "StudyTime"), ("referring_physician_name", "ReferringPhysicianName"),
+)
 
 
 class OutputVerificationError(RuntimeError):
@@ -204,36 +211,72 @@ def _copy_common(target: Dataset, ref: Dataset) -> None:
                 setattr(target, keyword, ref.get(keyword))
 
 
-def build_sc(ref: Dataset, rgb: np.ndarray, provenance: Provenance, *, compress: bool = True,
+SC_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpegls": JPEGLSLossless}
+
+
+def _acquisition_equipment(ref: Dataset) -> hd.ContributingEquipment | None:
+    """The source's acquisition equipment, as ``highdicom.ContributingEquipment.for_image_acquisition``
+    gives it, without that method's IOD-table scan (the source is known to be a CR/DX image)."""
+    manufacturer = ref.get("Manufacturer")
+    if manufacturer in (None, ""):
+        return None
+    when = ref.get("AcquisitionDateTime")
+    date, clock = ref.get("AcquisitionDate"), ref.get("AcquisitionTime")
+    if when is None and isinstance(date, datetime.date) and isinstance(clock, datetime.time):
+        when = datetime.datetime.combine(date, clock)
+    try:
+        return hd.ContributingEquipment(
+            manufacturer=manufacturer,
+            purpose_of_reference=codes.DCM.AcquisitionEquipment,
+            manufacturer_model_name=ref.get("ManufacturerModelName"),
+            software_versions=ref.get("SoftwareVersions"),
+            device_serial_number=ref.get("DeviceSerialNumber"),
+            institution_name=ref.get("InstitutionName"),
+            institutional_department_name=ref.get("InstitutionalDepartmentName"),
+            institution_address=ref.get("InstitutionAddress"),
+            station_name=ref.get("StationName"),
+            contribution_datetime=when,
+            contribution_description="Acquisition equipment of the source image(s)",
+        )
+    except Exception:  # as highdicom does: equipment it cannot describe is left out
+        return None
+
+
+def build_sc(ref: Dataset, rgb: np.ndarray, provenance: Provenance, *, syntax: str = "explicit",
              comments: str = "") -> Dataset:
-    """The overlay Secondary Capture: RGB at native size, RLE Lossless (or Explicit VR LE)."""
+    """The overlay Secondary Capture: RGB, Explicit VR LE (default), RLE Lossless or JPEG-LS Lossless."""
+    if syntax not in SC_SYNTAXES:
+        raise ValueError(f"SC syntax must be one of {sorted(SC_SYNTAXES)}, not {syntax!r}")
     orientation = [str(v) for v in (ref.get("PatientOrientation") or [])]
     valid_orientation = len(orientation) == 2 and all(v in BIPED for v in orientation)
+    acquisition = _acquisition_equipment(ref)
     kwargs: dict[str, Any] = {
-        "ref_dataset": ref,
         "pixel_array": rgb,
         "photometric_interpretation": "RGB",
         "bits_allocated": 8,
         "coordinate_system": "PATIENT",
+        "study_instance_uid": ref.StudyInstanceUID,
         "series_instance_uid": derived_uid(ref.SeriesInstanceUID, "sc-series"),
         "series_number": _series_number(ref, 1000),
         "sop_instance_uid": derived_uid(ref.SOPInstanceUID, "sc"),
         "instance_number": _instance_number(ref),
         "manufacturer": MANUFACTURER,
+        **{keyword: ref.get(attribute) for keyword, attribute in _REF_PATIENT_STUDY},
         "patient_orientation": tuple(orientation) if valid_orientation else ("L", "F"),
-        "contributing_equipment": [provenance.equipment()],
+        "contributing_equipment": [*([acquisition] if acquisition is not None else []), provenance.equipment()],
+        "specific_character_set": ref.get("SpecificCharacterSet"),
         "series_description": "Lung segmentation overlay (research use)",
         "manufacturer_model_name": MODEL_NAME,
         "software_versions": provenance.software_version,
     }
-    syntax = RLELossless if compress else ExplicitVRLittleEndian
+    uid = SC_SYNTAXES[syntax]
     try:
-        sc = hd.sc.SCImage.from_ref_dataset(transfer_syntax_uid=syntax, **kwargs)
+        sc = hd.sc.SCImage(transfer_syntax_uid=uid, **kwargs)
     except (RuntimeError, ValueError, ImportError) as exc:
-        if syntax == ExplicitVRLittleEndian:
+        if uid == ExplicitVRLittleEndian:
             raise
-        log.warning("RLE Lossless encoding failed (%s); writing Explicit VR Little Endian", exc)
-        sc = hd.sc.SCImage.from_ref_dataset(transfer_syntax_uid=ExplicitVRLittleEndian, **kwargs)
+        log.warning("%s encoding failed (%s); writing Explicit VR Little Endian", uid.name, exc)
+        sc = hd.sc.SCImage(transfer_syntax_uid=ExplicitVRLittleEndian, **kwargs)
     if not valid_orientation:
         sc.PatientOrientation = orientation or None
     _copy_common(sc, ref)
@@ -246,7 +289,7 @@ def build_sc(ref: Dataset, rgb: np.ndarray, provenance: Provenance, *, compress:
     return sc
 
 
-def build_seg(ref: Dataset, mask: np.ndarray, provenance: Provenance) -> Dataset:
+def build_seg(ref: Dataset, mask: np.ndarray, provenance: Provenance, *, review: str = "") -> Dataset:
     """A BINARY Segmentation with one segment "Lung", pixel-for-pixel on the source."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=provenance.model_name[:64],
@@ -283,7 +326,7 @@ def build_seg(ref: Dataset, mask: np.ndarray, provenance: Provenance) -> Dataset
         device_serial_number="none",
         series_description="Lung segmentation (research use)",
         content_label="LUNG",
-        content_description=CAPTION,
+        content_description=(review or CAPTION)[:64],
         omit_empty_frames=False,
         contributing_equipment=[provenance.equipment()],
     )
@@ -295,18 +338,45 @@ def build_seg(ref: Dataset, mask: np.ndarray, provenance: Provenance) -> Dataset
         del shared.PixelMeasuresSequence
     if "PatientOrientation" not in seg:
         seg.PatientOrientation = ref.get("PatientOrientation") or None
+    if review:  # a flagged result: say so where a viewer shows the segment (ST, up to 1024 characters)
+        seg.SegmentSequence[0].SegmentDescription = f"{review}. {CAPTION}"[:1024]
+        seg.SeriesDescription = "Lung segmentation (REVIEW, research use)"
     _copy_common(seg, ref)
     return seg
 
 
-def verify_sc(path: Any, rgb: np.ndarray) -> None:
-    """Read the written SC back and decode it; it must equal what was drawn."""
+def verify_sc(path: Any, rgb: np.ndarray, *, decode: bool = False) -> None:
+    """Read the written SC back: it must parse completely and describe exactly the image drawn.
+
+    Always: every element parses, Rows/Columns/SamplesPerPixel/BitsAllocated match ``rgb``
+    and the pixel data holds exactly its bytes (uncompressed) or one non-empty frame
+    (compressed). ``decode=True`` also decodes it and compares every pixel (slower).
+    """
     from pydicom import dcmread
 
     back = dcmread(path)
-    pixels = back.pixel_array
-    if pixels.shape != rgb.shape or not np.array_equal(pixels, rgb):
-        raise OutputVerificationError(f"secondary capture read back as {pixels.shape}, not the image drawn")
+    for _ in back.iterall():  # a malformed element raises here
+        pass
+    rows, columns = rgb.shape[:2]
+    header = (int(back.Rows), int(back.Columns), int(back.SamplesPerPixel), int(back.BitsAllocated))
+    if header != (rows, columns, 3, 8):
+        raise OutputVerificationError(f"secondary capture header says {header}, not ({rows}, {columns}, 3, 8)")
+    syntax = back.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated:
+        from pydicom.encaps import generate_frames
+
+        frames = list(generate_frames(back.PixelData, number_of_frames=1))
+        if len(frames) != 1 or not frames[0]:
+            raise OutputVerificationError("secondary capture holds no compressed frame")
+    elif len(back.PixelData) != rgb.nbytes + (rgb.nbytes % 2):
+        raise OutputVerificationError(f"secondary capture pixel data is {len(back.PixelData)} bytes, "
+                                      f"not {rgb.nbytes}")
+    elif not np.array_equal(np.frombuffer(back.PixelData, np.uint8, count=rgb.nbytes).reshape(rgb.shape), rgb):
+        raise OutputVerificationError("secondary capture pixel data differs from the image drawn")
+    if decode:
+        pixels = back.pixel_array
+        if pixels.shape != rgb.shape or not np.array_equal(pixels, rgb):
+            raise OutputVerificationError(f"secondary capture read back as {pixels.shape}, not the image drawn")
 
 
 def verify_seg(path: Any, mask: np.ndarray) -> None:

@@ -3,8 +3,8 @@
 The queue is durable: forwarding rows are added to the ledger in the same
 transaction that marks a file done, and a background thread sends what is due,
 one association per round, retrying with exponential backoff. Outputs are sent
-as written (RLE Lossless SC) when the peer accepts that, otherwise decompressed
-to Explicit VR Little Endian. ``pynetdicom`` is imported only when forwarding is
+as written (an RLE or JPEG-LS Lossless SC) when the peer accepts that transfer
+syntax, otherwise decompressed to Explicit VR Little Endian. ``pynetdicom`` is imported only when forwarding is
 configured.
 """
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lungseg.edge_runtime import metrics
 from lungseg.edge_runtime.ledger import Ledger
 from lungseg.edge_runtime.logs import uid_ref
 
@@ -39,6 +40,16 @@ def check_available() -> None:
         raise ForwardUnavailableError("forwarding needs pynetdicom (pip install pynetdicom)") from exc
 
 
+def output_kind(path: str) -> str:
+    """``sc`` or ``seg`` from an output path (``<study>/<sop>.sc.dcm``)."""
+    parts = path.rsplit(".", 2)
+    return parts[-2] if len(parts) == 3 else "other"
+
+
+def pending_count(ledger: Ledger) -> int:
+    return int(ledger.db.execute("SELECT COUNT(*) FROM forward WHERE status='pending'").fetchone()[0])
+
+
 class Forwarder:
     """Sends queued outputs (paths relative to ``out``) to one DICOM peer."""
 
@@ -60,12 +71,13 @@ class Forwarder:
         if not due:
             return 0
         from pydicom import dcmread
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless
         from pynetdicom import AE
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_SECONDS
         ae.add_requested_context(SC_STORAGE, [RLELossless])
+        ae.add_requested_context(SC_STORAGE, [JPEGLSLossless])
         ae.add_requested_context(SC_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_requested_context(SEG_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
@@ -79,6 +91,7 @@ class Forwarder:
                 if self._stop.is_set():
                     break
                 path = self.out / row["path"]
+                t0 = time.perf_counter()
                 try:
                     ds = dcmread(path)
                     syntax = ds.file_meta.TransferSyntaxUID
@@ -93,7 +106,10 @@ class Forwarder:
                 if code in SUCCESS_STATUSES:
                     ledger.forward_sent(row["path"])
                     sent += 1
-                    log.info("forwarded", extra={"event": "forwarded", "output": row["path"].rsplit(".", 2)[-2],
+                    metrics.observe_stage("forward", time.perf_counter() - t0)
+                    metrics.count("forwarded", kind=output_kind(row["path"]))
+                    metrics.forwarded_ok()
+                    log.info("forwarded", extra={"event": "forwarded", "output": output_kind(row["path"]),
                                                  "sop": uid_ref(row["sop_uid"]), "peer": self.called_ae})
                 else:
                     self._failed(ledger, row, "no response" if code < 0 else f"C-STORE status 0x{code:04X}")
@@ -103,6 +119,7 @@ class Forwarder:
         return sent
 
     def _failed(self, ledger: Ledger, row: dict[str, Any], error: str) -> None:
+        metrics.count("forward_failed")
         attempts = int(row["attempts"]) + 1
         delay = min(MAX_BACKOFF_SECONDS, self.retry_seconds * 2 ** (attempts - 1))
         ledger.forward_failed(row["path"], error, time.time() + delay)
@@ -116,6 +133,8 @@ class Forwarder:
             while not self._stop.wait(1.0):
                 try:
                     self.send_due(ledger)
+                    if metrics.enabled():
+                        metrics.set_forward_queue(pending_count(ledger))
                 except Exception:  # the forwarder must never take the service down
                     log.exception("forwarder round failed")
         finally:

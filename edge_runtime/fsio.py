@@ -1,14 +1,91 @@
-"""Durable, atomic file writes: temp name in the same folder, fsync, rename, fsync the folder."""
+"""File access of the edge runtime.
+
+Writes are durable and atomic: temp name in the same folder, fsync, rename, fsync
+the folder. Inputs are read without following links (:func:`read_input`): a link,
+a FIFO, a device or anything whose real path leaves the watch folder is refused,
+so nothing outside the watch folder is ever read or copied.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 TEMP_SUFFIX = ".lungseg-tmp"
+
+# Faults of the output side (retried with backoff); any other error while writing outputs
+# comes from the input and is the input's fault.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                           errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
+                           errno.ESTALE, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EXDEV})
+
+
+class NotRegularFileError(OSError):
+    """A link, FIFO, device, folder, or a path that leaves the watch folder: never read."""
+
+
+class InputTooLargeError(OSError):
+    """An input larger than the configured limit: never read into memory."""
+
+
+def is_output_fault(exc: BaseException) -> bool:
+    """True for real output faults (disk full, permission, read-only...), which are worth retrying.
+
+    Libraries wrap them (pydicom: ``OSError("With tag ... got exception: [Errno 28] ...")`` without an
+    errno), so the chain of causes is searched too.
+    """
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        if isinstance(current, OSError) and current.errno in OUTPUT_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def lstat_input(path: Path, root: Path) -> os.stat_result:
+    """``lstat`` of an input, refusing links and anything not a regular file inside ``root``."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise NotRegularFileError(errno.ELOOP, "a symbolic link (not followed)")
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(errno.EINVAL, "not a regular file")
+    real = os.path.realpath(path)
+    if real != os.fspath(path) or not real.startswith(os.fspath(root).rstrip(os.sep) + os.sep):
+        raise NotRegularFileError(errno.EXDEV, "reached through a linked folder (not followed)")
+    return st
+
+
+def read_input(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The whole content of a regular file, opened without following a link; and its ``fstat``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFileError(errno.ELOOP, "a symbolic link (not followed)") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file")
+        if st.st_size > max_bytes:
+            raise InputTooLargeError(errno.EFBIG, f"{st.st_size} bytes exceed the limit of {max_bytes}")
+        chunks = []
+        total = 0
+        while block := os.read(fd, 1 << 20):
+            chunks.append(block)
+            total += len(block)
+            if total > max_bytes:
+                raise InputTooLargeError(errno.EFBIG, f"more than {max_bytes} bytes")
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
 
 
 def temp_name(final: Path) -> Path:

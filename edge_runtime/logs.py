@@ -1,8 +1,12 @@
 """Logging for the edge runtime: plain text or one JSON object per line, without patient data.
 
-Records never carry patient names or IDs. Files are named by their path relative
-to the watch folder; DICOM UIDs are logged as a short one-way hash (:func:`uid_ref`)
-unless ``log_uids`` is set (for sites whose logs may hold identifiers).
+Records never carry patient names or IDs. Files are named by a reference
+(:mod:`~lungseg.edge_runtime.names`) unless ``log_file_names`` is set; DICOM UIDs are
+logged as a short one-way hash (:func:`uid_ref`) unless ``log_uids`` is set (for sites
+whose logs may hold identifiers). Library messages (pydicom, highdicom, Python
+warnings) can quote attribute values -- a patient's name, ID, birth date -- so
+:class:`PhiFilter` removes every quoted value and anything after ``value``/``:`` from
+them, and tracebacks are scrubbed the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import datetime
 import hashlib
 import json
 import logging
+import re
 import sys
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -32,6 +37,35 @@ def uid_ref(uid: str | None) -> str | None:
     return "uid:" + hashlib.sha256(str(uid).encode()).hexdigest()[:16]
 
 
+_QUOTED = re.compile(r"b?'(?:[^'\\\n]|\\.)*'" + r'|b?"(?:[^"\\\n]|\\.)*"')
+_AFTER_VALUE = re.compile(r"(?i)(\bvalues?\b[^:'\"\n]*?(?:[:=]|\bis\b|\bof\b)[ \t]*)(\S.*)$", re.MULTILINE)
+LIBRARY_LOGGERS = ("py.warnings", "pydicom", "highdicom", "pynetdicom", "PIL", "watchdog")
+
+
+def scrub(text: str) -> str:
+    """``text`` without quoted strings or what follows "value:" -- where library messages put data values."""
+    text = _QUOTED.sub("<value>", text)
+    return _AFTER_VALUE.sub(lambda m: m.group(1) + "<value>", text)
+
+
+def scrub_traceback(text: str) -> str:
+    """A traceback with its messages scrubbed; the ``File "...", line N`` lines (code locations) kept."""
+    return "\n".join(line if line.lstrip().startswith('File "') else scrub(line) for line in text.split("\n"))
+
+
+class PhiFilter(logging.Filter):
+    """Rewrites records of third-party libraries (and warnings) so no attribute value survives."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(LIBRARY_LOGGERS):
+            try:
+                message = record.getMessage()
+            except Exception:  # a broken format string: keep the template only
+                message = str(record.msg)
+            record.msg, record.args = scrub(message), ()
+        return True
+
+
 def _extras(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
 
@@ -49,7 +83,7 @@ class JsonFormatter(logging.Formatter):
         }
         obj.update(_extras(record))
         if record.exc_info:
-            obj["exc"] = self.formatException(record.exc_info)
+            obj["exc"] = scrub_traceback(self.formatException(record.exc_info))
         return json.dumps(obj, default=str, ensure_ascii=False)
 
 
@@ -58,6 +92,9 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        return scrub_traceback(super().formatException(ei))
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -72,6 +109,7 @@ def setup_logging(json_lines: bool = False, verbosity: int = 0, reveal_uids: boo
     set_reveal_uids(reveal_uids)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    handler.addFilter(PhiFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -2,17 +2,25 @@
 
 Per file, in order:
 
-1. *admit*   hash the content (or take the hash the ledger cached for this path,
-             size and mtime); skip content the ledger already knows.
-2. *decode*  :func:`lungseg.dicom_decode.read_dicom`; what it refuses (and
-             anything else unreadable) goes to quarantine with its reason code.
+1. *admit*   read the file without following links, hash the content (or take the
+             hash the ledger cached for this path, size, mtime, ctime and inode);
+             skip content the ledger already knows (:mod:`~lungseg.edge_runtime.admission`).
+2. *decode*  :func:`lungseg.dicom_decode.read_dicom` in an isolated worker process
+             (:mod:`~lungseg.edge_runtime.isolate`); what it refuses (and anything
+             else unreadable) goes to quarantine with its reason code.
 3. *dedupe*  a SOPInstanceUID that already has outputs is recorded as a duplicate.
 4. *segment* one :func:`lungseg.inference.segment_batch` call for the whole batch.
 5. *write*   overlay SC, optional SEG and the JSON sidecar, all to temp names;
-             both DICOM files are read back and decoded; then all are renamed
+             both DICOM files are read back (the SC parsed and its pixel bytes
+             compared, or decoded with ``sc_verify = "decode"``; the SEG decoded);
+             areas and QA come from the model-resolution mask; then all are renamed
              into place, the folder is fsynced, and only then is the ledger
              committed. An interrupted write leaves no output and no ledger row,
              so the file is simply processed again after a restart.
+
+Faults are classified: whatever comes from the input (including a value that makes
+output building fail) is quarantined; only real output faults (disk full, permission,
+read-only, I/O), ledger errors and ``MemoryError`` are retried, with backoff.
 """
 
 from __future__ import annotations
@@ -20,50 +28,29 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import re
 import sqlite3
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lungseg.edge_runtime import metrics
+from lungseg.edge_runtime.admission import PASSTHROUGH, Admission, describe
+from lungseg.edge_runtime.admission import Admitted as _Admitted
+from lungseg.edge_runtime.admission import Outcome as Outcome
 from lungseg.edge_runtime.config import EdgeConfig
-from lungseg.edge_runtime.fsio import StagedFiles, sha256_of
+from lungseg.edge_runtime.fsio import StagedFiles, is_output_fault
 from lungseg.edge_runtime.ledger import Ledger
 from lungseg.edge_runtime.logs import uid_ref
 from lungseg.edge_runtime.quarantine import Quarantine
+from lungseg.gate import CORRECTION_PREFIXES, Refused, flag_words
 
 log = logging.getLogger("lungseg.edge")
 
 SIDECAR_SCHEMA = "lungseg-edge/sidecar/1"
-MIN_LUNG_FRACTION = 0.05
-MAX_LUNG_FRACTION = 0.70
-MIN_LUNG_RATIO = 0.25  # the smaller lung below this fraction of the larger is flagged
-
-
-@dataclass
-class Outcome:
-    """What happened to one candidate file."""
-
-    name: str
-    status: str  # done | duplicate | seen | quarantined | retry | abandoned | vanished
-    code: str | None = None
-    outputs: list[str] = field(default_factory=list)
-    retry_after: float = 0.0
-
-
-@dataclass
-class _Admitted:
-    path: Path
-    name: str
-    size: int
-    sha256: str
-    radiograph: Any
-    decode_ms: float
 
 
 def software_version() -> str:
@@ -77,12 +64,19 @@ def software_version() -> str:
         return getattr(lungseg, "__version__", "unknown")
 
 
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+def _allocation_failure(exc: BaseException) -> bool:
+    """An inference runtime that could not allocate (onnxruntime raises ``Fail``/``RuntimeException``)."""
+    text = str(exc).lower()
+    return "bad_alloc" in text or "failed to allocate" in text or "out of memory" in text
 
 
-def _valid_uid(value: object) -> bool:
-    text = str(value or "")
-    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+def known_character_set(ds: Any) -> bool:
+    """Whether every term of (0008,0005) is one pydicom and highdicom know (an absent one is fine)."""
+    from pydicom.charset import python_encoding
+
+    value = ds.get("SpecificCharacterSet")
+    terms = [value] if isinstance(value, str) else list(value or [])
+    return all(not str(term).strip() or str(term).strip() in python_encoding for term in terms)
 
 
 def _now() -> str:
@@ -99,12 +93,15 @@ def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool) -> d
 
 
 def area_report(mask: np.ndarray, spacing_mm: tuple[float, float] | None,
-                patient_orientation: Any) -> dict[str, Any]:
-    """Areas in pixels always, in cm² (total and per lung) only when the spacing is usable."""
+                patient_orientation: Any, native_pixels_per_pixel: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
+    """Areas in (native) pixels always, in cm² (total and per lung) only when the spacing is usable.
+
+    ``mask`` may be the model-resolution mask: see :func:`lungseg.inference.lung_areas`.
+    """
     from lungseg.edge_runtime.overlay import side_names
     from lungseg.inference import lung_areas
 
-    areas = lung_areas(mask, spacing_mm)
+    areas = lung_areas(mask, spacing_mm, native_pixels_per_pixel)
     left_name, right_name = side_names(patient_orientation)
     keys = {"image_left": left_name.replace(" ", "_").replace("-", "_"),
             "image_right": right_name.replace(" ", "_").replace("-", "_")}
@@ -119,21 +116,39 @@ def area_report(mask: np.ndarray, spacing_mm: tuple[float, float] | None,
     return report
 
 
-def qa_report(mask: np.ndarray, raw_qa: dict[str, Any]) -> dict[str, Any]:
-    from lungseg.postprocess import label_components
+def sc_pixels(pixels: np.ndarray, max_side: int) -> np.ndarray:
+    """The radiograph as the Secondary Capture shows it: reduced by area so its long side is ``<= max_side``."""
+    import cv2
 
-    count, _, areas = label_components(mask)
-    fraction = float(np.count_nonzero(mask)) / float(mask.size)
-    flags = []
-    if count != 2:
-        flags.append("not_two_lungs")
-    elif int(areas.min()) < MIN_LUNG_RATIO * int(areas.max()):
-        flags.append("lung_size_asymmetry")  # e.g. an inverted or upside-down image, or a collapsed lung
-    if not MIN_LUNG_FRACTION <= fraction <= MAX_LUNG_FRACTION:
-        flags.append("implausible_area")
-    return {"flags": flags, "components": int(count), "lung_fraction": round(fraction, 4),
-            "min_lung_ratio": MIN_LUNG_RATIO,
-            "plausible_fraction": [MIN_LUNG_FRACTION, MAX_LUNG_FRACTION], **raw_qa}
+    long_side = max(pixels.shape)
+    if max_side <= 0 or long_side <= max_side:
+        return pixels
+    scale = max_side / long_side
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def qa_report(mask: np.ndarray, raw_qa: dict[str, Any]) -> dict[str, Any]:
+    """The QA of a segmentation: the gated path's (``raw_qa`` with flags) or the core mask checks."""
+    if "flags" in raw_qa:
+        return dict(raw_qa)
+    from lungseg.plausibility import mask_qa
+
+    qa = mask_qa(mask)
+    return {**qa, "review": list(qa["flags"]), **raw_qa}
+
+
+def _record_metrics(timings_ms: dict[str, float], flags: list[str]) -> None:
+    """One processed file: stage latencies, QA flags, last success (no-ops while metrics are off)."""
+    for stage, ms in timings_ms.items():
+        if stage != "total":
+            metrics.observe_stage(stage, ms / 1000.0)
+    for flag in flags:
+        metrics.count("flagged", flag=flag)
+    if flags:
+        metrics.count("flagged_files")
+    metrics.count("processed")
+    metrics.processed_ok()
 
 
 class Processor:
@@ -155,7 +170,7 @@ class Processor:
         self.watch = Path(config.watch).resolve()
         threshold = config.threshold if config.threshold is not None else float(
             bundle.metadata.get("threshold", 0.5))
-        self.postprocess = PostprocessConfig(threshold=threshold)
+        self.postprocess = PostprocessConfig(threshold=threshold, resolution=config.postprocess_resolution)
         model_file = Path(getattr(predictor, "model_path", bundle.onnx))
         self.provenance = Provenance(
             model_name=bundle.name, model_version=bundle.version,
@@ -164,109 +179,73 @@ class Processor:
             software_version=software_version(), threshold=threshold,
         )
         self.quarantine = Quarantine(config.quarantine_dir, config.quarantine_mode, ledger)
+        from lungseg.gate import load_gate
+        from lungseg.plausibility import load_shape_model
+
+        self.gate_policy = config.gate_policy()
+        root = getattr(bundle, "root", None)
+        self.gate = load_gate(root) if self.gate_policy.mode != "off" else None
+        self.shape_model = load_shape_model(root)
+        self.admission = Admission(config, ledger, self.quarantine, self.watch)
+        if hasattr(predictor, "on_change"):  # lungseg.predictors.FallbackPredictor: demotes on backend errors
+            predictor.on_change(self._backend_changed)
+            self._backend_changed(predictor)
+
+    def _backend_changed(self, predictor: Any) -> None:
+        """After start-up and every demotion: new provenance, ``<state>/backend.json``, metrics."""
+        import dataclasses
+
+        from lungseg.bundle import sha256_file
+        from lungseg.edge_runtime.backend_status import report_backend_to_metrics, write_backend_status
+
+        model_file = Path(predictor.model_path)
+        self.provenance = dataclasses.replace(
+            self.provenance, backend=predictor.backend, precision=predictor.precision,
+            model_file=model_file.name, model_sha256=sha256_file(model_file))
+        status = predictor.status()
+        write_backend_status(self.config.state_dir, status)
+        report_backend_to_metrics(status)
+
+    def backend_summary(self) -> dict[str, Any]:
+        """Self-test and demotions of the serving backend, for the sidecar."""
+        status = getattr(self.predictor, "status", None)
+        if not callable(status):
+            return {}
+        current = status()
+        selftest = current.get("selftest") or {}
+        return {"selftest": {k: selftest.get(k) for k in ("passed", "dice_mean", "dice_min", "n_images", "reason")},
+                "demotions": current.get("demotions", [])}
 
     # --- helpers -------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the decode worker."""
+        self.admission.close()
+
     def _name(self, path: Path) -> str:
-        try:
-            return path.resolve().relative_to(self.watch).as_posix()
-        except ValueError:
-            return path.name
+        return self.admission.label(path)
 
-    def _changed(self, path: Path, size: int, mtime_ns: int) -> bool:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return True
-        return (st.st_size, st.st_mtime_ns) != (size, mtime_ns)
+    def _retry(self, path: Path, code: str, what: str, exc: BaseException) -> Outcome:
+        return self.admission.retry(path, code, what, exc)
 
-    def _retry(self, name: str, code: str, what: str, exc: BaseException) -> Outcome:
-        log.error("%s (%s: %s); will retry in %.0f s", what, type(exc).__name__, getattr(exc, "strerror", None) or exc,
-                  self.config.retry_seconds, extra={"event": code, "file": name})
-        return Outcome(name, "retry", code=code, retry_after=self.config.retry_seconds)
-
-    def _quarantine(self, path: Path, name: str, sha: str, size: int, code: str, message: str) -> Outcome:
-        try:
-            self.quarantine.put(path, name, sha, size, code, message)
-        except (OSError, sqlite3.Error) as exc:  # e.g. disk full: the input is fine, try again later
-            return self._retry(name, "quarantine_failed", "could not quarantine", exc)
-        log.warning("quarantined: %s", message, extra={"event": "quarantined", "file": name, "code": code})
-        return Outcome(name, "quarantined", code=code)
+    def _quarantine(self, item: _Admitted, code: str, message: str) -> Outcome:
+        return self.admission.quarantine(item.path, item.key, item.sha256, item.size, code, message, item.data)
 
     # --- stage 1-3 -----------------------------------------------------------
-    def _admit(self, path: Path, batch_uids: set[str]) -> tuple[_Admitted | None, Outcome | None]:
-        from lungseg.dicom_decode import read_dicom
-        from lungseg.imaging import UnreadableImageError
-
-        name = self._name(path)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None, Outcome(name, "vanished")
-        size, mtime_ns = st.st_size, st.st_mtime_ns
-        sha = self.ledger.sha_for_path(name, size, mtime_ns)
-        cached = sha is not None
-        if sha is None:
-            try:
-                sha = sha256_of(path)
-            except FileNotFoundError:
-                return None, Outcome(name, "vanished")
-            if self._changed(path, size, mtime_ns):
-                return None, Outcome(name, "retry", code="changed", retry_after=self.config.settle_seconds)
-            self.ledger.remember_path(name, size, mtime_ns, sha)
-        known = self.ledger.file_status(sha)
-        if known is not None:
-            if cached or known["name"] == name:  # the same file again (restart, rescan, touch)
-                log.debug("already handled", extra={"event": "seen", "file": name, "status": known["status"]})
-                return None, Outcome(name, "seen", code=known["status"])
-            self.ledger.record_duplicate(sha256=sha, sop_uid=known["sop_uid"], name=name, size=size,
-                                         code="same_content")
-            log.info("identical content already handled; no new output",
-                     extra={"event": "duplicate", "file": name, "first_file": known["name"],
-                            "status": known["status"]})
-            return None, Outcome(name, "duplicate", code="same_content")
-        t0 = time.perf_counter()
-        try:
-            radiograph = read_dicom(path)
-        except UnreadableImageError as exc:
-            if self._changed(path, size, mtime_ns):
-                return None, Outcome(name, "retry", code="changed", retry_after=self.config.settle_seconds)
-            code = getattr(exc, "code", None) or "unreadable"
-            return None, self._quarantine(path, name, sha, size, code, exc.reason.replace(str(path), name))
-        except Exception as exc:
-            if self._changed(path, size, mtime_ns):
-                return None, Outcome(name, "retry", code="changed", retry_after=self.config.settle_seconds)
-            message = f"{type(exc).__name__}: {exc}".replace(str(path), name)
-            return None, self._quarantine(path, name, sha, size, "decode_error", message)
-        decode_ms = (time.perf_counter() - t0) * 1000
-        ds = radiograph.dataset
-        missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-                   if ds is None or not ds.get(k)]
-        if missing:
-            return None, self._quarantine(path, name, sha, size, "missing_uid",
-                                          f"no {', '.join(missing)} in the data set")
-        bad = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not _valid_uid(ds.get(k))]
-        if bad:  # they name output files and folders: never let them be paths
-            return None, self._quarantine(path, name, sha, size, "invalid_uid",
-                                          f"{', '.join(bad)} not a valid DICOM UID")
-        sop_uid = str(ds.SOPInstanceUID)
-        if sop_uid in batch_uids:  # decide after the first copy is committed
-            return None, Outcome(name, "retry", code="same_uid_in_batch", retry_after=0.0)
-        previous = self.ledger.instance(sop_uid)
-        if previous is not None:
-            self.ledger.record_duplicate(sha256=sha, sop_uid=sop_uid, name=name, size=size)
-            log.info("duplicate of an instance already processed; no new output",
-                     extra={"event": "duplicate", "file": name, "sop": uid_ref(sop_uid),
-                            "first_file": previous["source_name"]})
-            return None, Outcome(name, "duplicate")
-        batch_uids.add(sop_uid)
-        return _Admitted(path, name, size, sha, radiograph, decode_ms), None
+    def _admit(self, path: Path, batch_uids: set[str], batch_shas: set[str],
+               first: bool = True) -> tuple[_Admitted | None, Outcome | None]:
+        return self.admission.admit(path, batch_uids, batch_shas, first)
 
     # --- stage 4 -------------------------------------------------------------
     def _segment(self, admitted: list[_Admitted]) -> list[Any]:
-        from lungseg.inference import segment_batch
+        """:func:`lungseg.gate.gated_segment` per batch: a Segmentation or a Refused per file."""
+        from functools import partial
 
+        from lungseg.gate import gated_segment
+
+        segment_batch = partial(gated_segment, self.predictor, self.gate, config=self.postprocess,
+                                policy=self.gate_policy, shape_model=self.shape_model)
         try:
-            return segment_batch(self.predictor, [a.radiograph for a in admitted], self.postprocess)
+            return segment_batch([a.radiograph for a in admitted])
         except Exception:
             if len(admitted) == 1:
                 raise
@@ -274,7 +253,7 @@ class Processor:
         results: list[Any] = []
         for item in admitted:
             try:
-                results.extend(segment_batch(self.predictor, [item.radiograph], self.postprocess))
+                results.extend(segment_batch([item.radiograph]))
             except Exception as exc:
                 results.append(exc)
         return results
@@ -290,40 +269,59 @@ class Processor:
         with warnings.catch_warnings():  # pydicom/highdicom warnings quote patient data
             warnings.simplefilter("ignore")
             ref, fixed = dicom_out.reference_dataset(ds)
+            if not known_character_set(ref):  # values were decoded with the default; keep them as UTF-8
+                ref.SpecificCharacterSet = "ISO_IR 192"
+                fixed.append("SpecificCharacterSet")
         if fixed:
             log.warning("source attributes invalid for their VR were left empty or out in the outputs",
                         extra={"event": "source_fixed", "file": item.name, "attributes": fixed})
-        mask = segmentation.mask.astype(bool)
+        marks = [("reference", time.perf_counter())]
         spacing = radiograph.pixel_spacing_mm
-        areas = area_report(mask, spacing, ds.get("PatientOrientation"))
-        qa = qa_report(mask, segmentation.qa)
+        areas = area_report(segmentation.final_mask, spacing, ds.get("PatientOrientation"),
+                            segmentation.native_pixels_per_pixel)
+        qa = qa_report(segmentation.final_mask, segmentation.qa)
         area_lines = []
         if "lung_areas_cm2" in areas:
             area_lines = [f"{k.replace('_', ' ')}: {v:.1f} cm2" for k, v in areas["lung_areas_cm2"].items()
                           if k != "total"] + [f"total: {areas['lung_areas_cm2']['total']:.1f} cm2"]
         else:
             area_lines = ["areas: no usable pixel spacing"]
+        review = [flag_words(f) for f in qa.get("review", qa["flags"])]
+        notes = [flag_words(f) for f in qa["flags"] if f.startswith(CORRECTION_PREFIXES)]
         if qa["flags"]:
             area_lines.append("QA: " + ", ".join(qa["flags"]))
         prov = self.provenance
-        rgb = render_overlay(radiograph.pixels, mask,
+        marks.append(("measure", time.perf_counter()))
+        pixels = sc_pixels(radiograph.pixels, self.config.sc_max_side)
+        rgb = render_overlay(pixels, segmentation.mask_at(pixels.shape),
                              legend=[f"model {prov.model_name} {prov.model_version} ({prov.backend})"],
-                             areas=area_lines)
+                             areas=area_lines, review=review, notes=notes,
+                             patient_orientation=ds.get("PatientOrientation"))
         paths = output_paths(self.out, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), self.config.seg)
-        comments = f"{dicom_out.CAPTION}. " + "; ".join(area_lines)
+        review_text = "REVIEW: " + ", ".join(review) if review else ""
+        comments = "; ".join([f"{dicom_out.CAPTION}.", *([review_text] if review else []), *notes, *area_lines])
+        marks.append(("render", time.perf_counter()))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sc = dicom_out.build_sc(ref, rgb, prov, compress=self.config.sc_syntax == "rle", comments=comments)
-            seg = dicom_out.build_seg(ref, mask, prov) if self.config.seg else None
+            sc = dicom_out.build_sc(ref, rgb, prov, syntax=self.config.sc_syntax, comments=comments)
+            marks.append(("sc_encode", time.perf_counter()))
+            seg = (dicom_out.build_seg(ref, segmentation.mask, prov, review=review_text)
+                   if self.config.seg else None)
+            marks.append(("seg_encode", time.perf_counter()))
         with StagedFiles() as staged:
             tmp_sc = staged.stage(paths["sc"])
             sc.save_as(tmp_sc, enforce_file_format=True)
-            dicom_out.verify_sc(tmp_sc, rgb)
+            marks.append(("sc_save", time.perf_counter()))
+            dicom_out.verify_sc(tmp_sc, rgb, decode=self.config.sc_verify == "decode")
+            marks.append(("sc_verify", time.perf_counter()))
             if seg is not None:
                 tmp_seg = staged.stage(paths["seg"])
                 seg.save_as(tmp_seg, enforce_file_format=True)
-                dicom_out.verify_seg(tmp_seg, mask)
+                dicom_out.verify_seg(tmp_seg, segmentation.mask)
+            marks.append(("seg_save_verify", time.perf_counter()))
             write_ms = (time.perf_counter() - t0) * 1000
+            write_stages = {name: round((at - before) * 1000, 2)
+                            for (name, at), (_, before) in zip(marks, [("start", t0), *marks[:-1]], strict=True)}
             timings = {"decode": round(item.decode_ms, 2),
                        **{k: round(v, 2) for k, v in segmentation.timings_ms.items()},
                        "write": round(write_ms, 2)}
@@ -334,14 +332,15 @@ class Processor:
                 "processed_at": _now(),
                 "source": {
                     "file": item.name,
+                    "file_ref": item.key,
                     "sha256": item.sha256,
                     "sop_instance_uid": str(ds.SOPInstanceUID),
                     "sop_class_uid": str(ds.SOPClassUID),
                     "study_instance_uid": str(ds.StudyInstanceUID),
                     "series_instance_uid": str(ds.SeriesInstanceUID),
                     "modality": str(ds.get("Modality", "")),
-                    "rows": radiograph.shape[0],
-                    "columns": radiograph.shape[1],
+                    "rows": radiograph.source_shape[0],
+                    "columns": radiograph.source_shape[1],
                     "attributes_emptied_in_outputs": fixed,
                 },
                 "outputs": {
@@ -353,12 +352,17 @@ class Processor:
                        if seg is not None else {}),
                 },
                 "pixel_spacing_mm": list(spacing) if spacing else None,
+                "rendered": {"rows": int(radiograph.pixels.shape[0]), "columns": int(radiograph.pixels.shape[1]),
+                             "sc_rows": int(rgb.shape[0]), "sc_columns": int(rgb.shape[1]),
+                             "decoded_level": radiograph.facts.get("decoded_level", 0)},
                 **areas,
                 "qa": qa,
                 "timings_ms": timings,
+                "write_stages_ms": write_stages,
                 "backend": prov.backend,
                 "precision": prov.precision,
                 "fallbacks": self.fallbacks,
+                **self.backend_summary(),
                 "batch_size": batch_size,
                 "model": {"name": prov.model_name, "version": prov.model_version, "file": prov.model_file,
                           "sha256": prov.model_sha256, "threshold": prov.threshold},
@@ -368,54 +372,117 @@ class Processor:
             tmp_json.write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
             published = staged.publish()
         outputs = [p.relative_to(self.out).as_posix() for p in published]
-        self.ledger.record_done(sha256=item.sha256, sop_uid=str(ds.SOPInstanceUID), name=item.name,
+        self.ledger.record_done(sha256=item.sha256, sop_uid=str(ds.SOPInstanceUID), name=item.key,
                                 size=item.size, study_uid=str(ds.StudyInstanceUID), outputs=outputs,
                                 backend=prov.backend, model=f"{prov.model_name} {prov.model_version}",
                                 forward=[o for o in outputs if o.endswith(".dcm")] if self.config.forward_host else [])
         total_write = (time.perf_counter() - t0) * 1000
+        _record_metrics({**timings, "write": total_write}, qa["flags"])
         log.info("processed", extra={"event": "processed", "file": item.name, "sop": uid_ref(str(ds.SOPInstanceUID)),
                                      "timings_ms": {**timings, "write": round(total_write, 2)},
+                                     "write_stages_ms": {**write_stages, "publish": round(total_write - write_ms, 2)},
                                      "qa": qa["flags"], "outputs": len(outputs)})
-        return Outcome(item.name, "done", outputs=outputs)
+        self.admission.settled(item.key)
+        return Outcome(item.name, "done", outputs=outputs, path=item.path)
 
     # --- the batch -----------------------------------------------------------
     def process(self, paths: list[Path]) -> list[Outcome]:
-        """Handle a batch of ready files; never raises for a bad input."""
+        """Handle a batch of ready files; never raises for a bad input, gives every file an outcome."""
         outcomes: list[Outcome] = []
         admitted: list[_Admitted] = []
         batch_uids: set[str] = set()
+        batch_shas: set[str] = set()
+        suspects = [p for p in paths if self._suspect(p)]
+        if suspects:  # suspects go alone, and only once nothing else is waiting
+            alone = suspects[0] if len(suspects) == len(paths) else None
+            outcomes.extend(self.admission.again(p, "suspect_waits", 0.0) for p in suspects if p != alone)
+            paths = [alone] if alone is not None else [p for p in paths if p not in suspects]
         for index, path in enumerate(paths):
             if self.stop.is_set():
-                outcomes.extend(Outcome(self._name(p), "abandoned") for p in paths[index:])
-                return outcomes
+                outcomes.extend(Outcome(self._name(p), "abandoned", path=p) for p in paths[index:])
+                break
+            if admitted and admitted[0].suspect:  # a suspect goes alone: the rest waits for the next batch
+                outcomes.extend(self.admission.again(p, "behind_a_suspect", 0.0) for p in paths[index:])
+                break
             try:
-                item, outcome = self._admit(path, batch_uids)
-            except (OSError, sqlite3.Error) as exc:  # unreadable file (permissions), ledger trouble
-                item, outcome = None, self._retry(self._name(path), "admit_failed", "could not read or look up", exc)
+                item, outcome = self._admit(path, batch_uids, batch_shas, first=not admitted)
+            except PASSTHROUGH:
+                raise
+            except (OSError, sqlite3.Error, MemoryError) as exc:  # unreadable file (permissions), ledger, memory
+                item, outcome = None, self._retry(path, "admit_failed", "could not read or look up", exc)
             if outcome is not None:
                 outcomes.append(outcome)
+                if outcome.status == "duplicate":
+                    metrics.count("duplicates")
             if item is not None:
                 admitted.append(item)
-        if not admitted:
-            return outcomes
+        if not admitted or self.stop.is_set():
+            return self._abandon(admitted, 0, outcomes)
+        if len(admitted) == 1:  # alone in progress: were the daemon to die now, this content is to blame
+            try:
+                self.ledger.set_solo(admitted[0].sha256)
+            except sqlite3.Error:
+                log.debug("could not mark the attempt", exc_info=True)
         try:
             results = self._segment(admitted)
-        except Exception as exc:
-            results = [exc]
+        except PASSTHROUGH:
+            raise
+        except BaseException as exc:  # a native panic in inference must not take the daemon down
+            results = [exc] * len(admitted)
         for index, (item, result) in enumerate(zip(admitted, results, strict=True)):
             if self.stop.is_set():
-                outcomes.extend(Outcome(a.name, "abandoned") for a in admitted[index:])
-                break
-            if isinstance(result, Exception):
-                outcomes.append(self._quarantine(item.path, item.name, item.sha256, item.size, "inference_error",
-                                                 f"{type(result).__name__}: {result}"))
+                return self._abandon(admitted, index, outcomes)
+            if isinstance(result, MemoryError) or (isinstance(result, Exception) and _allocation_failure(result)):
+                self.ledger.end_attempt(item.sha256)
+                outcomes.append(self._retry(item.path, "out_of_memory", "no memory for inference now", result))
                 continue
-            try:
-                outcomes.append(self._write(item, result, len(admitted)))
-            except (OSError, sqlite3.Error) as exc:  # disk full, read-only output, ledger locked...
-                outcomes.append(self._retry(item.name, "write_failed", "could not write outputs", exc))
-            except Exception as exc:  # the input made output building fail: keep it with the reason
-                log.exception("could not build outputs", extra={"file": item.name})
-                outcomes.append(self._quarantine(item.path, item.name, item.sha256, item.size, "output_error",
-                                                 f"{type(exc).__name__}: {exc}"))
+            if isinstance(result, BaseException):
+                outcomes.append(self._quarantine(item, "inference_error", f"inference failed ({describe(result)})"))
+                continue
+            if isinstance(result, Refused):  # the image gate: not a frontal chest radiograph
+                kind = result.code.split(":")[0]
+                outcomes.append(self._quarantine(item, f"refused_{kind}", f"refused ({result.code}): {result.message}"))
+                continue
+            outcomes.append(self._write_safely(item, result, len(admitted)))
         return outcomes
+
+    def _suspect(self, path: Path) -> bool:
+        try:
+            return self.admission.is_suspect(path)
+        except sqlite3.Error:
+            return False
+
+    def _abandon(self, admitted: list[_Admitted], start: int, outcomes: list[Outcome]) -> list[Outcome]:
+        """Stopping: the rest of the batch stays unrecorded (processed after the next start)."""
+        for item in admitted[start:]:
+            try:
+                self.ledger.end_attempt(item.sha256)
+            except sqlite3.Error:
+                log.debug("could not clear an attempt", exc_info=True)
+            outcomes.append(Outcome(item.name, "abandoned", path=item.path))
+        return outcomes
+
+    def _write_safely(self, item: _Admitted, segmentation: Any, batch_size: int) -> Outcome:
+        """Write one file's outputs; output faults are retried, anything else is the input's fault."""
+        try:
+            return self._write(item, segmentation, batch_size)
+        except PASSTHROUGH:
+            raise
+        except (sqlite3.Error, MemoryError) as exc:  # ledger locked or full, a brief memory shortage
+            self.ledger_end_attempt(item)
+            return self._retry(item.path, "write_failed", "could not write outputs", exc)
+        except BaseException as exc:
+            if is_output_fault(exc):  # disk full, read-only or unwritable output folder
+                self.ledger_end_attempt(item)
+                return self._retry(item.path, "write_failed", "could not write outputs", exc)
+            # e.g. "No tag to read" from a malformed element, an unknown character set, a panic in an encoder
+            log.error("could not build outputs from this input (%s)", describe(exc),
+                      extra={"event": "output_error", "file": item.name})
+            return self._quarantine(item, "output_error", f"outputs could not be built from this input "
+                                    f"({describe(exc)})")
+
+    def ledger_end_attempt(self, item: _Admitted) -> None:
+        try:
+            self.ledger.end_attempt(item.sha256)
+        except sqlite3.Error:
+            log.debug("could not clear an attempt", exc_info=True)

@@ -1,13 +1,17 @@
 """Quarantine: inputs that cannot (or must not) be processed, kept with the reason.
 
-``<quarantine>/<name>`` is a copy of the input (``copy`` mode, the default: the
-watch folder is never altered) or the input itself (``move`` mode), and
-``<quarantine>/<name>.reason.json`` says why::
+``<quarantine>/<ref>`` is a copy of the input (``copy`` mode, the default: the
+watch folder is never altered; ``move`` mode then removes the input), and
+``<quarantine>/<ref>.reason.json`` says why::
 
     {"code": "lateral_view", "message": "...", "time": "2025-...Z",
-     "source": "incoming/a.dcm", "sha256": "...", "size": 123, "mode": "copy"}
+     "source": "f-0123456789abcdef", "sha256": "...", "size": 123, "mode": "copy"}
 
-A name already taken by different content gets ``-<sha256 prefix>`` before its suffix.
+``<ref>`` is the file's reference (:mod:`~lungseg.edge_runtime.names`), not its name,
+unless names are revealed by configuration. The copy is written from the bytes the
+daemon read itself (opened without following links), so nothing outside the watch
+folder is ever copied. A name already taken by different content gets
+``-<sha256 prefix>`` before its suffix.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from lungseg.edge_runtime.fsio import atomic_copy, atomic_write_bytes
+from lungseg.edge_runtime.fsio import atomic_write_bytes
 from lungseg.edge_runtime.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -33,29 +37,35 @@ class Quarantine:
         self.mode = mode
         self.ledger = ledger
 
-    def _target(self, path: Path, sha: str) -> Path:
-        target = self.folder / path.name
+    def _target(self, label: str, sha: str) -> Path:
+        label = Path(label).name or "input"
+        target = self.folder / label
         if target.exists() or (self.folder / (target.name + REASON_SUFFIX)).exists():
-            stem, dot, suffix = path.name.partition(".")
+            stem, dot, suffix = label.partition(".")
             target = self.folder / f"{stem}-{sha[:12]}{dot}{suffix}"
         return target
 
-    def put(self, path: Path, name: str, sha: str, size: int, code: str, message: str) -> Path:
-        """Keep the input and its reason, then record it in the ledger."""
+    def put(self, path: Path, name: str, sha: str, size: int, code: str, message: str,
+            data: bytes | None = None, label: str | None = None) -> Path:
+        """Keep the input (``data``, the bytes read from ``path``) and its reason, then record it in the ledger.
+
+        ``name`` is the ledger key of the file, ``label`` what the quarantine calls it (default ``name``).
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self._target(path, sha)
-        kept = True
-        try:
-            atomic_copy(path, target)
+        label = label or name
+        target = self._target(label, sha)
+        kept = data is not None
+        if data is not None:
+            atomic_write_bytes(target, data)
             if self.mode == "move":
-                os.unlink(path)
-        except FileNotFoundError:
-            kept = False  # it went away meanwhile; the reason is still worth keeping
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # unlink never follows a link
         reason = {
             "code": code,
             "message": message,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": name,
+            "source": label,
+            "file_ref": name,
             "sha256": sha,
             "size": size,
             "mode": self.mode,

@@ -13,7 +13,8 @@ Under inotify a file that was seen being written waits for its close event
 (with a long fallback in case the event is lost). Hidden names and temporary
 names (``*.part``, ``*.tmp``, ...) are ignored, so are the output and state
 folders when they lie inside the watch folder. The watcher only reads: it never
-alters the watch folder.
+alters the watch folder, and never follows a link (links are handed on as they
+are, to be reported and skipped, never read).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -130,7 +132,7 @@ class ReadyTracker:
                 else []
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if self.wanted(path) and path.is_file():
+                if self.wanted(path) and _candidate(path):
                     self.seen(path)
                     found += 1
         return found
@@ -139,6 +141,13 @@ class ReadyTracker:
     def pending(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    def oldest_wait(self) -> float:
+        """Seconds since the longest-waiting pending file was first seen (0 when none)."""
+        now = time.monotonic()
+        with self._lock:
+            first = min((e.first_seen for e in self._entries.values()), default=now)
+        return now - first
 
     def next_due(self) -> float | None:
         """Seconds until the earliest retry, when every pending entry is a delayed retry."""
@@ -160,14 +169,14 @@ class ReadyTracker:
             if entry.not_before > now:
                 continue
             try:
-                st = path.stat()
+                st = os.lstat(path)
             except (FileNotFoundError, NotADirectoryError):
                 self.gone(path)
                 continue
             except OSError as exc:
                 log.warning("cannot stat a watched file: %s", exc.strerror, extra={"file": self.relname(path)})
                 continue
-            if not path.is_file():
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 self.gone(path)
                 continue
             signature = (st.st_size, st.st_mtime_ns)
@@ -197,6 +206,15 @@ class ReadyTracker:
             for _, path in ready:
                 self._entries.pop(path, None)
         return [path for _, path in ready]
+
+
+def _candidate(path: Path) -> bool:
+    """A regular file, or a link (reported and skipped later, never followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
 
 
 def make_observer(tracker: ReadyTracker, polling: bool, poll_interval: float):

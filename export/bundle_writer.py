@@ -7,7 +7,6 @@ compares each against PyTorch on the same preprocessed radiographs and writes
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,17 +17,23 @@ import numpy as np
 
 import lungseg
 from lungseg.bundle import (
+    BUNDLE_MANIFEST,
     ENGINE_FP16,
     ENGINE_MANIFEST,
+    GATE_MANIFEST,
+    GATE_ONNX,
+    GOLDEN,
     ONNX_FP16,
     ONNX_FP32,
     ONNX_INT8,
     PARITY,
+    SHAPE_MODEL,
     resolve_bundle,
+    write_bundle_manifest,
 )
 from lungseg.predictors import BackendUnavailableError, OnnxRuntimePredictor, Predictor
 
-from .int8 import QuantOptions
+from .int8 import SPEED_BATCH, QuantOptions
 from .parity import (
     DEFAULT_MIN_DICE_FP32,
     DEFAULT_MIN_DICE_REDUCED,
@@ -44,7 +49,11 @@ from .tensorrt_build import EngineBuildError, EngineSettings
 
 log = logging.getLogger(__name__)
 
-VARIANTS = (ONNX_FP16, ONNX_INT8, ENGINE_FP16, ENGINE_MANIFEST, PARITY)
+VARIANTS = (ONNX_FP16, ONNX_INT8, ENGINE_FP16, ENGINE_MANIFEST, PARITY, GOLDEN, BUNDLE_MANIFEST,
+            GATE_ONNX, GATE_MANIFEST, SHAPE_MODEL)
+# committed CC BY 4.0 fixtures (tests/fixtures/cxr) that make up the bundle's self-test golden set
+GOLDEN_IDS = ("0e132bd64729", "355c06b0444a", "05878ee1390b", "ead2c3ca8955")
+INT8_REQUIRED = (0.995, 0.98)  # mean and worst-image mask Dice vs PyTorch, on images not used for calibration
 
 
 @dataclass(frozen=True)
@@ -97,26 +106,70 @@ def _report(reference: str, data: dict[str, Any], options: ExportOptions) -> dic
 
 def _finish(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
     report["passed"] = all(entry["passed"] for entry in report["models"].values())
-    report["files"] = sorted({p.name for p in bundle.iterdir() if p.is_file() and p.suffix != ".tmp"} | {PARITY})
+    report["files"] = sorted({p.name for p in bundle.iterdir() if p.is_file() and p.suffix != ".tmp"}
+                             | {PARITY, BUNDLE_MANIFEST})
     write_json(bundle / PARITY, report)
+    write_bundle_manifest(bundle, {"lungseg_version": lungseg.__version__, "golden": report.get("golden"),
+                                   "int8": report["models"].get(ONNX_INT8, {}).get("quantization")})
     return report
+
+
+def write_golden_set(out: Path, predict: Any, fallback: np.ndarray, fallback_ids: list[str]) -> dict[str, Any]:
+    """``golden.npz`` from the committed fixtures :data:`GOLDEN_IDS` (else the first parity images)."""
+    from lungseg.selftest import write_golden
+
+    from .samples import SampleSourceError, default_source, load_samples, model_batch
+
+    try:
+        samples = {s.id: s for s in load_samples(default_source(), with_masks=False)}
+        chosen = [samples[i] for i in GOLDEN_IDS]
+        ids, inputs, source = list(GOLDEN_IDS), model_batch(chosen)[0], "tests/fixtures/cxr (CC BY 4.0)"
+    except (SampleSourceError, KeyError) as exc:
+        log.warning("golden set from the parity images (fixtures unavailable: %s)", exc)
+        ids, inputs, source = fallback_ids[:len(GOLDEN_IDS)], fallback[:len(GOLDEN_IDS)], "parity data"
+    info = write_golden(out / GOLDEN, ids, inputs, lambda x: predict_in_chunks(predict, x))
+    info["source"] = source
+    log.info("wrote %s (%d radiographs, %d bytes)", GOLDEN, info["n_images"], info["bytes"])
+    return info
+
+
+def build_engine_into_bundle(bundle: Path, settings: EngineSettings) -> dict[str, Any]:
+    """Export time: build, parity-gate (golden set) and place ``model.fp16.engine`` + ``engine.json`` in ``bundle``."""
+    import shutil
+    import tempfile
+
+    from lungseg.engine_cache import EngineCache
+    from lungseg.predictors import BackendOptions
+    from lungseg.tensorrt_runtime import build_checked_engine, cuda_device_identity, engine_key, import_tensorrt
+
+    trt = import_tensorrt()
+    key, onnx_path, typing = engine_key(trt, bundle, settings, cuda_device_identity())
+    with tempfile.TemporaryDirectory(prefix="lungseg-engine-") as tmp:
+        path, manifest = build_checked_engine(trt, bundle, settings, EngineCache(Path(tmp)), key, onnx_path, typing,
+                                              BackendOptions(dla_core=settings.dla_core))
+        for name in (ENGINE_FP16, ENGINE_MANIFEST):
+            shutil.copyfile(path.parent / name, bundle / (name + ".tmp"))
+            (bundle / (name + ".tmp")).replace(bundle / name)
+    return manifest
 
 
 def _try_engine(bundle: Path, checker: _Checker,
                 settings: EngineSettings) -> tuple[dict[str, Any], ParityResult | None]:
-    from lungseg.tensorrt_runtime import load_engine_predictor, tensorrt_unavailable_reason
-
-    from .tensorrt_build import build_engine
+    from lungseg.tensorrt_runtime import TensorRTPredictor, import_tensorrt, tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason:
         return {"requested": True, "built": False, "reason": reason}, None
     try:
-        manifest = build_engine(bundle, settings)
-        predictor = load_engine_predictor(resolve_bundle(bundle), rebuild=False)
+        manifest = build_engine_into_bundle(bundle, settings)
+        predictor = TensorRTPredictor(import_tensorrt(), (bundle / ENGINE_FP16).read_bytes(),
+                                      model_path=str(bundle / ENGINE_FP16), dla_core=settings.dla_core)
     except (EngineBuildError, BackendUnavailableError) as exc:
         return {"requested": True, "built": False, "reason": str(exc)}, None
-    return {"requested": True, "built": True, "manifest": manifest}, checker.check(ENGINE_FP16, predictor)
+    try:
+        return {"requested": True, "built": True, "manifest": manifest}, checker.check(ENGINE_FP16, predictor)
+    finally:
+        predictor.close()
 
 
 def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str, Any], options: ExportOptions,
@@ -140,6 +193,8 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
     metadata = bundle_metadata(checkpoint)
     fp32 = export_fp32(checkpoint, out / ONNX_FP32)
     report["models"][ONNX_FP32] = checker.onnx(fp32).to_dict()
+    torch_predictor = TorchPredictor(checkpoint, options.threads)
+    report["golden"] = write_golden_set(out, torch_predictor.predict, batch, list(data.get("ids", [])))
     if options.fp16:
         report["models"][ONNX_FP16] = checker.onnx(convert_fp16(fp32, out / ONNX_FP16, metadata)).to_dict()
         report["engine"], engine_result = _try_engine(out, checker, options.engine)
@@ -150,7 +205,15 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
         entry = checker.onnx(int8).to_dict()
         entry["quantization"] = options.int8.to_dict()
         entry["calibration_images"] = len(calibration)
-        entry["speed"] = measure_speedup(fp32, int8, batch[:1], threads=options.threads)
+        need_mean, need_min = INT8_REQUIRED
+        if options.min_dice_reduced != DEFAULT_MIN_DICE_REDUCED:  # an explicit --min-dice-reduced decides
+            need_mean, need_min = options.min_dice_reduced, 0.0
+        entry["calibration_overlaps_parity"] = int(data.pop("calibration_overlap", 0))
+        entry["calibration_ids"] = list(data.pop("calibration_ids", []))
+        entry["required_dice_min"] = need_min
+        entry["required_dice"] = need_mean
+        entry["passed"] = bool(entry["dice_mean"] >= entry["required_dice"] and entry["dice_min"] >= need_min)
+        entry["speed"] = measure_speedup(fp32, int8, batch[:SPEED_BATCH], threads=options.threads)
         if not entry["speed"]["met"]:
             log.warning("int8 speedup %.2fx is below the %.1fx target", entry["speed"]["speedup"],
                         entry["speed"]["target"])
@@ -171,25 +234,33 @@ def _engine_reference(bundle: Path, checkpoint: Path | None, threads: int | None
     return OnnxRuntimePredictor(str(bundle / ONNX_FP32), device="cpu", threads=threads), f"onnxruntime-cpu {ONNX_FP32}"
 
 
-def engine_with_parity(bundle: Path, batch: np.ndarray, data: dict[str, Any], options: ExportOptions,
+def engine_with_parity(bundle: Path, options: ExportOptions, *, engine_cache: Path | None, force: bool = False,
+                       batch: np.ndarray | None = None, data: dict[str, Any] | None = None,
                        checkpoint: Path | None = None) -> dict[str, Any]:
-    """Build the bundle's engine here, check it, and merge the result into ``parity.json``."""
-    from lungseg.tensorrt_runtime import load_engine_predictor
+    """On the device: find or build the bundle's engine in the engine cache (never in the bundle), gated on the
+    bundle's own golden set; with ``batch`` also compare it with a reference on those images. Returns a report."""
+    from lungseg.predictors import BackendOptions
+    from lungseg.tensorrt_runtime import TensorRTPredictor, ensure_engine, import_tensorrt
 
-    from .tensorrt_build import build_engine
-
-    reference_predictor, reference_name = _engine_reference(bundle, checkpoint, options.threads)
-    reference = predict_in_chunks(reference_predictor.predict, batch)
-    checker = _Checker(batch, reference, reference_name, options)
-    manifest = build_engine(bundle, options.engine)
+    backend_options = BackendOptions(threads=options.threads, engine_cache=engine_cache,
+                                     dla_core=options.engine.dla_core)
+    bundle_obj = resolve_bundle(bundle)
     try:
-        predictor = load_engine_predictor(resolve_bundle(bundle), rebuild=False)
+        path, manifest, where = ensure_engine(bundle_obj, backend_options, settings=options.engine, force=force)
     except BackendUnavailableError as exc:
-        raise EngineBuildError(f"the engine was built but cannot run: {exc}") from exc
-    parity_path = bundle / PARITY
-    report = json.loads(parity_path.read_text()) if parity_path.is_file() else _report(
-        reference_name, data, options)
-    report["models"][ENGINE_FP16] = checker.check(ENGINE_FP16, predictor).to_dict()
-    report["models"][ENGINE_FP16]["data"] = data
-    report["engine"] = {"requested": True, "built": True, "manifest": manifest}
-    return _finish(report, bundle)
+        raise EngineBuildError(str(exc)) from exc
+    report: dict[str, Any] = {"passed": bool((manifest.get("parity") or {}).get("passed")), "engine": str(path),
+                              "source": where, "manifest": manifest, "models": {}}
+    if batch is not None:
+        reference_predictor, reference_name = _engine_reference(bundle, checkpoint, options.threads)
+        checker = _Checker(batch, predict_in_chunks(reference_predictor.predict, batch), reference_name, options)
+        predictor = TensorRTPredictor(import_tensorrt(), path.read_bytes(), model_path=str(path),
+                                      dla_core=options.engine.dla_core)
+        try:
+            result = checker.check(ENGINE_FP16, predictor).to_dict()
+        finally:
+            predictor.close()
+        report["models"][ENGINE_FP16] = {**result, "data": data}
+        report["reference"], report["data"] = reference_name, data
+        report["passed"] = report["passed"] and result["passed"]
+    return report

@@ -70,17 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="1,1,8", metavar="MIN,OPT,MAX",
                         help="TensorRT optimisation profile for the batch size (default: %(default)s)")
     parser.add_argument("--timing-cache", type=Path, default=None, metavar="PATH",
-                        help="TensorRT timing cache file, reused across builds "
-                        "(default: ~/.cache/lungseg/tensorrt/<version>-<gpu>.timing)")
+                        help="TensorRT timing cache file, reused across builds (default: none)")
+    device = parser.add_argument_group("--engine-only options (on the device; the bundle is never written)")
+    device.add_argument("--state", type=Path, default=None, metavar="DIR",
+                        help="the service's state folder: the engine goes to DIR/engines, where lungseg-edge "
+                        "looks for it (default: $LUNGSEG_ENGINE_CACHE, $STATE_DIRECTORY/engines or "
+                        "~/.cache/lungseg/engines)")
+    device.add_argument("--force", action="store_true", help="rebuild even if a checked engine (or a refusal) exists")
+    device.add_argument("--dla-core", type=int, default=None, metavar="N",
+                        help="build for DLA core N (Jetson AGX/NX Orin), GPU fallback for unsupported layers")
     quant = parser.add_argument_group("int8 options")
     quant.add_argument("--int8-format", choices=("qdq", "qoperator"), default="qdq")
     quant.add_argument("--int8-per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
-    quant.add_argument("--int8-reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
-    quant.add_argument("--int8-exclude-edges", action="store_true",
-                       help="keep the first and last convolution in fp32")
+    quant.add_argument("--int8-reduce-range", action=argparse.BooleanOptionalAction, default=True,
+                       help="7-bit weights: no u8xs8 saturation on x86 CPUs without VNNI (default: on)")
+    quant.add_argument("--int8-exclude-edges", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep the first and last convolution in fp32 (default: on)")
+    quant.add_argument("--int8-types", choices=("u8s8", "s8s8", "u8u8"), default="u8s8",
+                       help="activation x weight types (default: %(default)s)")
     quant.add_argument("--int8-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                        help="calibration method (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime")
+    parser.add_argument("--gate", type=Path, default=None, metavar="GATE_CHECKPOINT",
+                        help="also add the image gate: gate.pt from lungseg-train gate (its shape_model.npz beside "
+                        "it); gate.onnx, shape_model.npz and gate.json go into the bundle after a parity check")
+    parser.add_argument("--shape-model", type=Path, default=None, metavar="NPZ",
+                        help="the mask shape model to add with --gate (default: shape_model.npz beside the checkpoint)")
     parser.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -93,7 +108,8 @@ def _fail(code: int, message: str) -> int:
 
 def _engine_line(reason: str, bundle: Path) -> str:
     return (f"engine not built: {reason}. Build it on the device with: "
-            f"lungseg-export --engine-only {bundle}")
+            f"lungseg-edge build-engine --model {bundle} --state STATE_DIR (or lungseg-export --engine-only "
+            f"{bundle} --state STATE_DIR)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tensorrt_build import EngineSettings, parse_profile
 
     try:
-        settings = EngineSettings(parse_profile(args.profile), args.workspace_mb, args.timing_cache)
+        settings = EngineSettings(parse_profile(args.profile), args.workspace_mb, args.timing_cache, args.dla_core)
     except ValueError as exc:
         parser.error(str(exc))
     args.min_dice_fp32 = DEFAULT_MIN_DICE_FP32 if args.min_dice_fp32 is None else args.min_dice_fp32
@@ -156,7 +172,10 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
         return _fail(EXIT_CHECKPOINT, f"{exc}{hint}")
     try:
         parity_batch, data = _parity_batch(args)
-        calibration = _calibration_batch(args) if args.int8 else None
+        calibration = _calibration_batch(args, data["ids"]) if args.int8 else None
+        if args.int8:  # moved into the int8 entry of parity.json
+            data["calibration_overlap"] = getattr(args, "calibration_overlap", 0)
+            data["calibration_ids"] = getattr(args, "calibration_ids", [])
     except (SampleSourceError, ValueError) as exc:
         return _fail(EXIT_USAGE, str(exc))
 
@@ -173,8 +192,34 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
     _print_report(report, args.json)
     if not report["passed"]:
         return EXIT_PARITY_FAILED
+    if args.gate is not None:
+        code = _add_gate(args, out, parity_batch, data)
+        if code != EXIT_OK:
+            return code
     if args.engine and not engine.get("built"):
         return EXIT_ENGINE_IMPOSSIBLE
+    return EXIT_OK
+
+
+def _add_gate(args: argparse.Namespace, out: Path, parity_batch: Any, data: dict[str, Any]) -> int:
+    """Add gate.onnx + shape_model.npz + gate.json, then refresh bundle.json so they are hashed too."""
+    import json
+
+    from lungseg.bundle import BUNDLE_MANIFEST, write_bundle_manifest
+
+    from .gate_export import GateExportError, add_gate
+
+    try:
+        gate = add_gate(out, args.gate, parity_batch, data, args.shape_model)
+    except GateExportError as exc:
+        return _fail(EXIT_PARITY_FAILED if "parity" in str(exc) else EXIT_CHECKPOINT, str(exc))
+    previous = json.loads((out / BUNDLE_MANIFEST).read_text()) if (out / BUNDLE_MANIFEST).is_file() else {}
+    extra = {k: v for k, v in previous.items() if k not in ("schema", "files")}
+    extra["gate"] = {"version": gate["version"], "sha256": gate["sha256"],
+                     "shape_model_sha256": gate["shape_model"]["sha256"]}
+    write_bundle_manifest(out, extra)
+    print(f"gate {gate['version']}: parity max |d logit| {gate['parity']['max_abs_logit_diff']:.2e}, "
+          f"decisions identical: {gate['parity']['decisions_identical']} -> gate.onnx, shape_model.npz, gate.json")
     return EXIT_OK
 
 
@@ -184,16 +229,34 @@ def _options(args: argparse.Namespace, settings: Any) -> Any:
 
     quant = QuantOptions(quant_format=args.int8_format, per_channel=not args.int8_per_tensor,
                          reduce_range=args.int8_reduce_range, exclude_edge_convs=args.int8_exclude_edges,
-                         method=args.int8_method) if args.int8 else None
+                         method=args.int8_method, types=args.int8_types) if args.int8 else None
     return ExportOptions(fp16=args.fp16 or args.engine, int8=quant, engine=settings,
                          min_dice_fp32=args.min_dice_fp32, min_dice_reduced=args.min_dice_reduced,
                          threads=args.threads)
 
 
-def _calibration_batch(args: argparse.Namespace) -> Any:
-    from .samples import load_samples, model_batch
+def _calibration_batch(args: argparse.Namespace, parity_ids: list[str]) -> Any:
+    """Calibration inputs, never including a parity image (parity is measured on unseen images)."""
+    from .bundle_writer import GOLDEN_IDS
+    from .samples import describe_source, load_samples, model_batch
 
-    samples = load_samples(args.calibration, limit=args.max_images, with_masks=False)
+    held_out = set(parity_ids) | set(GOLDEN_IDS)  # parity and self-test images are never calibration images
+    source = args.calibration
+    manifest = source / "manifest.csv" if source is not None and source.is_dir() else source
+    if manifest is not None and manifest.suffix == ".csv" and manifest.is_file():
+        from .int8 import stratified_calibration
+
+        batch, args.calibration_ids = stratified_calibration(manifest, held_out, args.max_images)
+        return batch
+    everything = load_samples(source, with_masks=False)
+    samples = [s for s in everything if s.id not in held_out][:args.max_images]
+    if not samples:
+        samples = everything[:args.max_images]
+        log.warning("int8 calibrated on the parity images themselves (%s): its parity is optimistic; pass "
+                    "--calibration with other radiographs", describe_source(args.parity_data))
+        args.calibration_overlap = len(samples)
+    log.info("int8 calibration on %d radiographs", len(samples))
+    args.calibration_ids = [s.id for s in samples]
     return model_batch(samples)[0]
 
 
@@ -209,19 +272,39 @@ def _engine_only(args: argparse.Namespace, settings: Any) -> int:
         return _fail(EXIT_ENGINE_IMPOSSIBLE, _engine_line(reason, bundle))
     from .samples import SampleSourceError
 
-    try:
-        parity_batch, data = _parity_batch(args)
-    except (SampleSourceError, ValueError) as exc:
-        return _fail(EXIT_USAGE, str(exc))
+    parity_batch = data = None
+    if args.parity_data is not None:  # the bundle's own golden set always gates the engine; this adds a check
+        try:
+            parity_batch, data = _parity_batch(args)
+        except (SampleSourceError, ValueError) as exc:
+            return _fail(EXIT_USAGE, str(exc))
     from .bundle_writer import engine_with_parity
     from .tensorrt_build import EngineBuildError
 
+    cache = args.state / "engines" if args.state is not None else None
     try:
-        report = engine_with_parity(bundle, parity_batch, data, _options(args, settings), args.checkpoint)
+        report = engine_with_parity(bundle, _options(args, settings), engine_cache=cache, force=args.force,
+                                    batch=parity_batch, data=data, checkpoint=args.checkpoint)
     except EngineBuildError as exc:
-        return _fail(EXIT_ENGINE_IMPOSSIBLE, f"engine not built: {exc}")
-    _print_report(report, args.json)
+        return _fail(EXIT_ENGINE_IMPOSSIBLE, f"engine not usable: {exc}")
+    _print_engine_report(report, args.json)
     return EXIT_OK if report["passed"] else EXIT_PARITY_FAILED
+
+
+def _print_engine_report(report: dict[str, Any], as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    parity = report["manifest"].get("parity") or {}
+    print(f"engine: {report['engine']} ({report['source']}; TensorRT {report['manifest'].get('tensorrt_version')}, "
+          f"{report['manifest'].get('typing')})")
+    print(f"golden-set parity: mean Dice {parity.get('dice_mean')}, min {parity.get('dice_min')} -> "
+          f"{'passed' if parity.get('passed') else 'FAILED'}")
+    for name, entry in report["models"].items():
+        print(f"{name} vs {report['reference']}: mean Dice {entry['dice_mean']:.5f}, min {entry['dice_min']:.5f} "
+              f"-> {'pass' if entry['passed'] else 'FAIL'}")
 
 
 def _print_report(report: dict[str, Any], as_json: bool) -> None:
@@ -239,7 +322,7 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
     print(format_table(results))
     speed = report["models"].get("model.int8.onnx", {}).get("speed")
     if speed:
-        print(f"int8 vs fp32 on CPU ({speed['threads'] or 'default'} threads, batch 1): "
+        print(f"int8 vs fp32 on CPU ({speed['threads'] or 'default'} threads, batch {speed['batch']}): "
               f"{speed['fp32']['p50_ms']:.1f} ms -> {speed['int8']['p50_ms']:.1f} ms p50, "
               f"{speed['speedup']:.2f}x (target {speed['target']}x: {'met' if speed['met'] else 'NOT met'})")
     print(f"files: {', '.join(report['files'])}")

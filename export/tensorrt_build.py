@@ -1,40 +1,46 @@
-"""Build a bundle's TensorRT FP16 engine and its ``engine.json`` (TensorRT 10.x Python API).
+"""Build a TensorRT FP16 engine from a bundle's ONNX file (TensorRT 8.6 and 10.x Python API).
 
-Needs ``tensorrt`` and a CUDA GPU, nothing else (no torch, no onnx), so the edge
-runtime can rebuild an engine on the device it runs on. The steps, TensorRT 10.x:
-``Builder(logger).create_network(0)`` (explicit batch is the only mode in 10.x),
-``OnnxParser(network, logger).parse_from_file(model.onnx)``,
-``config.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)``,
-``config.set_flag(BuilderFlag.FP16)``, one optimisation profile for the dynamic
-batch (min/opt/max), a timing cache loaded with ``create_timing_cache`` and saved
-with ``serialize`` so later builds on the same GPU skip tactic timing, then
-``build_serialized_network``.
+Needs ``tensorrt`` and a CUDA GPU, nothing else (no torch, no onnx), so the device
+that runs the engine builds it. The steps:
 
-TensorRT 11 removed ``BuilderFlag.FP16`` (weak typing); where the flag is absent the
-engine is built as a strongly typed network from ``model.fp16.onnx``, whose graph
-already carries the precision. That path is untested (no TensorRT 11 here).
+* refuse TensorRT older than 8.6 (JetPack 5's 8.5 cannot parse this model's ONNX
+  reliably and is not supported) with a message saying so;
+* ``Builder(logger).create_network(flags)``: ``EXPLICIT_BATCH`` whenever the flag
+  exists (8.6 requires it for ONNX; 10.x ignores it), plus ``STRONGLY_TYPED`` when
+  the TensorRT has it and the bundle has ``model.fp16.onnx``: the fp16 graph then
+  decides every layer's precision (its Sigmoid and output stay fp32). Otherwise
+  (8.6, or a DLA build) the fp32 ONNX with ``BuilderFlag.FP16`` and
+  ``OBEY_PRECISION_CONSTRAINTS``, the Sigmoid and output layers pinned to fp32;
+* ``OnnxParser.parse_from_file``, parser errors in the exception;
+* one optimisation profile for the dynamic batch (min/opt/max), the workspace
+  limit, an optional DLA core with GPU fallback, a timing cache;
+* ``IProgressMonitor`` progress in the log where TensorRT has it, systemd
+  ``EXTEND_TIMEOUT_USEC`` while building (a build on an Orin Nano takes minutes);
+* ``build_serialized_network``; a ``None`` result raises with the errors TensorRT
+  logged (the log goes to :mod:`logging`, never to stderr as plain text).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import lungseg
-from lungseg import tensorrt_runtime
-from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, INPUT_NAME, ONNX_FP16, ONNX_FP32, sha256_file
+from lungseg.bundle import INPUT_NAME, ONNX_FP16, ONNX_FP32
 from lungseg.preprocess import CHANNELS, INPUT_SIZE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROFILE = (1, 1, 8)
 DEFAULT_WORKSPACE_MB = 1024
+MIN_TENSORRT = (8, 6)
+TESTED_BELOW = (11, 0)
+EXTEND_EVERY_S = 20.0
 
 
 class EngineBuildError(RuntimeError):
@@ -43,19 +49,18 @@ class EngineBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Build settings recorded in ``engine.json`` (so a rebuild reproduces them)."""
+    """Build settings; part of the engine cache key, so a change means a rebuild."""
 
     profile: tuple[int, int, int] = DEFAULT_PROFILE
     workspace_mb: int = DEFAULT_WORKSPACE_MB
     timing_cache: Path | None = None
+    dla_core: int | None = None
 
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> EngineSettings:
-        profile = manifest.get("profile", {})
-        return cls(
-            profile=(int(profile.get("min", 1)), int(profile.get("opt", 1)), int(profile.get("max", 8))),
-            workspace_mb=int(manifest.get("workspace_mb", DEFAULT_WORKSPACE_MB)),
-        )
+    def key_fields(self) -> dict[str, Any]:
+        return {"profile": list(self.profile), "workspace_mb": self.workspace_mb, "dla_core": self.dla_core}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "timing_cache": str(self.timing_cache) if self.timing_cache else None}
 
 
 def parse_profile(text: str) -> tuple[int, int, int]:
@@ -69,81 +74,191 @@ def parse_profile(text: str) -> tuple[int, int, int]:
     return low, opt, high
 
 
-def default_timing_cache(trt_version: str, gpu_name: str) -> Path:
-    """``$XDG_CACHE_HOME/lungseg/tensorrt/<version>-<gpu>.timing`` (one cache per TensorRT + GPU)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{trt_version}-{gpu_name}").strip("-")
-    return root / "lungseg" / "tensorrt" / f"{slug}.timing"
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def supported_reason(trt: ModuleType) -> str | None:
+    """Why this TensorRT cannot be used (``None``: it can)."""
+    version = version_tuple(getattr(trt, "__version__", "0"))
+    if version[:2] < MIN_TENSORRT:
+        return (f"TensorRT {trt.__version__} is older than 8.6, which lungseg needs (JetPack 5 is not supported; "
+                "use JetPack 6.x, or run on the CPU with --backend cpu)")
+    if version[:2] >= TESTED_BELOW:
+        log.warning("TensorRT %s is newer than the tested 8.6-10.x; building strongly typed", trt.__version__)
+    return None
 
 
-def build_engine(bundle_dir: Path, settings: EngineSettings | None = None) -> dict[str, Any]:
-    """Build ``model.fp16.engine`` in ``bundle_dir``, write ``engine.json``, return the manifest."""
-    settings = settings or EngineSettings()
-    trt = tensorrt_runtime.import_tensorrt()
-    gpu_name, capability = tensorrt_runtime.cuda_device()
-    weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 10.x
-    onnx_path = bundle_dir / (ONNX_FP32 if weakly_typed else ONNX_FP16)
+def make_logger(trt: ModuleType) -> Any:
+    """A ``trt.ILogger`` that forwards to :mod:`logging` (logger ``lungseg.tensorrt``) and keeps the errors."""
+    severity = trt.ILogger.Severity
+    levels = {severity.INTERNAL_ERROR: logging.CRITICAL, severity.ERROR: logging.ERROR,
+              severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
+    errors_at = {severity.INTERNAL_ERROR, severity.ERROR}
+    trt_log = logging.getLogger("lungseg.tensorrt")
+
+    class LoggingTrtLogger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, level: Any, msg: str) -> None:
+            trt_log.log(levels.get(level, logging.INFO), "%s", msg)
+            if level in errors_at:
+                self.errors.append(str(msg))
+
+    return LoggingTrtLogger()
+
+
+def _progress_monitor(trt: ModuleType) -> Any | None:
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class LoggingProgress(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            log.info("TensorRT build: %s%s (%d steps)", f"{parent_phase} / " if parent_phase else "",
+                     phase_name, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            log.debug("TensorRT build: %s step %d", phase_name, step)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            log.debug("TensorRT build: %s done", phase_name)
+
+    return LoggingProgress()
+
+
+class _KeepSystemdWaiting:
+    """While building under systemd, extend the start timeout every few seconds."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _KeepSystemdWaiting:
+        if os.environ.get("NOTIFY_SOCKET"):
+            self._thread = threading.Thread(target=self._run, name="trt-build-keepalive", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from lungseg.edge_runtime.sdnotify import notify
+
+        while True:
+            notify(f"EXTEND_TIMEOUT_USEC={int(3 * EXTEND_EVERY_S * 1e6)}\nSTATUS=building the TensorRT engine")
+            if self._stop.wait(EXTEND_EVERY_S):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+
+
+def choose_source(trt: ModuleType, bundle_dir: Path, settings: EngineSettings) -> tuple[Path, str]:
+    """``(ONNX file, "strong" | "weak")`` for this TensorRT and bundle (see the module docstring)."""
+    flags = trt.NetworkDefinitionCreationFlag
+    fp16_onnx = bundle_dir / ONNX_FP16
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    if hasattr(flags, "STRONGLY_TYPED") and fp16_onnx.is_file() and (settings.dla_core is None or not has_fp16_flag):
+        return fp16_onnx, "strong"
+    if not has_fp16_flag:
+        raise EngineBuildError(f"TensorRT {trt.__version__} builds only strongly typed networks and the bundle has "
+                               f"no {ONNX_FP16}; re-export it with lungseg-export --fp16")
+    return bundle_dir / ONNX_FP32, "weak"
+
+
+def _network_flags(trt: ModuleType, typing: str) -> int:
+    flags = 0
+    creation = trt.NetworkDefinitionCreationFlag
+    if hasattr(creation, "EXPLICIT_BATCH"):  # required by 8.6, ignored (deprecated) by 10.x, gone later
+        flags |= 1 << int(creation.EXPLICIT_BATCH)
+    if typing == "strong":
+        flags |= 1 << int(creation.STRONGLY_TYPED)
+    return flags
+
+
+def _pin_output_precision(trt: ModuleType, network: Any) -> list[str]:
+    """Weak typing: keep Sigmoid and the layers producing network outputs in fp32."""
+    outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+    pinned = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        produces_output = any(layer.get_output(k).name in outputs for k in range(layer.num_outputs))
+        if produces_output or "sigmoid" in layer.name.lower():
+            layer.precision = trt.float32
+            for k in range(layer.num_outputs):
+                layer.set_output_type(k, trt.float32)
+            pinned.append(layer.name)
+    return pinned
+
+
+def _timing_cache(trt: ModuleType, config: Any, path: Path | None) -> None:
+    data = b""
+    if path is not None and path.is_file():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):
+        log.warning("timing cache %s does not fit this TensorRT/GPU; starting a new one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+
+def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: EngineSettings) -> tuple[bytes, dict]:
+    """Parse ``onnx_path`` and build; returns ``(engine bytes, build facts)`` or raises :class:`EngineBuildError`."""
+    reason = supported_reason(trt)
+    if reason:
+        raise EngineBuildError(reason)
     if not onnx_path.is_file():
-        raise EngineBuildError(f"{onnx_path}: not found (export the bundle first)")
-    logger = trt.Logger(trt.Logger.WARNING)
+        raise EngineBuildError(f"{onnx_path.name}: not in the bundle (export it first)")
+    logger = make_logger(trt)
     builder = trt.Builder(logger)
-    flags = 0 if weakly_typed else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(_network_flags(trt, typing))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{onnx_path}: TensorRT ONNX parser failed: {errors}")
-
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "; ".join(logger.errors)
+        raise EngineBuildError(f"{onnx_path.name}: TensorRT {trt.__version__} ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    if weakly_typed:
+    pinned: list[str] = []
+    if typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = _pin_output_precision(trt, network)
+    if settings.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(settings.dla_core)
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     low, opt, high = settings.profile
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *((n, CHANNELS, INPUT_SIZE, INPUT_SIZE) for n in (low, opt, high)))
     config.add_optimization_profile(profile)
-    cache_path = settings.timing_cache or default_timing_cache(trt.__version__, gpu_name)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("timing cache %s does not fit this TensorRT/GPU; starting a new one", cache_path)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-    log.info("building TensorRT %s FP16 engine for %s (sm %s) from %s", trt.__version__, gpu_name,
-             capability, onnx_path.name)
-    serialized = builder.build_serialized_network(network, config)
+    _timing_cache(trt, config, settings.timing_cache)
+    monitor = _progress_monitor(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    log.warning("building a TensorRT %s engine (%s typing) from %s; this can take minutes", trt.__version__,
+                typing, onnx_path.name)
+    with _KeepSystemdWaiting():
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError("build_serialized_network returned nothing (see the TensorRT log above)")
-    engine_path = bundle_dir / ENGINE_FP16
-    _write_atomic(engine_path, bytes(serialized))
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
-    except OSError as exc:
-        log.warning("could not save the TensorRT timing cache %s: %s", cache_path, exc)
+        raise EngineBuildError("TensorRT could not build the engine: " + ("; ".join(logger.errors)
+                                                                          or "no reason logged"))
+    if settings.timing_cache is not None:
+        try:
+            settings.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            settings.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        except OSError as exc:
+            log.warning("could not save the TensorRT timing cache %s: %s", settings.timing_cache, exc)
+    facts = {"precision": "fp16", "typing": "strong (fp16 ONNX)" if typing == "strong" else
+             "weak (BuilderFlag.FP16, Sigmoid/output pinned to fp32)", "fp32_layers": pinned,
+             "profile": {"input": INPUT_NAME, "min": low, "opt": opt, "max": high},
+             "workspace_mb": settings.workspace_mb, "dla_core": settings.dla_core}
+    return bytes(serialized), facts
 
-    manifest = {
-        "engine_file": ENGINE_FP16,
-        "engine_sha256": sha256_file(engine_path),
-        "precision": "fp16",
-        "typing": "weak (BuilderFlag.FP16)" if weakly_typed else "strong (fp16 ONNX)",
-        "onnx_file": onnx_path.name,
-        "onnx_sha256": sha256_file(onnx_path),
-        "tensorrt_version": trt.__version__,
-        "gpu_name": gpu_name,
-        "compute_capability": capability,
-        "profile": {"input": INPUT_NAME, "min": low, "opt": opt, "max": high},
-        "workspace_mb": settings.workspace_mb,
-        "timing_cache": cache_path.name,
-        "lungseg_version": lungseg.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    _write_atomic(bundle_dir / ENGINE_MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    log.info("wrote %s and %s", engine_path, ENGINE_MANIFEST)
-    return manifest
 
+__all__ = ["DEFAULT_PROFILE", "DEFAULT_WORKSPACE_MB", "MIN_TENSORRT", "EngineBuildError", "EngineSettings",
+           "build_serialized", "choose_source", "make_logger", "parse_profile", "supported_reason", "version_tuple"]

@@ -8,6 +8,11 @@ Layout of a bundle folder (written by ``lungseg-export``)::
     model.fp16.engine   TensorRT engine, bound to one GPU + TensorRT version (optional)
     engine.json         what the engine was built for (optional)
     parity.json         export-time parity against PyTorch
+    golden.npz          self-test set: a few preprocessed radiographs + reference fp32 probabilities
+    gate.onnx           image gate: orientation, negative, mirror, chest (optional, see lungseg.gate)
+    shape_model.npz     mask shape model of lungseg.plausibility (comes with the gate)
+    gate.json           the gate's version, sha256s, parity and held-out accuracy
+    bundle.json         sha256 of every file above (written last by ``lungseg-export``)
     MODEL_CARD.md       how the model was trained
 """
 
@@ -25,6 +30,11 @@ ONNX_INT8 = "model.int8.onnx"
 ENGINE_FP16 = "model.fp16.engine"
 ENGINE_MANIFEST = "engine.json"
 PARITY = "parity.json"
+GOLDEN = "golden.npz"
+BUNDLE_MANIFEST = "bundle.json"
+GATE_ONNX = "gate.onnx"
+GATE_MANIFEST = "gate.json"
+SHAPE_MODEL = "shape_model.npz"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 
@@ -73,6 +83,34 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.metadata.get("model_version", "unknown")
+
+
+def write_bundle_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``bundle.json``: the sha256 and size of every file in ``root`` (and ``extra`` fields)."""
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_MANIFEST
+             and not p.name.endswith(".tmp")}
+    manifest = {"schema": "lungseg/bundle/1", "files": files, **(extra or {})}
+    tmp = root / (BUNDLE_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(root / BUNDLE_MANIFEST)
+    return manifest
+
+
+def verified_file(root: Path, name: str) -> Path:
+    """``root/name`` after checking it against ``bundle.json`` (when the bundle has one).
+
+    Raises ``ValueError`` naming the file when it is missing or its sha256 differs.
+    """
+    path = root / name
+    if not path.is_file():
+        raise ValueError(f"{name}: not in the bundle {root.name}")
+    manifest_path = root / BUNDLE_MANIFEST
+    if manifest_path.is_file():
+        recorded = json.loads(manifest_path.read_text()).get("files", {}).get(name, {}).get("sha256")
+        if recorded is not None and recorded != sha256_file(path):
+            raise ValueError(f"{name}: sha256 differs from {BUNDLE_MANIFEST} (file changed after export)")
+    return path
 
 
 def read_onnx_metadata(path: Path) -> dict[str, str]:

@@ -20,8 +20,11 @@ MONOCHROME2 file) are rendered as the file says; no content heuristic is applied
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,28 +62,137 @@ class UnsupportedDicomError(UnreadableImageError):
         self.code = code
 
 
-def read_dicom(path: str | Path) -> Radiograph:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a file may claim before any decoding work is done (checked from the header alone).
+
+    Exceeding one raises :class:`UnsupportedDicomError` with code ``file_too_large``,
+    ``too_many_pixels``, ``too_many_frames``, ``pixel_data_too_large`` or
+    ``codestream_size_mismatch`` (a JPEG / JPEG 2000 code stream larger than Rows x Columns).
+    """
+
+    max_file_bytes: int = 512 * 1024 * 1024
+    max_pixels: int = 50_000_000  # per frame: rows x columns
+    max_frames: int = 64
+    max_pixel_bytes: int = 256 * 1024 * 1024  # decoded size of all frames
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLimits | None = None,
+               min_side: int = 0) -> Radiograph:
     """Read a DICOM file (with or without preamble/file meta, any suffix) as a radiograph.
 
+    ``data`` is the file's content when the caller already read it (``path`` then only
+    names it in messages). The header is checked against ``limits`` before any pixel
+    is decoded, and every element is parsed, so a malformed one fails here, not later.
+    ``min_side > 0`` decodes and renders at a reduced resolution whose short side stays
+    ``>= min_side`` (``Radiograph.native_shape`` keeps the source size); 0 keeps full size.
     Raises :class:`UnsupportedDicomError` for DICOM this tool does not segment and
     :class:`~lungseg.imaging.UnreadableImageError` for anything else that fails.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UnreadableImageError(path, "file not found")
-    try:
-        ds = pydicom.dcmread(path, force=True)
+    limits = limits or DEFAULT_LIMITS
+    if data is None:
+        if not path.is_file():
+            raise UnreadableImageError(path, "is a directory" if path.is_dir() else "file not found")
+        size = path.stat().st_size
+        if size > limits.max_file_bytes:
+            raise UnsupportedDicomError(path, f"file of {size} bytes exceeds the limit of {limits.max_file_bytes}",
+                                        "file_too_large")
+        data = path.read_bytes()
+    elif len(data) > limits.max_file_bytes:
+        raise UnsupportedDicomError(path, f"file of {len(data)} bytes exceeds the limit of {limits.max_file_bytes}",
+                                    "file_too_large")
+    try:  # from memory: a corrupt length never makes the reader allocate what the file claims
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types for corrupt input
-        raise UnreadableImageError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise UnreadableImageError(path, f"not a readable DICOM file ({type(exc).__name__})") from exc
     if not any(keyword in ds for keyword in _CORE_KEYWORDS) and not _is_dicomdir(ds):
         if getattr(ds, "preamble", None) is None:
             reason = "not a DICOM file (no DICM header and no DICOM image elements)"
         else:
             reason = "DICOM header but no data elements could be read (truncated or corrupt file?)"
         raise UnreadableImageError(path, reason)
+    parse_all_elements(ds, path)
     _ensure_transfer_syntax(ds)
+    check_header_limits(ds, path, limits)
     check_supported(ds, path)
-    return radiograph_from_dataset(ds, path)
+    return radiograph_from_dataset(ds, path, min_side=min_side)
+
+
+def parse_all_elements(ds: Dataset, path: str | Path) -> None:
+    """Convert every raw element (nested ones too); a malformed one raises ``malformed_element``.
+
+    The message names the tag and the error type, never the value (values can be patient data).
+    """
+    tag = None
+    try:
+        for elem in ds.iterall():
+            tag = elem.tag
+    except Exception as exc:
+        where = f"after {tag}" if tag is not None else "in the first element"
+        raise UnsupportedDicomError(path, f"malformed data element {where} ({type(exc).__name__})",
+                                    "malformed_element") from exc
+
+
+def check_header_limits(ds: Dataset, path: str | Path, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Refuse from the header alone what would take more than ``limits`` to decode."""
+    if "PixelData" not in ds:
+        return
+    rows, columns = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    frames, samples = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
+    bits = _int(ds, "BitsAllocated", 16)
+    if rows <= 0 or columns <= 0:
+        raise UnsupportedDicomError(path, "Rows/Columns missing or not positive", "invalid_dimensions")
+    if rows * columns > limits.max_pixels:
+        raise UnsupportedDicomError(path, f"{rows} x {columns} pixels per frame exceeds the limit of "
+                                    f"{limits.max_pixels}", "too_many_pixels")
+    if frames > limits.max_frames:
+        raise UnsupportedDicomError(path, f"{frames} frames exceed the limit of {limits.max_frames}",
+                                    "too_many_frames")
+    decoded = rows * columns * max(frames, 1) * max(samples, 1) * max(1, (max(bits, 1) + 7) // 8)
+    if decoded > limits.max_pixel_bytes:
+        raise UnsupportedDicomError(path, f"{decoded} bytes of decoded pixel data exceed the limit of "
+                                    f"{limits.max_pixel_bytes}", "pixel_data_too_large")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_encapsulated:
+        size = codestream_size(ds.PixelData)
+        if size is not None and (size[0] > rows or size[1] > columns):
+            raise UnsupportedDicomError(path, f"compressed code stream is {size[0]} x {size[1]} pixels but the "
+                                        f"header says {rows} x {columns}", "codestream_size_mismatch")
+
+
+def codestream_size(pixel_data: bytes, scan: int = 1 << 16) -> tuple[int, int] | None:
+    """``(rows, columns)`` from the first JPEG 2000 SIZ or JPEG/JPEG-LS SOF marker, if one is found."""
+    head = bytes(pixel_data[:scan])
+    at = head.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ
+    if at >= 0 and at + 24 <= len(head):
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", head[at + 8:at + 24])
+        return max(0, ysiz - yosiz), max(0, xsiz - xosiz)
+    at = head.find(b"\xff\xd8")  # JPEG / JPEG-LS: walk the segments from SOI to the frame header
+    if at < 0:
+        return None
+    pos = at + 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        length = struct.unpack(">H", head[pos + 2:pos + 4])[0]
+        if marker in _SOF_MARKERS and pos + 9 <= len(head):
+            rows, columns = struct.unpack(">HH", head[pos + 5:pos + 9])
+            return rows, columns
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
 
 
 def check_supported(ds: Dataset, path: str | Path) -> None:
@@ -116,33 +228,48 @@ def check_supported(ds: Dataset, path: str | Path) -> None:
         raise UnsupportedDicomError(path, f"multi-frame image ({frames} frames)", "multiframe")
 
 
-def radiograph_from_dataset(ds: Dataset, path: str | Path) -> Radiograph:
-    """Render ``ds`` (already checked) to float32 [0, 1] MONOCHROME2; see the module docstring."""
+def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0) -> Radiograph:
+    """Render ``ds`` (already checked) to float32 [0, 1] MONOCHROME2; see the module docstring.
+
+    ``min_side > 0`` renders at ``1 / 2**level`` of the native size, the coarsest level whose
+    short side stays ``>= min_side`` (see :mod:`lungseg.pixel_render`); ``native_shape`` and
+    the pixel spacing still describe the source grid.
+    """
+    from lungseg.pixel_render import downsample, render_with_lut, stored_values
+
     _ensure_transfer_syntax(ds)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
     try:
-        stored = ds.pixel_array
+        stored, level = stored_values(ds, min_side)
     except Exception as exc:
         raise UnreadableImageError(
             path, f"cannot decode pixel data ({transfer_syntax.name}): {type(exc).__name__}: {exc}"
         ) from exc
     if stored.ndim != 2:
         raise UnreadableImageError(path, f"pixel data has shape {stored.shape}, expected one 2-D frame")
-
-    try:
-        values = np.asarray(apply_modality_lut(stored, ds))
-    except Exception as exc:
-        raise UnreadableImageError(path, f"invalid modality LUT/rescale: {type(exc).__name__}: {exc}") from exc
-    values, voi = _apply_voi(values, ds, path)
+    native_shape = (int(ds.Rows), int(ds.Columns)) if level else (int(stored.shape[0]), int(stored.shape[1]))
 
     photometric = _text(ds, "PhotometricInterpretation")
     lut_shape = _text(ds, "PresentationLUTShape")
     invert = lut_shape == "INVERSE" if lut_shape in {"IDENTITY", "INVERSE"} else photometric == "MONOCHROME1"
-    if invert:
-        values = -values
-    pixels = to_unit_range(values)
+
+    def render(values: np.ndarray) -> tuple[np.ndarray, str]:
+        try:
+            values = np.asarray(apply_modality_lut(values, ds))
+        except Exception as exc:
+            raise UnreadableImageError(path, f"invalid modality LUT/rescale: {type(exc).__name__}: {exc}") from exc
+        values, voi = _apply_voi(values, ds, path)
+        return to_unit_range(-values if invert else values), voi
+
+    rendered = render_with_lut(stored, render)
+    pixels, voi = rendered if rendered is not None else render(stored)
     if not np.all(np.isfinite(pixels)):
         raise UnreadableImageError(path, "rendering produced non-finite values")
+    if level == 0 and min_side > 0:
+        from lungseg.pixel_render import reduction_level
+
+        level = reduction_level(native_shape[0], native_shape[1], min_side)
+        pixels = downsample(pixels, level)
 
     spacing, spacing_source, magnification = _pixel_spacing(ds)
     facts: dict[str, Any] = {
@@ -157,14 +284,16 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path) -> Radiograph:
         "sop_instance_uid": _text(ds, "SOPInstanceUID") or None,
         "study_instance_uid": _text(ds, "StudyInstanceUID") or None,
         "series_instance_uid": _text(ds, "SeriesInstanceUID") or None,
-        "rows": int(stored.shape[0]),
-        "columns": int(stored.shape[1]),
+        "rows": native_shape[0],
+        "columns": native_shape[1],
+        "decoded_level": level,
         "spacing_source": spacing_source,
         "magnification_factor": magnification,
         "view_position": _text(ds, "ViewPosition") or None,
         "patient_orientation": _orientation(ds),
     }
-    return Radiograph(pixels=pixels, source=str(path), pixel_spacing_mm=spacing, dataset=ds, facts=facts)
+    return Radiograph(pixels=pixels, source=str(path), pixel_spacing_mm=spacing, dataset=ds, facts=facts,
+                      native_shape=native_shape)
 
 
 def _media_storage_class(ds: Dataset) -> str:

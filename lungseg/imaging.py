@@ -35,7 +35,9 @@ class Radiograph:
     ``pixels`` is float32 in [0, 1], MONOCHROME2 (higher = brighter = denser),
     shape ``(rows, columns)`` of the source. ``pixel_spacing_mm`` is
     ``(row, column)`` spacing at the detector or patient, or ``None`` when the
-    file gives none that is usable (missing or zero).
+    file gives none that is usable (missing or zero). ``native_shape`` is the source's
+    ``(rows, columns)`` when ``pixels`` were decoded at a reduced resolution (the spacing
+    always describes the source grid); ``None`` means ``pixels`` are at native size.
     """
 
     pixels: np.ndarray
@@ -43,10 +45,17 @@ class Radiograph:
     pixel_spacing_mm: tuple[float, float] | None = None
     dataset: Dataset | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    native_shape: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The shape of ``pixels`` (reduced where the decoder reduced it)."""
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+    @property
+    def source_shape(self) -> tuple[int, int]:
+        """The source image's ``(rows, columns)``: the grid native-size masks are drawn on."""
+        return self.native_shape if self.native_shape is not None else self.shape
 
 
 def to_unit_range(array: np.ndarray) -> np.ndarray:

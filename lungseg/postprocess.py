@@ -1,4 +1,10 @@
-"""Turn a probability map into a clean lung mask: threshold, two largest components, holes."""
+"""Turn a probability map into a clean lung mask: threshold, two largest components, holes.
+
+By default this runs at the model's resolution (on the letterbox's content region) and
+the final mask is upscaled once to the size it is needed at (:func:`upscale_mask`):
+the same mask as postprocessing a native-size probability map (mean Dice >= 0.998 on
+real radiographs, see ``lungseg-bench``) for a small fraction of the work.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +21,35 @@ class PostprocessConfig:
     threshold: float = 0.5
     keep_components: int = 2
     fill_holes: bool = True
+    resolution: str = "model"  # "model": postprocess at model size, upscale once; "native": map first (0.1.0)
+
+    def __post_init__(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, not {self.resolution!r}")
+
+
+RESOLUTIONS = ("model", "native")
 
 
 def label_components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """8-connected components of a binary mask: (count, labels, areas indexed by label-1)."""
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     return count - 1, labels, stats[1:, cv2.CC_STAT_AREA]
+
+
+def component_stats(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Areas and ``(x, y)`` centroids of the 8-connected components (indexed by label-1), in one pass."""
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return stats[1:, cv2.CC_STAT_AREA], centroids[1:]
+
+
+def upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A binary mask resized to ``shape`` (rows, columns) with smooth edges: bilinear on 0/255, cut at half."""
+    if mask.shape[:2] == tuple(shape):
+        return mask.astype(bool)
+    scaled = cv2.resize(mask.astype(np.uint8) * np.uint8(255), (int(shape[1]), int(shape[0])),
+                        interpolation=cv2.INTER_LINEAR)
+    return scaled >= 128
 
 
 def keep_largest(mask: np.ndarray, n: int) -> np.ndarray:

@@ -1,28 +1,53 @@
-"""Inference backends behind one interface: ``predict(batch) -> probabilities``.
+"""Inference backends behind one interface, a start-up self-test, and demotion at run time.
 
-Backends, best first: TensorRT engine, onnxruntime CUDA, onnxruntime CPU. The
-choice and the reason for every fallback are logged; a session that silently
-lost its GPU provider is reported as CPU, never as CUDA.
+The chain, best first: TensorRT FP16 engine -> onnxruntime CUDA -> onnxruntime CPU
+int8 -> onnxruntime CPU fp32. At start-up each candidate is built and run on the
+bundle's golden set (:mod:`lungseg.selftest`); the first that passes serves. If it
+later fails while running (a CUDA error, a lost GPU), :class:`FallbackPredictor`
+moves to the next candidate that passes its self-test and runs the same batch
+again, so no input is lost to a backend fault. Every choice, failure and demotion
+is logged with its reason; a session that silently lost its GPU provider is
+reported as CPU, never as CUDA.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from lungseg.bundle import INPUT_NAME, Bundle
+from lungseg.bundle import INPUT_NAME, ONNX_FP32, ONNX_INT8, Bundle
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+CHAINS = {
+    "auto": ("tensorrt", "cuda", "cpu-int8", "cpu-fp32"),
+    "tensorrt": ("tensorrt",),
+    "cuda": ("cuda",),
+    "cpu": ("cpu-int8", "cpu-fp32"),
+}
+CUDNN_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+# onnxruntime session config entries for int8 CPU sessions. Empty on purpose: the export's 7-bit
+# (reduce-range) weights cannot saturate u8xs8 kernels on any CPU, and "session.x64quantprecision"
+# (u8u8 kernels on x64 without VNNI) measured slower without changing the masks; an int8 model
+# that does saturate on some CPU fails its start-up self-test there and fp32 serves instead.
+INT8_SESSION_CONFIG: dict[str, str] = {}
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why."""
+
+
+class BackendRuntimeError(RuntimeError):
+    """A backend failed while running (e.g. a CUDA error): the caller should demote, not blame the input."""
 
 
 class Predictor(Protocol):
@@ -35,35 +60,82 @@ class Predictor(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """Settings of the GPU backends (the CPU ones need only ``threads``)."""
+
+    threads: int | None = None
+    gpu_mem_limit_mb: int | None = None
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    engine_cache: Path | None = None
+    dla_core: int | None = None
+    cuda_graph: bool = False
+    selftest: bool = True
+
+
+def _installed(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def cuda_provider_problem(available: list[str]) -> str | None:
+    """Why onnxruntime has no CUDA provider here, in words an installer can act on (``None`` if it has one)."""
+    if "CUDAExecutionProvider" in available:
+        return None
+    cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
+    if cpu and gpu:
+        return (f"both onnxruntime {cpu} (CPU only) and onnxruntime-gpu {gpu} are installed and the CPU package "
+                "shadows the GPU one: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                "pip install 'onnxruntime-gpu>=1.19' (see packaging/INSTALL.md)")
+    if not gpu:
+        return f"onnxruntime {cpu or '?'} is the CPU-only package; install onnxruntime-gpu instead (never both)"
+    return (f"onnxruntime-gpu {gpu} is installed but offers only {available}: its CUDA/cuDNN libraries did not "
+            "load (check the CUDA 12 runtime and cuDNN 9 are installed, see packaging/INSTALL.md)")
+
+
 class OnnxRuntimePredictor:
     """An onnxruntime session on the CPU or CUDA execution provider."""
 
-    def __init__(self, model_path: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model_path: str, device: str = "cpu", threads: int | None = None,
+                 options: BackendOptions | None = None):
         import onnxruntime as ort
 
-        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else [
-            "CPUExecutionProvider"
-        ]
-        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailableError(
-                f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-                "(install onnxruntime-gpu instead of onnxruntime, never both)"
-            )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(model_path, options, providers=wanted)
+        options = options or BackendOptions(threads=threads)
+        name = os.path.basename(model_path)
+        self.precision = "fp16" if ".fp16." in name else ("int8" if ".int8." in name else "fp32")
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads or options.threads:
+            session_options.intra_op_num_threads = threads or options.threads
+        session_options.log_severity_level = 3
+        if self.precision == "int8":
+            for key, value in INT8_SESSION_CONFIG.items():
+                session_options.add_session_config_entry(key, value)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device == "cuda":
+            problem = cuda_provider_problem(ort.get_available_providers())
+            if problem:
+                raise BackendUnavailableError(problem)
+            if options.cudnn_conv_algo_search not in CUDNN_SEARCH:
+                raise ValueError(f"cudnn_conv_algo_search must be one of {CUDNN_SEARCH}")
+            cuda: dict[str, Any] = {"device_id": 0, "cudnn_conv_algo_search": options.cudnn_conv_algo_search}
+            if options.gpu_mem_limit_mb:
+                cuda["gpu_mem_limit"] = int(options.gpu_mem_limit_mb) << 20
+            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(model_path, session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            raise BackendUnavailableError(f"{name}: onnxruntime could not load it ({exc})") from exc
         actual = self.session.get_providers()
         if device == "cuda" and actual[0] != "CUDAExecutionProvider":
             raise BackendUnavailableError(f"CUDA provider failed to initialise (session has {actual})")
         self.backend = "cuda" if device == "cuda" else "cpu"
         self.providers = actual
         self.model_path = model_path
-        self.precision = "fp16" if ".fp16." in os.path.basename(model_path) else (
-            "int8" if ".int8." in os.path.basename(model_path) else "fp32"
-        )
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -71,49 +143,214 @@ class OnnxRuntimePredictor:
         return out[:, 0].astype(np.float32, copy=False)
 
 
+Factory = Callable[[], Predictor]
+
+
+def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tuple[str, Factory]]:
+    """The ``(name, factory)`` chain for ``backend`` (see :data:`CHAINS`), skipping files the bundle lacks."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    int8 = bundle.variant(ONNX_INT8) if bundle.onnx.name == ONNX_FP32 else None
+    chain: list[tuple[str, Factory]] = []
+    for name in CHAINS[backend]:
+        if name == "tensorrt":
+            def make_trt() -> Predictor:
+                from lungseg.tensorrt_runtime import load_engine_predictor
+
+                return load_engine_predictor(bundle, options)
+
+            chain.append((name, make_trt))
+        elif name == "cuda":
+            chain.append((name, lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cuda", options=options)))
+        elif name == "cpu-int8":
+            if int8 is not None:
+                chain.append((name, lambda: OnnxRuntimePredictor(str(int8), device="cpu", options=options)))
+        else:
+            chain.append((name, lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cpu", options=options)))
+    return chain
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class FallbackPredictor:
+    """The serving predictor: the first candidate that loads and passes its self-test, demoted on failure.
+
+    ``backend``/``precision``/``model_path`` always describe the predictor in use now.
+    ``status()`` is what the sidecar and ``lungseg-edge status`` show.
+    """
+
+    def __init__(self, chain: list[tuple[str, Factory]], bundle_root: Path, *, selftest: bool = True):
+        self._pending = list(chain)
+        self._root = bundle_root
+        self._selftest = selftest
+        self._golden: Any = None
+        self._golden_problem: str | None = None
+        self._listeners: list[Callable[[FallbackPredictor], None]] = []
+        self.current: Predictor | None = None
+        self.current_name = ""
+        self.fallbacks: list[str] = []
+        self.selftests: list[dict[str, Any]] = []
+        self.selftest: dict[str, Any] | None = None
+        self.demotions: list[dict[str, Any]] = []
+        self._advance()
+
+    # --- choosing ------------------------------------------------------------
+    def _golden_set(self) -> Any:
+        if self._golden is None and self._golden_problem is None:
+            from lungseg.selftest import GoldenSetError, load_golden
+
+            try:
+                self._golden = load_golden(self._root)
+            except GoldenSetError as exc:
+                self._golden_problem = str(exc)
+        return self._golden
+
+    def _check(self, name: str, predictor: Predictor) -> tuple[bool, str, dict[str, Any]]:
+        from lungseg.selftest import run_selftest
+
+        if not self._selftest:
+            return True, "", {"backend": predictor.backend, "precision": predictor.precision, "passed": None,
+                              "reason": "self-test disabled"}
+        golden = self._golden_set()
+        if golden is None:
+            record = {"backend": predictor.backend, "precision": predictor.precision, "passed": None,
+                      "reason": f"no golden set ({self._golden_problem})"}
+            if name == "cpu-fp32" or (name == "cuda" and predictor.precision == "fp32"):
+                return True, "", record  # the reference precision runs unchecked on an old bundle
+            return False, f"cannot be self-tested: {self._golden_problem}", record
+        # the CPU fp32 model computes what the reference computed: two images prove the file is the right
+        # one; every reduced precision and every GPU backend runs the whole golden set
+        result = run_selftest(predictor, golden, limit=2 if name == "cpu-fp32" else None)
+        return result.passed, result.summary(), {**result.to_dict(), "golden_sha256": golden.sha256[:16]}
+
+    def _advance(self, failure: str | None = None) -> None:
+        old = self.current
+        errors: list[str] = []
+        while self._pending:
+            name, factory = self._pending.pop(0)
+            try:
+                predictor = factory()
+            except BackendUnavailableError as exc:
+                errors.append(f"{name}: {exc}")
+                log.warning("backend %s unavailable: %s", name, exc)
+                continue
+            except Exception as exc:  # a GPU library failing in an unexpected way must not stop the service
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                log.warning("backend %s failed to start: %s: %s", name, type(exc).__name__, exc)
+                continue
+            passed, summary, record = self._check(name, predictor)
+            record = {"candidate": name, "at": _now(), **record}
+            self.selftests.append(record)
+            if not passed:
+                errors.append(f"{name}: self-test failed: {summary}")
+                log.warning("self-test failed, not using %s: %s", name, summary,
+                            extra={"event": "selftest_failed", "backend": name})
+                _close(predictor)
+                continue
+            if summary:
+                log.warning("self-test passed: %s", summary, extra={"event": "selftest_passed", "backend": name})
+            self.current, self.current_name, self.selftest = predictor, name, record
+            self.fallbacks.extend(errors)
+            if old is not None:
+                self.demotions.append({"at": _now(), "from": getattr(old, "backend", "?"),
+                                       "from_precision": getattr(old, "precision", "?"), "to": predictor.backend,
+                                       "to_precision": predictor.precision, "reason": failure or "",
+                                       "skipped": errors})
+                log.error("backend demoted to %s (%s) after: %s", predictor.backend, predictor.precision, failure,
+                          extra={"event": "backend_demoted", "backend": predictor.backend,
+                                 "precision": predictor.precision})
+                _close(old)
+            for listener in self._listeners:
+                listener(self)
+            return
+        self.fallbacks.extend(errors)
+        raise BackendUnavailableError("; ".join(errors) or "no backend left to try")
+
+    # --- serving -------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return str(getattr(self.current, "backend", "none"))
+
+    @property
+    def precision(self) -> str:
+        return str(getattr(self.current, "precision", "none"))
+
+    @property
+    def model_path(self) -> str:
+        return str(getattr(self.current, "model_path", ""))
+
+    def on_change(self, listener: Callable[[FallbackPredictor], None]) -> None:
+        """Call ``listener(self)`` after every demotion."""
+        self._listeners.append(listener)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        from lungseg.preprocess import CHANNELS, INPUT_SIZE
+
+        shape = getattr(batch, "shape", ())
+        if len(shape) != 4 or tuple(shape[1:]) != (CHANNELS, INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"model input must be (N, {CHANNELS}, {INPUT_SIZE}, {INPUT_SIZE}), got {shape}")
+        while True:
+            assert self.current is not None
+            try:
+                return self.current.predict(batch)
+            except (ValueError, TypeError):
+                raise  # the input is wrong, not the backend
+            except Exception as exc:
+                if not self._pending:
+                    raise
+                failure = f"{self.backend}/{self.precision} failed while running: {type(exc).__name__}: {exc}"
+                log.error("%s; demoting", failure, extra={"event": "backend_failed", "backend": self.backend})
+                self._advance(failure)
+
+    def status(self) -> dict[str, Any]:
+        """JSON-friendly: backend in use, its self-test, the fallbacks at start and the demotions since."""
+        return {"backend": self.backend, "precision": self.precision,
+                "model_file": Path(self.model_path).name, "selftest": self.selftest,
+                "fallbacks": list(self.fallbacks), "demotions": list(self.demotions),
+                "remaining": [name for name, _ in self._pending], "updated": _now()}
+
+
+def _close(predictor: Any) -> None:
+    close = getattr(predictor, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as exc:  # releasing a broken GPU context may fail too; nothing more to do
+            log.warning("could not release %s cleanly: %s", getattr(predictor, "backend", "?"), exc)
+
+
 @dataclass
 class Selection:
     """The predictor chosen at start-up and why the better ones were not."""
 
-    predictor: Predictor
+    predictor: FallbackPredictor
     fallbacks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
-def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None = None) -> Selection:
-    """Choose a backend: TensorRT -> onnxruntime CUDA -> onnxruntime CPU (for ``auto``).
+def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None = None,
+                     options: BackendOptions | None = None) -> Selection:
+    """Choose a backend along :data:`CHAINS` [``backend``], self-testing each candidate.
 
-    An explicit backend that cannot run raises :class:`BackendUnavailableError`.
+    ``cpu`` means int8 when its self-test passes, else fp32. An explicit GPU backend that
+    cannot run (or fails its self-test) raises :class:`BackendUnavailableError`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-    order = ["tensorrt", "cuda", "cpu"] if backend == "auto" else [backend]
-    fallbacks: list[str] = []
-    for name in order:
-        try:
-            predictor = _make(name, bundle, threads)
-        except BackendUnavailableError as exc:
-            if backend != "auto":
-                raise
-            fallbacks.append(f"{name}: {exc}")
-            log.warning("backend %s unavailable: %s", name, exc)
-            continue
-        log.warning(
-            "inference backend: %s (%s, %s)%s", predictor.backend, predictor.precision,
-            predictor.model_path, f"; fell back because {'; '.join(fallbacks)}" if fallbacks else "",
-        )
-        return Selection(predictor, fallbacks)
-    raise BackendUnavailableError("; ".join(fallbacks))
+    options = options or BackendOptions(threads=threads)
+    if threads and not options.threads:
+        options = BackendOptions(**{**options.__dict__, "threads": threads})
+    start = time.perf_counter()
+    predictor = FallbackPredictor(candidates(bundle, backend, options), bundle.root, selftest=options.selftest)
+    seconds = time.perf_counter() - start
+    log.warning(
+        "inference backend: %s (%s, %s) chosen in %.2f s%s", predictor.backend, predictor.precision,
+        Path(predictor.model_path).name, seconds,
+        f"; fell back because {'; '.join(predictor.fallbacks)}" if predictor.fallbacks else "",
+    )
+    return Selection(predictor, list(predictor.fallbacks), seconds)
 
 
-def _make(name: str, bundle: Bundle, threads: int | None) -> Predictor:
-    if name == "tensorrt":
-        from lungseg.tensorrt_runtime import load_engine_predictor
-
-        return load_engine_predictor(bundle)
-    if name == "cuda":
-        return OnnxRuntimePredictor(str(bundle.onnx), device="cuda")
-    return OnnxRuntimePredictor(str(bundle.onnx), device="cpu", threads=threads)
-
-
-__all__ = ["BACKENDS", "INPUT_NAME", "BackendUnavailableError", "OnnxRuntimePredictor", "Predictor",
-           "Selection", "select_predictor"]
+__all__ = ["BACKENDS", "CHAINS", "INPUT_NAME", "INT8_SESSION_CONFIG", "BackendOptions", "BackendRuntimeError",
+           "BackendUnavailableError", "FallbackPredictor", "OnnxRuntimePredictor", "Predictor", "Selection",
+           "candidates", "cuda_provider_problem", "select_predictor"]

@@ -72,7 +72,11 @@ class Geometry:
         """Letterbox a native ``rows x columns`` array into ``size x size``."""
         if array.shape[:2] != (self.rows, self.columns):
             raise ValueError(f"array shape {array.shape[:2]} != geometry {(self.rows, self.columns)}")
-        shrinking = self.content_rows <= self.rows
+        return self.fit(array, nearest=nearest, fill=fill)
+
+    def fit(self, array: np.ndarray, *, nearest: bool = False, fill: float = 0.0) -> np.ndarray:
+        """Letterbox an array of the native image at any resolution (e.g. a reduced decode)."""
+        shrinking = self.content_rows <= array.shape[0]
         interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         resized = cv2.resize(array, (self.content_columns, self.content_rows), interpolation=interp)
         out = np.full((self.size, self.size), fill, dtype=array.dtype)
@@ -105,17 +109,26 @@ def normalise(square: np.ndarray, geometry: Geometry) -> np.ndarray:
     return out
 
 
-def preprocess(pixels: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, Geometry]:
-    """MONOCHROME2 float image (rows x columns) -> model input ``(3, size, size)`` float32."""
+def preprocess(pixels: np.ndarray, size: int = INPUT_SIZE,
+               native_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
+    """MONOCHROME2 float image (rows x columns) -> model input ``(3, size, size)`` float32.
+
+    ``native_shape`` is the source's size when ``pixels`` were decoded at a reduced
+    resolution: the geometry (and so every mask mapped back) follows the source.
+    """
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
-    geometry = Geometry.for_shape(pixels.shape[0], pixels.shape[1], size)
-    square = geometry.to_model(pixels.astype(np.float32, copy=False))
+    rows, columns = native_shape or pixels.shape
+    geometry = Geometry.for_shape(rows, columns, size)
+    square = geometry.fit(pixels.astype(np.float32, copy=False))
     single = normalise(square, geometry)
     return np.repeat(single[None], CHANNELS, axis=0), geometry
 
 
-def preprocess_batch(images: list[np.ndarray], size: int = INPUT_SIZE) -> tuple[np.ndarray, list[Geometry]]:
+def preprocess_batch(images: list[np.ndarray], size: int = INPUT_SIZE,
+                     native_shapes: list[tuple[int, int] | None] | None = None) -> tuple[np.ndarray, list[Geometry]]:
     """Preprocess several images into one ``(N, 3, size, size)`` batch."""
-    tensors, geometries = zip(*(preprocess(image, size) for image in images), strict=True)
+    shapes = native_shapes or [None] * len(images)
+    tensors, geometries = zip(*(preprocess(image, size, shape) for image, shape in zip(images, shapes, strict=True)),
+                              strict=True)
     return np.stack(tensors), list(geometries)

@@ -15,6 +15,40 @@ EXIT_USAGE = 2
 EXIT_NO_MODEL = 3
 
 log = logging.getLogger("lungseg.segment")
+_PASSTHROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def _failure_reason(path: Path, exc: BaseException) -> str:
+    """Why one input failed, without values from inside the file."""
+    from lungseg.imaging import UnreadableImageError
+
+    if isinstance(exc, UnreadableImageError):
+        return exc.reason
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"cannot be processed ({type(exc).__name__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,20 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lungseg-segment",
         description="Segment the lungs in chest radiographs (PNG, JPEG or DICOM). Writes "
         "<stem>_mask.png (uint8 0/255, native size) per input and one JSON line per input.",
-        epilog=f"Exit codes: {EXIT_OK} all done, {EXIT_SOME_FAILED} some inputs unreadable, "
-        f"{EXIT_USAGE} usage error, {EXIT_NO_MODEL} no usable model.",
+        epilog=f"Exit codes: {EXIT_OK} all done, {EXIT_SOME_FAILED} some inputs unreadable or refused by the "
+        f"image gate (their JSON line says why), {EXIT_USAGE} usage error, {EXIT_NO_MODEL} no usable model.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or DICOM files")
     parser.add_argument("--out", type=Path, required=True, help="output folder for mask PNGs")
     parser.add_argument("--model", type=Path, default=None,
                         help="ONNX file or bundle folder (default: the shipped model)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=_probability, default=None,
                         help="probability threshold (default: from the model, else 0.5)")
     parser.add_argument("--no-postprocess", action="store_true",
                         help="threshold only: keep all components and holes")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write the JSON lines here instead of stdout")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="onnxruntime intra-op threads")
+    from lungseg.gate import add_gate_arguments
+
+    add_gate_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -47,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     from lungseg.bundle import ModelNotFoundError, resolve_bundle
+    from lungseg.gate import Refused, gated_segment, load_gate, policy_from_args
     from lungseg.imaging import UnreadableImageError, read_image
-    from lungseg.inference import lung_areas, segment_batch
+    from lungseg.inference import lung_areas
+    from lungseg.plausibility import load_shape_model
     from lungseg.postprocess import PostprocessConfig
     from lungseg.predictors import OnnxRuntimePredictor
 
@@ -58,28 +97,40 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_NO_MODEL
     predictor = OnnxRuntimePredictor(str(bundle.onnx), threads=args.threads)
+    policy = policy_from_args(args)
+    gate = load_gate(bundle.root) if policy.mode != "off" else None
+    shape_model = load_shape_model(bundle.root)
     threshold = args.threshold if args.threshold is not None else float(bundle.metadata.get("threshold", 0.5))
     config = (PostprocessConfig(threshold=threshold, keep_components=0, fill_holes=False)
               if args.no_postprocess else PostprocessConfig(threshold=threshold))
-    args.out.mkdir(parents=True, exist_ok=True)
-    sink = args.json.open("w") if args.json else sys.stdout
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        sink = args.json.open("w") if args.json else sys.stdout
+    except OSError as exc:
+        log.error("cannot create the output %s: %s", exc.filename or args.out, exc.strerror or exc)
+        return EXIT_USAGE
     failures = 0
     try:
         for path in args.inputs:
             t0 = time.perf_counter()
-            try:
+            try:  # one input's failure (even a native decoder's panic) never stops the others
+                if path.is_dir():
+                    raise UnreadableImageError(path, "is a directory, not an image file")
                 radiograph = read_image(path)
-            except UnreadableImageError as exc:
-                log.error("%s", exc)
+                decode_ms = (time.perf_counter() - t0) * 1000
+                result = gated_segment(predictor, gate, [radiograph], config, policy, shape_model)[0]
+                if isinstance(result, Refused):
+                    raise UnreadableImageError(path, f"refused ({result.code}): {result.message}")
+                out_path = args.out / f"{path.stem}_mask.png"
+                if not cv2.imwrite(str(out_path), result.mask.astype("uint8") * 255):
+                    raise OSError(f"could not write {out_path}")
+            except _PASSTHROUGH:
+                raise
+            except BaseException as exc:
+                reason = _failure_reason(path, exc)
+                log.error("%s: %s", path, reason)
                 failures += 1
-                print(json.dumps({"input": str(path), "error": exc.reason}), file=sink, flush=True)
-                continue
-            decode_ms = (time.perf_counter() - t0) * 1000
-            result = segment_batch(predictor, [radiograph], config)[0]
-            out_path = args.out / f"{path.stem}_mask.png"
-            if not cv2.imwrite(str(out_path), result.mask.astype("uint8") * 255):
-                log.error("%s: could not write %s", path, out_path)
-                failures += 1
+                print(json.dumps({"input": str(path), "error": reason}), file=sink, flush=True)
                 continue
             record = {
                 "input": str(path),

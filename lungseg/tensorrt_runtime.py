@@ -1,81 +1,79 @@
-"""Run a bundle's TensorRT FP16 engine (TensorRT 10.x Python API).
+"""Run a bundle's TensorRT FP16 engine: find or build it, check it, serve it (TensorRT 8.6 / 10.x).
 
-An engine is bound to one TensorRT version, one GPU model and one ONNX file;
-``engine.json`` (written by ``lungseg-export``) records all three, and
-:func:`load_engine_predictor` checks them before deserialising anything. On a
-mismatch it rebuilds the engine from the bundle's ONNX when the TensorRT builder
-is available and the bundle is writable, else it refuses with the reasons.
+:func:`load_engine_predictor` never serves an unchecked engine:
 
-``tensorrt`` is imported lazily. Device memory comes from cuda-python
-(``cuda.bindings.runtime``, or the older ``cuda.cudart``) when installed, else
-from torch. Whatever is missing surfaces as
-:class:`~lungseg.predictors.BackendUnavailableError` naming the reason, so
-:func:`lungseg.predictors.select_predictor` can fall back.
+1. the engine key (:class:`lungseg.engine_cache.EngineKey`: exact device, TensorRT
+   version, ONNX hash, build settings) is computed here;
+2. an engine shipped in the bundle is used only when its ``engine.json`` records
+   that key and a passed parity check; else the engine cache in the state
+   directory is searched; else, unless a refusal is recorded for that key, the
+   engine is built there under a file lock (never into the bundle, which may be
+   read-only);
+3. a newly built engine is run on the bundle's golden set (its reference fp32
+   outputs, shipped inside the bundle) before it is stored: an engine that fails is
+   refused, the reason logged and recorded, and the caller falls back.
 
-API used (TensorRT 10.x): ``Runtime.deserialize_cuda_engine``,
-``ICudaEngine.num_io_tensors/get_tensor_name/get_tensor_dtype/get_tensor_shape``,
-``IExecutionContext.set_input_shape/set_tensor_address/execute_async_v3``.
+:class:`TensorRTPredictor` sizes its device buffers from the engine's own
+optimisation profile, stages through pinned host memory, runs on a stream it
+creates and destroys, and can replay batch-1 inference as a CUDA graph. CUDA
+failures surface as :class:`lungseg.predictors.BackendRuntimeError` so the
+serving chain demotes instead of failing the input.
+
+API used: ``Runtime.deserialize_cuda_engine``, ``ICudaEngine.num_io_tensors /
+get_tensor_name / get_tensor_mode / get_tensor_dtype / get_tensor_shape /
+get_tensor_profile_shape / create_execution_context``, ``IExecutionContext.
+set_input_shape / set_tensor_address / execute_async_v3``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, INPUT_NAME, ONNX_FP32, OUTPUT_NAME, Bundle, sha256_file
-from lungseg.predictors import BackendUnavailableError
+import lungseg
+from lungseg.bundle import ENGINE_MANIFEST, INPUT_NAME, OUTPUT_NAME, Bundle, sha256_file
+from lungseg.cuda_memory import CudaError, CudaUnavailableError, DeviceIdentity, IOBuffers, check, device_identity
+from lungseg.engine_cache import EngineCache, EngineKey, usable_engine
+from lungseg.predictors import BackendOptions, BackendRuntimeError, BackendUnavailableError
 
 log = logging.getLogger(__name__)
 
-BUILD_HINT = "lungseg-export --engine-only {bundle}"
+BUILD_HINT = "lungseg-edge build-engine --model {bundle} --state STATE_DIR"
 
 
 def import_tensorrt() -> ModuleType:
-    """The ``tensorrt`` module, or :class:`BackendUnavailableError` saying it is not installed."""
+    """The ``tensorrt`` module (8.6 or newer), or :class:`BackendUnavailableError` saying why not."""
     try:
         import tensorrt
     except ImportError as exc:
         raise BackendUnavailableError(f"the tensorrt Python package is not installed ({exc})") from exc
+    from lungseg.export.tensorrt_build import supported_reason
+
+    reason = supported_reason(tensorrt)
+    if reason:
+        raise BackendUnavailableError(reason)
     return tensorrt
 
 
-def _import_cudart() -> ModuleType | None:
+def cuda_device_identity() -> DeviceIdentity:
+    """Identity of CUDA device 0 (what an engine is bound to), or :class:`BackendUnavailableError`."""
     try:
-        from cuda.bindings import runtime  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart as runtime  # older cuda-python
-        except ImportError:
-            return None
-    return runtime
+        return device_identity(0)
+    except (CudaUnavailableError, CudaError) as exc:
+        raise BackendUnavailableError(str(exc)) from exc
 
 
 def cuda_device() -> tuple[str, str]:
-    """``(GPU name, compute capability "major.minor")`` of CUDA device 0, or BackendUnavailableError."""
-    cudart = _import_cudart()
-    if cudart is not None:
-        err, count = cudart.cudaGetDeviceCount()
-        if err != cudart.cudaError_t.cudaSuccess or count < 1:
-            raise BackendUnavailableError(f"no CUDA GPU visible (cudaGetDeviceCount: {err}, {count} devices)")
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if err != cudart.cudaError_t.cudaSuccess:
-            raise BackendUnavailableError(f"cudaGetDeviceProperties failed: {err}")
-        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
-    try:
-        import torch
-    except ImportError as exc:
-        raise BackendUnavailableError("cannot query the GPU: install cuda-python (or torch with CUDA)") from exc
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("no CUDA GPU visible to torch")
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.get_device_name(0), f"{major}.{minor}"
+    """``(GPU name, compute capability "major.minor")`` of CUDA device 0, or :class:`BackendUnavailableError`."""
+    identity = cuda_device_identity()
+    return identity.name, identity.compute_capability
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -88,197 +86,269 @@ def tensorrt_unavailable_reason() -> str | None:
     return None
 
 
-def check_engine_manifest(
-    manifest: Mapping[str, Any],
-    *,
-    trt_version: str,
-    gpu_name: str,
-    compute_capability: str,
-    onnx_sha256: str,
-    engine_sha256: str | None = None,
-) -> list[str]:
-    """Reasons why an engine described by ``manifest`` must not run here (empty list: it may)."""
-    expected = {
-        "tensorrt_version": trt_version,
-        "gpu_name": gpu_name,
-        "compute_capability": compute_capability,
-        "onnx_sha256": onnx_sha256,
-    }
-    if engine_sha256 is not None:
-        expected["engine_sha256"] = engine_sha256
-    reasons = []
-    for key, here in expected.items():
-        recorded = manifest.get(key)
-        if recorded is None:
-            reasons.append(f"{ENGINE_MANIFEST} lacks {key!r}")
-        elif str(recorded) != str(here):
-            reasons.append(f"{key}: engine built for {recorded!r}, here {here!r}")
-    if manifest.get("precision", "fp16") != "fp16":
-        reasons.append(f"precision {manifest.get('precision')!r} is not fp16")
-    return reasons
-
-
-class _DeviceIO(Protocol):
-    stream: int
-
-    def address(self, name: str) -> int: ...
-    def upload(self, name: str, array: np.ndarray) -> None: ...
-    def download(self, name: str, out: np.ndarray) -> None: ...
-    def synchronize(self) -> None: ...
-
-
-class _CudartIO:
-    """Device buffers and a stream from cuda-python."""
-
-    def __init__(self, cudart: ModuleType, sizes: Mapping[str, int]):
-        self._rt = cudart
-        self.stream = int(self._call(cudart.cudaStreamCreate()))
-        self._ptrs = {name: int(self._call(cudart.cudaMalloc(nbytes))) for name, nbytes in sizes.items()}
-
-    def _call(self, result: tuple[Any, ...]) -> Any:
-        if result[0] != self._rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"CUDA runtime error {result[0]}")
-        return result[1] if len(result) > 1 else None
-
-    def address(self, name: str) -> int:
-        return self._ptrs[name]
-
-    def upload(self, name: str, array: np.ndarray) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self._rt.cudaMemcpyAsync(self._ptrs[name], array.ctypes.data, array.nbytes, kind, self.stream))
-
-    def download(self, name: str, out: np.ndarray) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self._rt.cudaMemcpyAsync(out.ctypes.data, self._ptrs[name], out.nbytes, kind, self.stream))
-
-    def synchronize(self) -> None:
-        self._call(self._rt.cudaStreamSynchronize(self.stream))
-
-    def __del__(self) -> None:
-        for ptr in getattr(self, "_ptrs", {}).values():
-            self._rt.cudaFree(ptr)
-
-
-class _TorchIO:
-    """Device buffers from torch (when cuda-python is absent); copies run on torch's current stream."""
-
-    def __init__(self, sizes: Mapping[str, int]):
-        import torch
-
-        self._torch = torch
-        self._buffers = {n: torch.empty(b // 4, dtype=torch.float32, device="cuda") for n, b in sizes.items()}
-        self.stream = int(torch.cuda.current_stream().cuda_stream)
-
-    def address(self, name: str) -> int:
-        return int(self._buffers[name].data_ptr())
-
-    def upload(self, name: str, array: np.ndarray) -> None:
-        self._buffers[name][: array.size].copy_(self._torch.from_numpy(array.reshape(-1)))
-
-    def download(self, name: str, out: np.ndarray) -> None:
-        out.reshape(-1)[:] = self._buffers[name][: out.size].cpu().numpy()
-
-    def synchronize(self) -> None:
-        self._torch.cuda.current_stream().synchronize()
+def _dims(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
 
 
 class TensorRTPredictor:
-    """``predict((N, 3, S, S) float32) -> (N, S, S)`` with a deserialised TensorRT engine."""
+    """``predict((N, 3, S, S) float32) -> (N, S, S)`` with a deserialised engine; :meth:`close` frees the GPU."""
 
     backend = "tensorrt"
     precision = "fp16"
 
-    def __init__(self, trt: ModuleType, engine_path: Path, manifest: Mapping[str, Any]):
-        self.model_path = str(engine_path)
-        self.manifest = dict(manifest)
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    def __init__(self, trt: ModuleType, engine_bytes: bytes, *, model_path: str, dla_core: int | None = None,
+                 cuda_graph: bool = False, cudart: ModuleType | None = None):
+        from lungseg.cuda_memory import import_cudart
+        from lungseg.export.tensorrt_build import make_logger
+
+        self.model_path = model_path
+        self._io: IOBuffers | None = None
+        self._graph: Any = None
+        self._graph_exec: Any = None
+        self._graph_stale = False  # another input shape ran since the capture: capture again before replaying
+        self._rt = cudart or import_cudart()
+        self._logger = make_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        if dla_core is not None:
+            self._runtime.DLA_core = int(dla_core)
+        self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
-            raise BackendUnavailableError(f"{engine_path}: TensorRT could not deserialise the engine")
-        names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
-        if names != {INPUT_NAME, OUTPUT_NAME}:
-            raise BackendUnavailableError(f"{engine_path}: engine tensors {sorted(names)} are not image/probability")
+            raise BackendUnavailableError(f"{Path(model_path).name}: TensorRT could not deserialise the engine ("
+                                          + ("; ".join(self._logger.errors) or "no reason logged") + ")")
+        names = {self._engine.get_tensor_name(i): self._engine.get_tensor_mode(self._engine.get_tensor_name(i))
+                 for i in range(self._engine.num_io_tensors)}
+        expected = {INPUT_NAME: trt.TensorIOMode.INPUT, OUTPUT_NAME: trt.TensorIOMode.OUTPUT}
+        if names != expected:
+            raise BackendUnavailableError(f"engine tensors {names} are not image (input) / probability (output)")
         for name in names:
             if self._engine.get_tensor_dtype(name) != trt.float32:
-                raise BackendUnavailableError(f"{engine_path}: {name} is {self._engine.get_tensor_dtype(name)}, "
+                raise BackendUnavailableError(f"engine {name} is {self._engine.get_tensor_dtype(name)}, "
                                               "expected float32 I/O")
-        self._context = self._engine.create_execution_context()
-        _, channels, size, _ = tuple(self._engine.get_tensor_shape(INPUT_NAME))
-        self.input_shape = (int(channels), int(size), int(size))
-        self.max_batch = int(manifest.get("profile", {}).get("max", 1))
-        per_image = {INPUT_NAME: int(channels) * size * size * 4, OUTPUT_NAME: size * size * 4}
-        sizes = {name: self.max_batch * nbytes for name, nbytes in per_image.items()}
-        cudart = _import_cudart()
-        self._io: _DeviceIO = _CudartIO(cudart, sizes) if cudart is not None else _TorchIO(sizes)
-        for name in (INPUT_NAME, OUTPUT_NAME):
-            self._context.set_tensor_address(name, self._io.address(name))
+        low, _, high = (_dims(d) for d in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
+        self.max_batch, self.input_shape = high[0], high[1:]
+        out_shape = _dims(self._engine.get_tensor_shape(OUTPUT_NAME))
+        if any(d <= 0 for d in out_shape[1:]) or len(self.input_shape) != 3:
+            raise BackendUnavailableError(f"unexpected engine shapes: input profile max {high}, output {out_shape}")
+        self.output_shape = out_shape[1:]
+        self.min_batch = low[0]
+        self._in_items = int(np.prod(self.input_shape))
+        self._out_items = int(np.prod(self.output_shape))
+        context = self._engine.create_execution_context()
+        if context is None:
+            raise BackendUnavailableError("TensorRT could not create an execution context (out of GPU memory?): "
+                                          + ("; ".join(self._logger.errors) or "no reason logged"))
+        self._context = context
+        try:
+            self._io = IOBuffers({INPUT_NAME: self.max_batch * self._in_items * 4,
+                                  OUTPUT_NAME: self.max_batch * self._out_items * 4}, self._rt)
+            for name in (INPUT_NAME, OUTPUT_NAME):
+                if not self._context.set_tensor_address(name, self._io.address(name)):
+                    raise BackendUnavailableError(f"TensorRT refused the device address of {name}")
+            if cuda_graph and self.min_batch <= 1:
+                try:
+                    self._capture_graph()
+                except (CudaError, BackendRuntimeError) as exc:  # e.g. layers on a DLA: run without a graph
+                    log.warning("CUDA graph capture failed (%s); running without CUDA graphs", exc)
+                    self._destroy_graph()
+        except CudaError as exc:
+            self.close()
+            raise BackendUnavailableError(f"CUDA setup failed: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    # --- inference -----------------------------------------------------------
+    def _enqueue(self, n: int) -> None:
+        assert self._io is not None and self._io.stream is not None
+        self._io.upload(INPUT_NAME, n * self._in_items * 4)
+        if not self._context.execute_async_v3(self._io.stream.handle):
+            raise BackendRuntimeError("TensorRT execute_async_v3 failed: " + ("; ".join(self._logger.errors[-3:])
+                                                                              or "no reason logged"))
+        self._io.download(OUTPUT_NAME, n * self._out_items * 4)
+
+    def _capture_graph(self) -> None:
+        """Record upload + inference + download of one image as a CUDA graph (replayed for batch 1)."""
+        assert self._io is not None and self._io.stream is not None
+        rt, stream = self._rt, self._io.stream
+        if not self._context.set_input_shape(INPUT_NAME, (1, *self.input_shape)):
+            return
+        self._enqueue(1)  # TensorRT allocates lazily on the first run; never inside a capture
+        stream.synchronize()
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(rt, "cudaStreamBeginCapture", rt.cudaStreamBeginCapture(stream.raw, mode))
+        try:
+            self._enqueue(1)
+        finally:
+            graph = check(rt, "cudaStreamEndCapture", rt.cudaStreamEndCapture(stream.raw))
+        self._graph = graph
+        self._graph_exec = check(rt, "cudaGraphInstantiate", rt.cudaGraphInstantiate(graph, 0))
+        log.info("TensorRT batch-1 inference captured as a CUDA graph")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.shape[1:] != self.input_shape:
-            raise ValueError(f"input shape {batch.shape[1:]} != engine input {self.input_shape}")
+        if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
+            raise ValueError(f"input shape {batch.shape} does not fit the engine input (N, {self.input_shape})")
+        if self._io is None:
+            raise BackendRuntimeError("the TensorRT predictor was closed")
         outputs = []
-        for start in range(0, len(batch), self.max_batch):
-            chunk = batch[start:start + self.max_batch]
-            if not self._context.set_input_shape(INPUT_NAME, chunk.shape):
-                raise RuntimeError(f"engine rejected input shape {chunk.shape}")
-            out = np.empty(tuple(self._context.get_tensor_shape(OUTPUT_NAME)), dtype=np.float32)
-            self._io.upload(INPUT_NAME, chunk)
-            if not self._context.execute_async_v3(self._io.stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-            self._io.download(OUTPUT_NAME, out)
-            self._io.synchronize()
-            outputs.append(out[:, 0])
+        try:
+            for start in range(0, len(batch), self.max_batch):
+                chunk = batch[start:start + self.max_batch]
+                outputs.append(self._run(chunk))
+        except CudaError as exc:
+            raise BackendRuntimeError(str(exc)) from exc
         return np.concatenate(outputs)
 
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        assert self._io is not None
+        n = len(chunk)
+        if n == 1 and self._graph_exec is not None and self._graph_stale:
+            self._destroy_graph()
+            self._capture_graph()
+            self._graph_stale = False
+        self._io.stage(INPUT_NAME, chunk)
+        if n == 1 and self._graph_exec is not None:
+            if not self._context.set_input_shape(INPUT_NAME, chunk.shape):
+                raise BackendRuntimeError(f"engine rejected input shape {chunk.shape}")
+            assert self._io.stream is not None
+            check(self._rt, "cudaGraphLaunch", self._rt.cudaGraphLaunch(self._graph_exec, self._io.stream.raw))
+        else:
+            if not self._context.set_input_shape(INPUT_NAME, chunk.shape):
+                raise BackendRuntimeError(f"engine rejected input shape {chunk.shape}")
+            self._enqueue(n)
+            self._graph_stale = self._graph_exec is not None and n != 1
+        self._io.synchronize()
+        return self._io.result(OUTPUT_NAME, n * self._out_items).reshape(n, *self.output_shape)[:, 0]
 
-def _engine_files(bundle: Bundle) -> tuple[Path, dict[str, Any]]:
-    engine, manifest_path = bundle.variant(ENGINE_FP16), bundle.variant(ENGINE_MANIFEST)
-    if engine is None or manifest_path is None:
-        missing = ENGINE_FP16 if engine is None else ENGINE_MANIFEST
-        raise BackendUnavailableError(
-            f"{bundle.root}: bundle has no {missing}; build it on the device with: "
-            + BUILD_HINT.format(bundle=bundle.root)
-        )
-    unreadable = f"{manifest_path}: not a readable engine manifest; rebuild with: " + BUILD_HINT.format(
-        bundle=bundle.root)
+    def _destroy_graph(self) -> None:
+        rt = self._rt
+        for attr, destroy in (("_graph_exec", "cudaGraphExecDestroy"), ("_graph", "cudaGraphDestroy")):
+            handle = getattr(self, attr, None)
+            if handle is not None:
+                setattr(self, attr, None)
+                try:
+                    check(rt, destroy, getattr(rt, destroy)(handle))
+                except CudaError as exc:
+                    log.warning("releasing the CUDA graph: %s", exc)
+
+    def close(self) -> None:
+        """Release graph, buffers, stream, context and engine (safe to call twice, and on a dead GPU)."""
+        self._destroy_graph()
+        if self._io is not None:
+            self._io.close()
+            self._io = None
+        self._context = None
+        self._engine = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: modules may be gone
+            self.close()
+
+
+# --- finding, building and checking engines ----------------------------------------------------------------------
+def engine_key(trt: ModuleType, bundle_dir: Path, settings: Any, device: DeviceIdentity) -> tuple[EngineKey, Path, str]:
+    """``(key, ONNX source, typing)`` of the engine this bundle needs on this device."""
+    from lungseg.export.tensorrt_build import choose_source
+
+    onnx_path, typing = choose_source(trt, bundle_dir, settings)
+    key = EngineKey(device=device, tensorrt_version=str(trt.__version__), onnx_file=onnx_path.name,
+                    onnx_sha256=sha256_file(onnx_path), settings={**settings.key_fields(), "typing": typing})
+    return key, onnx_path, typing
+
+
+def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any]:
+    """The engine's outputs on the bundle's golden set vs its reference fp32 outputs (``passed`` decides)."""
+    from lungseg.selftest import GoldenSetError, load_golden, run_selftest
+
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BackendUnavailableError(f"{unreadable} ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise BackendUnavailableError(unreadable)
-    return engine, manifest
+        golden = load_golden(bundle_dir)
+    except GoldenSetError as exc:
+        return {"passed": False, "reason": f"no reference outputs to check the engine against: {exc}"}
+    result = run_selftest(predictor, golden).to_dict()
+    result["golden_sha256"] = golden.sha256[:16]
+    if not result["passed"] and not result["reason"]:
+        result["reason"] = "engine masks differ from the reference"
+    return result
 
 
-def _rebuild(bundle: Bundle, manifest: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
-    reasons = "; ".join(problems)
+def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
+                         onnx_path: Path, typing: str, options: BackendOptions) -> tuple[Path, dict[str, Any]]:
+    """Build the engine for ``key``, gate it on parity, store it in ``cache``; refuses (and records) on failure."""
+    from lungseg.export.tensorrt_build import EngineBuildError, build_serialized
+
     try:
-        from lungseg.export.tensorrt_build import EngineSettings, build_engine
+        engine_bytes, facts = build_serialized(trt, onnx_path, typing, settings)
+    except EngineBuildError as exc:
+        raise BackendUnavailableError(f"TensorRT engine build failed: {exc}") from exc
+    candidate = TensorRTPredictor(trt, engine_bytes, model_path=str(cache.folder(key) / "unchecked.engine"),
+                                  dla_core=settings.dla_core, cudart=None)
+    try:
+        parity = parity_gate(candidate, bundle_dir)
+    finally:
+        candidate.close()
+    if not parity.get("passed"):
+        reason = f"new engine failed its parity check: {parity.get('reason') or parity}"
+        cache.refuse(key, reason, parity)
+        log.error("%s; refused (recorded in %s)", reason, cache.folder(key),
+                  extra={"event": "engine_refused"})
+        raise BackendUnavailableError(reason)
+    manifest = {**facts, "onnx_file": onnx_path.name, "onnx_sha256": key.onnx_sha256,
+                "tensorrt_version": trt.__version__, "device": key.device.to_dict(), "parity": parity,
+                "lungseg_version": lungseg.__version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path = cache.store(key, engine_bytes, manifest)
+    log.warning("TensorRT engine built, parity passed (mean Dice %.4f), stored in %s", parity.get("dice_mean", 0),
+                path.parent, extra={"event": "engine_built"})
+    return path, json.loads((path.parent / ENGINE_MANIFEST).read_text())
 
-        log.warning("%s: rebuilding the TensorRT engine (%s)", bundle.root, reasons)
-        return build_engine(bundle.root, EngineSettings.from_manifest(manifest))
-    except Exception as exc:  # any build failure means: refuse, with both reasons
-        raise BackendUnavailableError(
-            f"{bundle.root / ENGINE_FP16} does not match this machine ({reasons}) and could not be "
-            f"rebuilt here ({type(exc).__name__}: {exc})"
-        ) from exc
+
+def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = None, force: bool = False,
+                  trt: ModuleType | None = None) -> tuple[Path, dict[str, Any], str]:
+    """``(engine path, manifest, where)`` of a parity-passed engine for this device, building one if needed."""
+    from lungseg.export.tensorrt_build import EngineBuildError, EngineSettings
+
+    trt = trt or import_tensorrt()
+    device = cuda_device_identity()
+    settings = settings or EngineSettings(dla_core=options.dla_core)
+    try:
+        key, onnx_path, typing = engine_key(trt, bundle.root, settings, device)
+    except EngineBuildError as exc:
+        raise BackendUnavailableError(str(exc)) from exc
+    if not force:
+        shipped = usable_engine(bundle.root, key)
+        if shipped is not None:
+            return shipped[0], shipped[1], "bundle"
+    cache = EngineCache(options.engine_cache)
+    if not force and (found := cache.lookup(key)) is not None:
+        return found[0], found[1], "cache"
+    refusal = None if force else cache.refusal(key)
+    if refusal is not None:
+        raise BackendUnavailableError(f"the engine for this device was refused earlier ({refusal.get('reason')}, "
+                                      f"{refusal.get('at')}); rebuild with: {BUILD_HINT.format(bundle=bundle.root)} "
+                                      "--force")
+    problem = cache.writable_reason()
+    if problem:
+        raise BackendUnavailableError(f"no usable engine for this device and {problem}; build one with: "
+                                      + BUILD_HINT.format(bundle=bundle.root))
+    with cache.locked(key):
+        if not force and (found := cache.lookup(key)) is not None:  # built by another process meanwhile
+            return found[0], found[1], "cache"
+        if force:
+            cache.forget_refusal(key)
+        path, manifest = build_checked_engine(trt, bundle.root, settings, cache, key, onnx_path, typing, options)
+    return path, manifest, "built"
 
 
-def load_engine_predictor(bundle: Bundle, *, rebuild: bool = True) -> TensorRTPredictor:
-    """The bundle's FP16 engine as a predictor, after checking ``engine.json`` against this machine."""
-    engine, manifest = _engine_files(bundle)
+def load_engine_predictor(bundle: Bundle, options: BackendOptions | None = None) -> TensorRTPredictor:
+    """The bundle's FP16 engine for this device as a predictor (found, or built and parity-checked)."""
+    options = options or BackendOptions()
     trt = import_tensorrt()
-    gpu_name, capability = cuda_device()
-    onnx_file = bundle.root / str(manifest.get("onnx_file", ONNX_FP32))
-    if not onnx_file.is_file():
-        raise BackendUnavailableError(f"{onnx_file}: the ONNX file the engine was built from is missing")
-    problems = check_engine_manifest(
-        manifest, trt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
-        onnx_sha256=sha256_file(onnx_file), engine_sha256=sha256_file(engine),
-    )
-    if problems:
-        if not rebuild:
-            raise BackendUnavailableError(f"{engine} does not match this machine: {'; '.join(problems)}")
-        manifest = _rebuild(bundle, manifest, problems)
-    return TensorRTPredictor(trt, engine, manifest)
+    path, manifest, where = ensure_engine(bundle, options, trt=trt)
+    log.info("TensorRT engine from %s: %s (built %s)", where, path, manifest.get("created", "?"))
+    return TensorRTPredictor(trt, path.read_bytes(), model_path=str(path), dla_core=options.dla_core,
+                             cuda_graph=options.cuda_graph)
+
+
+__all__ = ["BUILD_HINT", "TensorRTPredictor", "build_checked_engine", "cuda_device", "cuda_device_identity",
+           "engine_key", "ensure_engine",
+           "import_tensorrt", "load_engine_predictor", "parity_gate", "tensorrt_unavailable_reason"]

@@ -39,3 +39,31 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}}, opset_version=17, dynamo=False,
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def selftest_bundle(request: pytest.FixtureRequest) -> Path:
+    """A real bundle with int8, fp16 and a golden set (tests/selftest_bundles.py), cached across runs by model hash."""
+    pytest.importorskip("onnx", reason="onnx (the [train] extra) is needed to quantise the int8 model")
+    import shutil
+
+    from selftest_bundles import build_bundle
+
+    from lungseg.bundle import ONNX_FP32, default_bundle_dir, sha256_file
+
+    key = sha256_file(default_bundle_dir() / ONNX_FP32)[:16]
+    bundle = Path(request.config.cache.mkdir("lungseg-selftest-bundle")) / key
+    if not (bundle / "bundle.json").is_file():  # bundle.json is written last: its presence means complete
+        shutil.rmtree(bundle, ignore_errors=True)
+        build_bundle(bundle, fp16=True)
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained model with fp16 variant and golden set: fast in the fake TensorRT engine."""
+    pytest.importorskip("torch", reason="torch (the [train] extra) is needed to export the test model")
+    pytest.importorskip("onnx", reason="onnx (the [train] extra) is needed to export the test model")
+    from selftest_bundles import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"))

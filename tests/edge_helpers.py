@@ -153,14 +153,27 @@ def sc_files(out: Path) -> list[Path]:
 
 
 def sidecars(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(out.glob("*/*.json"))]
+    """The JSON sidecars (study folders only: not the state or quarantine folders)."""
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*/*.json"))
+            if not p.parent.name.startswith(".") and p.parent.name != "quarantine"]
 
 
 def run_once(watch: Path, out: Path, model: Path, **settings) -> int:
-    """``lungseg-edge run --once`` in this process (the same code path as the daemon)."""
+    """``lungseg-edge run --once`` in this process (the same code path as the daemon).
+
+    Inputs written by a test are complete, so they are quarantined at once (no grace period)."""
     from lungseg.edge_runtime.config import EdgeConfig
     from lungseg.edge_runtime.daemon import run
 
+    settings.setdefault("quarantine_grace_seconds", 0.0)
     config = EdgeConfig(watch=watch, out=out, model=model, backend="cpu", once=True, stable_seconds=0.0,
                         settle_seconds=0.0, **settings).validate()
     return run(config)
+
+
+def file_ref(state: Path, watch: Path, name: str) -> str:
+    """The reference logs, sidecars and quarantine names use for ``watch/name`` (names are not revealed)."""
+    from lungseg.edge_runtime.names import FileNamer
+
+    watch = Path(watch).resolve()
+    return FileNamer(state, watch).ref(watch / name)

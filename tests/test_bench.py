@@ -20,7 +20,8 @@ from lungseg.export import cli as export_cli
 from lungseg.export.checkpoint import random_checkpoint
 from lungseg.export.samples import SHARED_DICOM_DIR, load_samples, model_batch
 
-FAST = ("-n", "4", "--threads", "1", "--batch-sizes", "1,2", "--repeats", "1", "--no-progress")
+FAST = ("-n", "4", "--threads", "1", "--batch-sizes", "1,2", "--repeats", "1", "--no-progress",
+        "--min-dice-dicom", "0")  # a random 4-feature model: parity of its DICOM masks means little
 
 
 def run_bench(*argv: str | Path) -> tuple[int, str]:
@@ -44,7 +45,9 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_json_markdown_and_plot(bundle: Path, tmp_path: Path) -> None:
-    paths = {"json": tmp_path / "bench.json", "markdown": tmp_path / "bench.md", "plot": tmp_path / "bench.png"}
+    paths = {"json": tmp_path / "bench.json", "markdown": tmp_path / "bench.md", "plot": tmp_path / "bench.png",
+             "readme": tmp_path / "README.md"}
+    paths["readme"].write_text("# x\n\n<!-- performance:start -->\nstale figures\n<!-- performance:end -->\ntail\n")
     code, stdout = run_bench("--model", bundle, *FAST, "--skip-e2e", "--min-dice-reduced", "0",
                              *(arg for kind, path in paths.items() for arg in (f"--{kind}", path)))
     assert code == cli.EXIT_OK, stdout
@@ -60,7 +63,16 @@ def test_json_markdown_and_plot(bundle: Path, tmp_path: Path) -> None:
     for backend in ("pytorch", "onnxruntime-cpu"):
         assert set(result["latency"]["batches"][backend]) == {"1", "2"}
         assert result["latency"]["batches"][backend]["1"]["p50_ms"] > 0
-    assert result["latency"]["stages"]["infer"]["n"] == 4
+    dicom = result["dicom_path"]
+    assert dicom["files"] and set(dicom["mask_parity"]["per_file"]) == set(dicom["files"])
+    assert all(0.0 <= v["dice"] <= 1.0 for v in dicom["mask_parity"]["per_file"].values())
+    assert dicom["stages"] == {"skipped": "--skip-e2e"}
+    assert set(dicom["acceptance"]) == {"j2k_ratio", "uncompressed_ratio", "burst_speedup", "daemon_peak_rss_mib",
+                                        "mask_dice_mean"}
+    assert isinstance(result["machine"]["cpu_features"], list)
+    assert f"[CPU: {' '.join(result['machine']['cpu_features']) or 'unknown'}]" in stdout
+    readme = paths["readme"].read_text()
+    assert "stale figures" not in readme and "Native-size mask" in readme and readme.endswith("tail\n")
     assert result["latency"]["memory"]["max_rss_mib"] > 0
     assert result["backends"]["onnxruntime-fp16"] == {
         "available": False, "reason": "bundle has no model.fp16.onnx (export it with lungseg-export)"}
@@ -72,10 +84,11 @@ def test_json_markdown_and_plot(bundle: Path, tmp_path: Path) -> None:
     assert "== Parity vs pytorch" in stdout
 
 
-def test_missed_parity_gate_exits_1(bundle: Path) -> None:
-    code, stdout = run_bench("--model", bundle, *FAST, "--skip-e2e", "--min-dice-fp32", "1.01")
+@pytest.mark.parametrize("gate", ["--min-dice-fp32", "--min-dice-dicom"])
+def test_missed_parity_gate_exits_1(bundle: Path, gate: str) -> None:
+    code, stdout = run_bench("--model", bundle, *FAST, "--skip-e2e", gate, "1.01")
     assert code == cli.EXIT_PARITY_FAILED
-    assert "parity: FAILED" in stdout
+    assert "native-size mask): FAILED" in stdout
 
 
 def test_runtime_only_install_uses_onnxruntime_as_reference(bundle: Path, tmp_path: Path) -> None:
@@ -136,3 +149,23 @@ def test_end_to_end_burst_through_lungseg_edge(bundle: Path, tmp_path: Path) -> 
     assert result["written"] == 2 and result["missing"] == 0
     assert result["arrival_to_sc"]["p50_ms"] > 0 and result["files_per_s"] > 0
     assert result["sidecar_total"]["n"] == 2
+    assert 50 < result["peak_rss_mib"] < 4096  # sampled from /proc while lungseg-edge ran
+
+
+def test_dicom_stage_tables_compare_the_default_and_the_legacy_path(bundle: Path) -> None:
+    """Both paths through real lungseg-edge runs; per-stage medians and the non-inference/inference ratio."""
+    from lungseg.benchmarks.dicom_path import stage_comparison
+    from lungseg.benchmarks.end_to_end import edge_command
+
+    if edge_command() is None:
+        pytest.skip("lungseg.edge_runtime.cli is not installed")
+    sources = _burst_sources()
+    if not sources:
+        pytest.skip("no DICOM files: neither ../shared/data/dicom nor pydicom-data's RG1 samples")
+    result = stage_comparison(sources, bundle, copies=1, threads=1)
+    for label in ("default", "legacy"):
+        assert result[label]["exit_code"] == 0, result[label].get("stderr_tail")
+        row = result[label]["per_file"][sources[0].name]
+        assert row["n"] == 1 and all(row["stages_ms"][s] > 0 for s in ("decode", "infer", "write"))
+        assert row["ratio_non_inference_to_infer"] == pytest.approx(row["non_inference_ms"] / row["stages_ms"]["infer"])
+        assert {"render", "sc_encode", "sc_verify", "publish"} <= set(row["write_parts_ms"])

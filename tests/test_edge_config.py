@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from edge_helpers import REPO_ROOT, make_cr, run_once, save, sc_files, sidecars
+from edge_helpers import REPO_ROOT, file_ref, make_cr, run_once, save, sc_files, sidecars
 
 UID = "1.2.826.0.1.3680043.10.1082.33."
 
@@ -106,7 +106,8 @@ def test_sidecar_has_areas_only_with_usable_spacing(tmp_path: Path, tiny_onnx: P
     for i, (name, spacing) in enumerate(cases.items()):
         save(make_cr(f"{UID}{100 + i}", index=i, size=96, **spacing), watch / name)
     assert run_once(watch, out, tiny_onnx, threshold=0.3) == 0
-    by_file = {s["source"]["file"]: s for s in sidecars(out)}
+    refs = {file_ref(out / ".lungseg-state", watch, name): name for name in cases}
+    by_file = {refs[s["source"]["file"]]: s for s in sidecars(out)}
     assert set(by_file) == set(cases)
     for name in ("none.dcm", "zero.dcm"):
         assert "lung_areas_cm2" not in by_file[name]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from edge_helpers import dicom_bytes, make_cr, sc_files, sidecars, write_in_two_halves
+from edge_helpers import dicom_bytes, file_ref, make_cr, sc_files, sidecars, write_in_two_halves
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1082.77."
 
@@ -133,7 +133,7 @@ def test_daemon_handles_partial_writes_duplicates_junk_and_restart(
         assert {s["source"]["sha256"] for s in processed} == written  # no output from a partial file
         reasons = {p.name.removesuffix(".reason.json"): json.loads(p.read_text())
                    for p in quarantine.glob("*.reason.json")}
-        assert set(reasons) == {"junk.dcm", "notes.txt", "truncated.dcm"}
+        assert set(reasons) == {file_ref(state, watch, n) for n in ("junk.dcm", "notes.txt", "truncated.dcm")}
         assert not list(out.rglob("*.lungseg-tmp"))
         events = daemon.events()
         assert sum(e.get("event") == "duplicate" for e in events) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_helpers import DX_PROCESSING_STORAGE, dicom_bytes, make_cr, run_once, save, sc_files, sidecars
+from edge_helpers import DX_PROCESSING_STORAGE, dicom_bytes, file_ref, make_cr, run_once, save, sc_files, sidecars
 
 UID = "1.2.826.0.1.3680043.10.1082.55."
 
@@ -87,16 +87,17 @@ def test_bad_inputs_are_quarantined_with_reason_and_valid_ones_processed(tmp_pat
     assert run_once(watch, out, tiny_onnx, state=state) == 1  # 1: some inputs quarantined
 
     assert snapshot(watch) == before  # copy mode never alters the watch folder
-    assert [s["source"]["file"] for s in sidecars(out)] == ["good.dcm"]
+    assert [s["source"]["file"] for s in sidecars(out)] == [file_ref(state, watch, "good.dcm")]
     assert not (tmp_path.parent / "outside").exists() and not (tmp_path / "outside").exists()
     assert len(sc_files(out)) == 1
     quarantine = state / "quarantine"
     for name, code in expected.items():
-        reason = json.loads((quarantine / f"{name}.reason.json").read_text())
+        ref = file_ref(state, watch, name)  # file names never leave the process, references do
+        reason = json.loads((quarantine / f"{ref}.reason.json").read_text())
         assert reason["code"] == code, (name, reason)
         assert reason["message"] and reason["time"]
-        assert str(tmp_path) not in reason["message"]  # file names only, no full paths
-        assert (quarantine / name).read_bytes() == (watch / name).read_bytes()
+        assert str(tmp_path) not in reason["message"]
+        assert (quarantine / ref).read_bytes() == (watch / name).read_bytes()
     ledger = Ledger(state)
     counts = ledger.counts()
     ledger.close()
@@ -117,9 +118,10 @@ def test_quarantine_move_mode_takes_the_file_out_of_the_watch_folder(tmp_path: P
     save(make_cr(UID + "201"), watch / "ok.dcm")
     assert run_once(watch, out, tiny_onnx, quarantine_mode="move") == 1
     assert sorted(p.name for p in watch.iterdir()) == ["ok.dcm"]  # the valid input stays
-    reason = json.loads((out / "quarantine" / "lat.dcm.reason.json").read_text())
+    ref = file_ref(out / ".lungseg-state", watch, "lat.dcm")
+    reason = json.loads((out / "quarantine" / f"{ref}.reason.json").read_text())
     assert reason["code"] == "lateral_view" and reason["mode"] == "move"
-    assert (out / "quarantine" / "lat.dcm").is_file()
+    assert (out / "quarantine" / ref).is_file()
 
 
 def test_quarantine_keeps_same_named_different_files_apart(tmp_path: Path) -> None:
@@ -133,8 +135,8 @@ def test_quarantine_keeps_same_named_different_files_apart(tmp_path: Path) -> No
     b.mkdir()
     (a / "x.dcm").write_bytes(b"one")
     (b / "x.dcm").write_bytes(b"two")
-    first = quarantine.put(a / "x.dcm", "a/x.dcm", "1" * 64, 3, "unreadable", "bad")
-    second = quarantine.put(b / "x.dcm", "b/x.dcm", "2" * 64, 3, "unreadable", "bad")
+    first = quarantine.put(a / "x.dcm", "f-a", "1" * 64, 3, "unreadable", "bad", data=b"one", label="x.dcm")
+    second = quarantine.put(b / "x.dcm", "f-b", "2" * 64, 3, "unreadable", "bad", data=b"two", label="x.dcm")
     ledger.close()
     assert first.name == "x.dcm" and second.name == "x-222222222222.dcm"
     assert second.read_bytes() == b"two"
@@ -147,4 +149,4 @@ def test_tiny_junk_is_quarantined_not_fatal(tmp_path: Path, tiny_onnx: Path, jun
     watch.mkdir()
     (watch / "junk").write_bytes(junk)
     assert run_once(watch, out, tiny_onnx) == 1
-    assert (out / "quarantine" / "junk.reason.json").is_file()
+    assert (out / "quarantine" / f"{file_ref(out / '.lungseg-state', watch, 'junk')}.reason.json").is_file()

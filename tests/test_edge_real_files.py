@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_helpers import SHARED_FILES, dciodvfy_errors, run_once, sc_files, shared_dicom_dir, sidecars
+from edge_helpers import SHARED_FILES, dciodvfy_errors, file_ref, run_once, sc_files, shared_dicom_dir, sidecars
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -22,7 +22,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path) -> dict:
     for name in SHARED_FILES:
         shutil.copyfile(source / name, watch / name)
     code = run_once(watch, out, tiny_onnx, seg=True)
-    by_file = {s["source"]["file"]: s for s in sidecars(out)}
+    names = {file_ref(out / ".lungseg-state", watch, name): name for name in SHARED_FILES}  # logs carry refs
+    by_file = {names[s["source"]["file"]]: s for s in sidecars(out)}
     return {"code": code, "out": out, "by_file": by_file, "source": source}
 
 
@@ -49,9 +50,13 @@ def test_real_file_yields_one_valid_linked_sc(real_run: dict, name: str) -> None
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert sc.SourceImageSequence[0].ReferencedSOPClassUID == source.SOPClassUID
     assert sc.PatientID == source.get("PatientID", "")
-    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian  # the default sc_syntax
     rgb = sc.pixel_array
-    assert rgb.shape == (source.Rows, source.Columns, 3)
+    rendered = sidecar["rendered"]  # drawn at the decoded resolution: 1/2**level, short side >= 512 unless native
+    assert rgb.shape == (rendered["sc_rows"], rendered["sc_columns"], 3)
+    assert (rendered["sc_rows"], rendered["sc_columns"]) == (
+        -(-source.Rows // 2 ** rendered["decoded_level"]), -(-source.Columns // 2 ** rendered["decoded_level"]))
+    assert min(rgb.shape[:2]) >= 512 or rendered["decoded_level"] == 0
     assert sidecar["model"]["sha256"] in sc.DerivationDescription
     assert "not for diagnosis" in sc.ImageComments
     assert "lungseg" in [item.Manufacturer for item in sc.ContributingEquipmentSequence]
@@ -74,7 +79,9 @@ def test_real_file_seg_equals_segment_batch_mask(real_run: dict, name: str, tiny
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
         sidecar["source"]["sop_instance_uid"]
     stored = np.asarray(seg.pixel_array).reshape(sidecar["source"]["rows"], sidecar["source"]["columns"])
-    radiograph = read_dicom(real_run["source"] / name)
+    from lungseg.edge_runtime.config import EdgeConfig
+
+    radiograph = read_dicom(real_run["source"] / name, min_side=EdgeConfig().decode_min_side)  # as the edge decodes
     predictor = OnnxRuntimePredictor(str(tiny_onnx))
     expected = segment_batch(predictor, [radiograph], PostprocessConfig(threshold=0.5))[0].mask
     assert stored.shape == expected.shape

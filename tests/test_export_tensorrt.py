@@ -1,138 +1,302 @@
-"""TensorRT engine manifest checks and the engine predictor's refusals (no GPU needed).
+"""TensorRT builder, engine cache, parity gate and runtime against faithful fakes of tensorrt and cuda-python.
 
-The real build test runs only where TensorRT and a CUDA GPU are present.
+The fakes (tests/fakes_tensorrt.py, tests/fakes_cuda.py) enforce the API contracts
+the code depends on; the engine computes with the real onnxruntime on the bundle's
+real model. A real TensorRT build runs only where TensorRT and a GPU exist.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
 import shutil
+import stat
+import threading
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from fakes_cuda import FakeCudaRuntime, Props, cudaError_t
+from fakes_cuda import install as install_cuda
+from fakes_tensorrt import FakeTensorRT
+from fakes_tensorrt import install as install_trt
 
-from lungseg import tensorrt_runtime
-from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, ONNX_FP32, resolve_bundle, sha256_file
-from lungseg.predictors import BackendUnavailableError, select_predictor
-from lungseg.tensorrt_runtime import check_engine_manifest, load_engine_predictor, tensorrt_unavailable_reason
-
-HERE = {"trt_version": "10.3.0", "gpu_name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7",
-        "onnx_sha256": "a" * 64}
-
-
-def manifest(**overrides: str) -> dict:
-    base = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7",
-            "onnx_sha256": "a" * 64, "precision": "fp16", "profile": {"min": 1, "opt": 1, "max": 8}}
-    return {**base, **overrides}
-
-
-def test_matching_manifest_has_no_reasons() -> None:
-    assert check_engine_manifest(manifest(), **HERE) == []
-
-
-@pytest.mark.parametrize(("field", "value"), [
-    ("tensorrt_version", "10.0.1"),
-    ("gpu_name", "NVIDIA A100-SXM4-80GB"),
-    ("compute_capability", "8.0"),
-    ("onnx_sha256", "b" * 64),
-])
-def test_each_mismatch_is_named(field: str, value: str) -> None:
-    reasons = check_engine_manifest(manifest(**{field: value}), **HERE)
-    assert len(reasons) == 1 and reasons[0].startswith(field) and value in reasons[0]
-
-
-def test_missing_fields_wrong_precision_and_engine_hash_are_reported() -> None:
-    broken = manifest(precision="int8")
-    del broken["gpu_name"]
-    reasons = check_engine_manifest(broken, **HERE, engine_sha256="c" * 64)
-    assert any("lacks 'gpu_name'" in r for r in reasons)
-    assert any("lacks 'engine_sha256'" in r for r in reasons)
-    assert any("precision" in r for r in reasons)
+from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, ONNX_FP16, resolve_bundle
+from lungseg.engine_cache import REFUSED, EngineCache
+from lungseg.predictors import BackendOptions, BackendRuntimeError, BackendUnavailableError, select_predictor
+from lungseg.selftest import load_golden
+from lungseg.tensorrt_runtime import TensorRTPredictor, ensure_engine, load_engine_predictor
 
 
 @pytest.fixture
-def engine_bundle(tmp_path: Path, tiny_onnx: Path) -> Path:
-    """A bundle with a (fake) engine whose engine.json matches HERE except where a test tampers."""
-    shutil.copy(tiny_onnx, tmp_path / ONNX_FP32)
-    (tmp_path / ENGINE_FP16).write_bytes(b"not a real engine")
-    recorded = manifest(onnx_sha256=sha256_file(tmp_path / ONNX_FP32),
-                        engine_sha256=sha256_file(tmp_path / ENGINE_FP16), onnx_file=ONNX_FP32)
-    (tmp_path / ENGINE_MANIFEST).write_text(json.dumps(recorded))
-    return tmp_path
+def gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Install fake cuda-python + TensorRT 8.6 (fp32 ONNX, weak typing); the engine cache goes to a temp folder."""
+    cuda = install_cuda(monkeypatch, FakeCudaRuntime())
+    state = FakeTensorRT(version="8.6.1", cuda=cuda)
+    install_trt(monkeypatch, state)
+    monkeypatch.setenv("LUNGSEG_ENGINE_CACHE", str(tmp_path / "engines"))
+    return state
+
+
+def use_version(monkeypatch: pytest.MonkeyPatch, state: FakeTensorRT, version: str) -> None:
+    state.version = version
+    install_trt(monkeypatch, state)
 
 
 @pytest.fixture
-def fake_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend TensorRT 10.3.0 (without a builder) and a Jetson Orin GPU are here."""
-    monkeypatch.setattr(tensorrt_runtime, "import_tensorrt", lambda: SimpleNamespace(__version__="10.3.0"))
-    monkeypatch.setattr(tensorrt_runtime, "cuda_device", lambda: ("NVIDIA Jetson AGX Orin", "8.7"))
+def bundle(tiny_bundle: Path, tmp_path: Path):
+    """A read-only copy of the test bundle (as under ProtectSystem=strict)."""
+    dest = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dest)
+    for path in [dest, *dest.iterdir()]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    yield resolve_bundle(dest)
+    for path in [dest, *dest.iterdir()]:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
-def _tamper(bundle: Path, **fields: str) -> None:
-    path = bundle / ENGINE_MANIFEST
-    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+def bundle_snapshot(root: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in root.iterdir()}
 
 
-def test_tampered_manifest_is_refused_with_the_reason(engine_bundle: Path, fake_device: None) -> None:
-    _tamper(engine_bundle, tensorrt_version="8.6.1", gpu_name="Tesla T4")
-    with pytest.raises(BackendUnavailableError) as info:
-        load_engine_predictor(resolve_bundle(engine_bundle), rebuild=False)
-    assert "tensorrt_version" in str(info.value) and "Tesla T4" in str(info.value)
+# --- builder: the API contracts of each TensorRT version ----------------------------------------------------------
+def test_fake_enforces_explicit_batch_on_86(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch, bundle) -> None:
+    use_version(monkeypatch, gpu, "8.6.1")
+    import tensorrt as trt  # the 8.6 flavour
+
+    logger = trt.Logger()
+    network = trt.Builder(logger).create_network(0)  # what 0.1.0 did
+    parser = trt.OnnxParser(network, logger)
+    assert not parser.parse_from_file(str(bundle.onnx))
+    assert "explicit batch" in parser.get_error(0)
 
 
-def test_changed_onnx_is_detected(engine_bundle: Path, fake_device: None) -> None:
-    onnx = pytest.importorskip("onnx")
-    model = onnx.load(str(engine_bundle / ONNX_FP32))
-    model.doc_string = "re-exported"  # the engine no longer belongs to this ONNX file
-    onnx.save(model, str(engine_bundle / ONNX_FP32))
-    with pytest.raises(BackendUnavailableError, match="onnx_sha256"):
-        load_engine_predictor(resolve_bundle(engine_bundle), rebuild=False)
+@pytest.mark.parametrize(("version", "typing"), [("8.6.1", "weak"), ("10.3.0", "strong"), ("10.13.0", "strong")])
+def test_builder_works_on_86_and_10x(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch, bundle, version: str,
+                                     typing: str) -> None:
+    use_version(monkeypatch, gpu, version)
+    _, manifest, where = ensure_engine(bundle, BackendOptions())
+    network = gpu.networks[-1]
+    assert where == "built" and network.explicit_batch
+    assert network.strongly_typed is (typing == "strong")
+    assert manifest["typing"].startswith(typing) and manifest["parity"]["passed"]
+    assert manifest["onnx_file"] == (ONNX_FP16 if typing == "strong" else "model.onnx")
+    if typing == "weak":  # Sigmoid and the output layer pinned to fp32
+        pinned = {layer.name for layer in network.layers if layer.precision is not None}
+        assert pinned == {"/Sigmoid"} and manifest["fp32_layers"] == ["/Sigmoid"]
+    else:
+        assert all(layer.precision is None for layer in network.layers)
+        assert gpu.monitor_events, "IProgressMonitor was not attached on 10.x"
 
 
-def test_mismatch_that_cannot_be_rebuilt_is_refused_with_both_reasons(engine_bundle: Path,
-                                                                      fake_device: None) -> None:
-    _tamper(engine_bundle, compute_capability="7.2")
-    with pytest.raises(BackendUnavailableError) as info:
-        load_engine_predictor(resolve_bundle(engine_bundle))
-    assert "compute_capability" in str(info.value) and "could not be rebuilt" in str(info.value)
+def test_tensorrt_older_than_86_is_refused_plainly(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch,
+                                                   bundle) -> None:
+    use_version(monkeypatch, gpu, "8.5.2")
+    with pytest.raises(BackendUnavailableError, match=r"older than 8\.6.*JetPack 5 is not supported"):
+        load_engine_predictor(bundle)
+    assert gpu.builds == 0
 
 
-def test_unreadable_manifest_is_refused(engine_bundle: Path, fake_device: None) -> None:
-    (engine_bundle / ENGINE_MANIFEST).write_text("{ not json")
-    with pytest.raises(BackendUnavailableError, match="not a readable engine manifest"):
-        load_engine_predictor(resolve_bundle(engine_bundle))
+def test_tensorrt_without_fp16_flag_needs_the_fp16_onnx(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path, tiny_bundle: Path) -> None:
+    use_version(monkeypatch, gpu, "11.0.0")
+    dest = tmp_path / "nofp16"
+    shutil.copytree(tiny_bundle, dest)
+    (dest / ONNX_FP16).unlink()
+    with pytest.raises(BackendUnavailableError, match=r"only strongly typed.*lungseg-export --fp16"):
+        ensure_engine(resolve_bundle(dest), BackendOptions())
 
 
-def test_missing_engine_names_the_build_command(tiny_onnx: Path, tmp_path: Path) -> None:
-    shutil.copy(tiny_onnx, tmp_path / ONNX_FP32)
-    with pytest.raises(BackendUnavailableError, match="lungseg-export --engine-only"):
-        load_engine_predictor(resolve_bundle(tmp_path))
+def test_build_failure_reason_reaches_the_error_and_logging(gpu: FakeTensorRT, bundle,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    gpu.fail_build = "Internal error: could not find any implementation for node /encoder1/Conv"
+    with caplog.at_level(logging.ERROR, logger="lungseg.tensorrt"), pytest.raises(
+            BackendUnavailableError, match="could not find any implementation for node"):
+        ensure_engine(bundle, BackendOptions())
+    assert any(r.name == "lungseg.tensorrt" and "implementation" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT and a GPU are present")
-def test_auto_backend_falls_back_to_cpu_with_the_reason(engine_bundle: Path) -> None:
-    selection = select_predictor(resolve_bundle(engine_bundle), "auto")
+# --- engine cache: exact device, never the bundle, lock, parity gate ----------------------------------------------
+def test_engine_is_cached_in_the_state_dir_never_in_a_read_only_bundle(gpu: FakeTensorRT, bundle,
+                                                                       tmp_path: Path) -> None:
+    before = bundle_snapshot(bundle.root)
+    first = ensure_engine(bundle, BackendOptions())
+    second = ensure_engine(bundle, BackendOptions())
+    assert (first[2], second[2]) == ("built", "cache") and gpu.builds == 1
+    assert first[0].is_relative_to(tmp_path / "engines") and first[0] == second[0]
+    assert bundle_snapshot(bundle.root) == before
+
+
+def test_another_device_model_gets_its_own_engine(gpu: FakeTensorRT, bundle) -> None:
+    agx, _, _ = ensure_engine(bundle, BackendOptions())
+    gpu.cuda.props[0] = Props(name=b"NVIDIA Jetson AGX Orin", multiProcessorCount=8, totalGlobalMem=8 * 1024**3)
+    nano, manifest, where = ensure_engine(bundle, BackendOptions())  # an Orin Nano also says "Orin", 8.7
+    assert where == "built" and gpu.builds == 2 and nano.parent != agx.parent
+    assert manifest["device"]["sm_count"] == 8
+
+
+def test_engine_failing_parity_is_refused_recorded_and_never_used(gpu: FakeTensorRT, bundle,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    gpu.corrupt_output = True
+    with caplog.at_level(logging.ERROR), pytest.raises(BackendUnavailableError, match="failed its parity check"):
+        ensure_engine(bundle, BackendOptions())
+    cache = EngineCache()
+    folders = list(cache.root.iterdir())
+    assert not list(cache.root.glob(f"*/{ENGINE_FP16}"))
+    assert any((f / REFUSED).is_file() for f in folders)
+    assert any("refused" in r.getMessage() for r in caplog.records)
+    gpu.corrupt_output = False  # a later start does not rebuild every time: the refusal stands...
+    with pytest.raises(BackendUnavailableError, match="refused earlier"):
+        ensure_engine(bundle, BackendOptions())
+    assert gpu.builds == 1
+    path, _, where = ensure_engine(bundle, BackendOptions(), force=True)  # ...until build-engine --force
+    assert where == "built" and path.is_file() and gpu.builds == 2
+
+
+def test_auto_selection_falls_back_when_the_engine_fails_parity(gpu: FakeTensorRT, bundle) -> None:
+    gpu.corrupt_output = True
+    selection = select_predictor(bundle, "auto", threads=1)
     assert selection.predictor.backend == "cpu"
-    assert selection.fallbacks[0].startswith("tensorrt: ")
+    assert selection.fallbacks[0].startswith("tensorrt: ") and "parity" in selection.fallbacks[0]
     with pytest.raises(BackendUnavailableError):
-        select_predictor(resolve_bundle(engine_bundle), "tensorrt")
+        select_predictor(bundle, "tensorrt")
 
 
-@pytest.mark.skipif(tensorrt_unavailable_reason() is not None,
-                    reason=f"needs TensorRT and a CUDA GPU: {tensorrt_unavailable_reason()}")
-def test_engine_only_builds_a_working_engine(tmp_path: Path) -> None:
-    from lungseg.export import cli
-    from lungseg.export.checkpoint import random_checkpoint
-    from lungseg.export.samples import load_samples, model_batch
+def test_concurrent_starts_build_once_under_the_lock(gpu: FakeTensorRT, bundle) -> None:
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_engine(bundle, BackendOptions())[2]))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gpu.builds == 1 and sorted(results) == ["built", "cache"]
 
-    batch = model_batch(load_samples(None, with_masks=False))[0]
-    random_checkpoint(tmp_path / "checkpoint.pt", init_features=4, centre_on=batch[:8])
-    assert cli.main([str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path), "--fp16"]) == cli.EXIT_OK
-    assert cli.main(["--engine-only", str(tmp_path)]) == cli.EXIT_OK
-    recorded = json.loads((tmp_path / ENGINE_MANIFEST).read_text())
-    assert recorded["precision"] == "fp16" and recorded["profile"]["max"] == 8
-    predictor = load_engine_predictor(resolve_bundle(tmp_path), rebuild=False)
-    assert predictor.predict(batch[:3]).shape == (3, 256, 256)
-    parity = json.loads((tmp_path / "parity.json").read_text())
-    assert parity["models"][ENGINE_FP16]["passed"] is True
+
+def test_shipped_engine_is_used_only_with_the_exact_key_and_parity(gpu: FakeTensorRT, tiny_bundle: Path,
+                                                                   tmp_path: Path) -> None:
+    dest = tmp_path / "with-engine"
+    shutil.copytree(tiny_bundle, dest)
+    built, _, _ = ensure_engine(resolve_bundle(dest), BackendOptions())
+    for name in (ENGINE_FP16, ENGINE_MANIFEST):
+        shutil.copyfile(built.parent / name, dest / name)
+    assert ensure_engine(resolve_bundle(dest), BackendOptions())[2] == "bundle"
+    manifest = json.loads((dest / ENGINE_MANIFEST).read_text())
+    manifest["parity"]["passed"] = False
+    (dest / ENGINE_MANIFEST).write_text(json.dumps(manifest))
+    assert ensure_engine(resolve_bundle(dest), BackendOptions())[2] == "cache"
+
+
+# --- runtime: buffers from the profile, pinned memory, stream lifetime, graphs, errors -----------------------------
+def test_predictor_buffers_follow_the_engine_profile_and_are_released(gpu: FakeTensorRT, bundle) -> None:
+    predictor = load_engine_predictor(bundle)
+    golden = load_golden(bundle.root)
+    assert predictor.max_batch == 8 and predictor.input_shape == (3, 256, 256)
+    assert sorted(len(b) for b in gpu.cuda.device.values()) == [8 * 256 * 256 * 4, 8 * 3 * 256 * 256 * 4]
+    out = predictor.predict(np.concatenate([golden.inputs] * 3))  # 12 images: chunks of 8 and 4
+    assert out.shape == (12, 256, 256)
+    assert np.abs(out[:4] - golden.reference).max() < 2e-3 and np.array_equal(out[:4], out[8:])
+    assert gpu.cuda.pageable_copies == 0 and len(gpu.cuda.live_streams) == 1
+    predictor.close()
+    assert gpu.cuda.live_streams == set() and gpu.cuda.device == {} and gpu.cuda.pinned == {}
+    with pytest.raises(BackendRuntimeError, match="closed"):
+        predictor.predict(golden.inputs)
+
+
+def test_cuda_graph_replays_batch_one_exactly(gpu: FakeTensorRT, bundle) -> None:
+    golden = load_golden(bundle.root)
+    plain = load_engine_predictor(bundle)
+    graphed = load_engine_predictor(bundle, BackendOptions(cuda_graph=True))
+    replays = gpu.cuda.calls.get("graph_replays", 0)
+    for i in range(2):
+        assert np.array_equal(graphed.predict(golden.inputs[i:i + 1]), plain.predict(golden.inputs[i:i + 1]))
+    assert gpu.cuda.calls["graph_replays"] == replays + 2
+    assert np.array_equal(graphed.predict(golden.inputs[:3]), plain.predict(golden.inputs[:3]))  # batch 3: no graph
+    graphs_before = len(gpu.cuda.graphs)
+    assert np.array_equal(graphed.predict(golden.inputs[3:4]), plain.predict(golden.inputs[3:4]))  # re-captured
+    assert gpu.cuda.calls["graph_replays"] == replays + 3 and len(gpu.cuda.graphs) == graphs_before
+    graphed.close()
+    plain.close()
+    assert gpu.cuda.graphs == {} and gpu.cuda.live_streams == set()
+
+
+def test_missing_context_and_failed_allocation_are_unavailable_not_crashes(gpu: FakeTensorRT, bundle) -> None:
+    engine, _, _ = ensure_engine(bundle, BackendOptions())
+    import tensorrt as trt
+
+    gpu.context_fails = True
+    with pytest.raises(BackendUnavailableError, match="execution context"):
+        TensorRTPredictor(trt, engine.read_bytes(), model_path=str(engine))
+    gpu.context_fails = False
+    gpu.cuda.fail("cudaMalloc", cudaError_t.cudaErrorMemoryAllocation, after=1)  # the second buffer fails
+    with pytest.raises(BackendUnavailableError, match="cudaMalloc failed: cudaErrorMemoryAllocation"):
+        TensorRTPredictor(trt, engine.read_bytes(), model_path=str(engine))
+    assert gpu.cuda.device == {} and gpu.cuda.live_streams == set() and gpu.cuda.pinned == {}
+
+
+def test_cuda_error_while_running_is_a_backend_runtime_error(gpu: FakeTensorRT, bundle) -> None:
+    predictor = load_engine_predictor(bundle)
+    gpu.cuda.fail("cudaMemcpyAsync", cudaError_t.cudaErrorLaunchFailure)
+    with pytest.raises(BackendRuntimeError, match="cudaMemcpyAsync failed: cudaErrorLaunchFailure"):
+        predictor.predict(load_golden(bundle.root).inputs[:1])
+    predictor.close()
+
+
+def test_engine_from_another_tensorrt_is_rejected_by_deserialisation(gpu: FakeTensorRT, monkeypatch, bundle) -> None:
+    engine, _, _ = ensure_engine(bundle, BackendOptions())
+    use_version(monkeypatch, gpu, "8.6.2")
+    import tensorrt as trt
+
+    with pytest.raises(BackendUnavailableError, match=r"could not deserialise.*built with TensorRT 8\.6\.1"):
+        TensorRTPredictor(trt, engine.read_bytes(), model_path=str(engine))
+    assert ensure_engine(bundle, BackendOptions())[2] == "built"  # the key has the version: rebuilt, not reused
+
+
+# --- command lines ------------------------------------------------------------------------------------------------
+def run_main(main, argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_build_engine_and_engine_only_write_to_the_state_folder(gpu: FakeTensorRT, bundle, tmp_path: Path) -> None:
+    from lungseg.edge_runtime.cli import main as edge_main
+    from lungseg.export.cli import main as export_main
+
+    state = tmp_path / "state"
+    code, out, err = run_main(edge_main, ["build-engine", "--model", str(bundle.root), "--state", str(state)])
+    assert code == 0, err
+    assert "engine ready (built)" in out and list(state.glob(f"engines/*/{ENGINE_FP16}"))
+    code, out, err = run_main(export_main, ["--engine-only", str(bundle.root), "--state", str(state), "--json"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["source"] == "cache" and report["passed"] and gpu.builds == 1
+
+
+def test_engine_only_without_tensorrt_exits_4(bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungseg.export.cli import main as export_main
+
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    code, _, err = run_main(export_main, ["--engine-only", str(bundle.root), "--state", str(tmp_path)])
+    assert code == 4 and "tensorrt" in err and "build-engine" in err
+
+
+@pytest.mark.skipif(os.environ.get("LUNGSEG_REAL_TENSORRT") != "1",
+                    reason="a real TensorRT build needs TensorRT and an NVIDIA GPU (set LUNGSEG_REAL_TENSORRT=1)")
+def test_real_tensorrt_build(selftest_bundle: Path, tmp_path: Path) -> None:
+    from lungseg.edge_runtime.cli import main as edge_main
+
+    code, out, err = run_main(edge_main, ["build-engine", "--model", str(selftest_bundle), "--state", str(tmp_path)])
+    assert code == 0 and "engine ready" in out, err
+    options = BackendOptions(engine_cache=tmp_path / "engines")
+    predictor = load_engine_predictor(resolve_bundle(selftest_bundle), options)
+    golden = load_golden(selftest_bundle)
+    assert np.mean((predictor.predict(golden.inputs) >= 0.5) == (golden.reference >= 0.5)) > 0.99
+    predictor.close()

@@ -3,31 +3,70 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from lungseg.train.config import PROTOCOLS, TrainConfig
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, help="manifest CSV (columns as in the data README)")
+    p.add_argument("--data", type=Path,
+                   help="manifest CSV (columns as in the data README) or a samples cache .npz (lungseg-train cache)")
     p.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
+                   help="named recipe: 'paper' (Vidal et al. 2021, the default) or 'product' (the shipped model's); "
+                   "flags below override single settings")
     p.add_argument("--donor", default="scratch",
                    help="stage 0: 'hub', 'scratch' or a local weights file such as unet-e012d006.pt")
     p.add_argument("--repetitions", type=int, default=25, help="stage-1 repetitions (paper: 25)")
     p.add_argument("--stage2-repetitions", type=int, default=None, help="default: same as --repetitions")
-    p.add_argument("--max-epochs", type=int, default=200)
+    p.add_argument("--max-epochs", type=int, default=None, help="paper: 200 (early stopping decides)")
     p.add_argument("--stage2-max-epochs", type=int, default=None, help="default: same as --max-epochs")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--stage2-lr", type=float, default=None, help="default: --lr (product: 3e-4)")
+    p.add_argument("--stage2-freeze", choices=("none", "encoder"), default=None,
+                   help="keep stage-1 weights of these layers in stage 2")
+    p.add_argument("--loss", choices=("dice", "dice_bce"), default=None, help="paper: dice; product: dice_bce")
+    p.add_argument("--intensity-probability", type=float, default=None,
+                   help="probability of portable-image intensity augmentation (paper 0, product 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=2, help="threads for image preprocessing")
+    p.add_argument("--loader-workers", type=int, default=0, help="data-loader processes (0: in the main process)")
     p.add_argument("--init-features", type=int, default=32, help="U-Net width (32 = the donor's)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run repetitions one after another here, or as Ray tasks")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--ray-workers", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument("--ray-retries", type=int, default=3,
+                   help="times Ray retries a repetition whose worker died (it resumes from its last epoch)")
+    p.add_argument("--ray-gpu-fraction", type=float, default=1.0,
+                   help="share of a GPU each repetition asks Ray for (0.25: four repetitions per GPU)")
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PROTOCOLS[args.protocol])
+    explicit = {
+        "loss": args.loss, "intensity_probability": args.intensity_probability, "stage2_lr": args.stage2_lr,
+        "stage2_freeze": args.stage2_freeze, "max_epochs": args.max_epochs,
+        "stage2_max_epochs": args.stage2_max_epochs,
+    }
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return TrainConfig(
+        manifest=str(args.data.resolve()), donor=args.donor, repetitions=args.repetitions,
+        stage2_repetitions=args.stage2_repetitions, patience=args.patience, batch_size=args.batch_size,
+        image_size=args.image_size, lr=args.lr, seed=args.seed, device=args.device, workers=args.workers,
+        init_features=args.init_features, protocol=args.protocol, loader_workers=args.loader_workers,
+        **values,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", "evaluate finished repetitions"),
     ):
         _add_training_flags(sub.add_parser(name, help=help_text))
+    cache = sub.add_parser("cache", help="preprocess a manifest into one portable samples .npz")
+    cache.add_argument("--data", type=Path, required=True, help="manifest CSV")
+    cache.add_argument("--out", type=Path, required=True, help="output .npz")
+    cache.add_argument("--image-size", type=int, default=256)
+    cache.add_argument("--workers", type=int, default=2)
+    cache.add_argument("--bits", type=int, choices=(8, 16), default=16,
+                       help="image precision (8 halves the file and suits 8-bit source images)")
+    hold = sub.add_parser("holdout", help="score a model through lungseg-segment on held-out images (native size)")
+    hold.add_argument("--data", type=Path, required=True, help="manifest CSV")
+    hold.add_argument("--model", type=Path, default=None, help="ONNX file or bundle (default: the shipped model)")
+    hold.add_argument("--subset", choices=("independent", "portable"), default="independent")
+    hold.add_argument("--json", type=Path, default=None, help="write per-image results here")
+    hold.add_argument("--path", choices=("segment", "edge"), default="segment",
+                      help="lungseg-segment on the images, or the images wrapped as DICOM through lungseg-edge --once")
+    hold.add_argument("--segment-args", default="", help="extra lungseg-segment / lungseg-edge run arguments")
     best = sub.add_parser("best", help="print the best finished checkpoint (lowest validation loss)")
     best.add_argument("run_dir", type=Path)
     best.add_argument("--stage", default="stage2", choices=("stage1", "stage2"))
     report = sub.add_parser("report", help="Markdown + JSON + PNG report of an evaluated run")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report")
+    gate = sub.add_parser("gate", help="train the image gate (orientation, negative, mirror, chest), "
+                          "score it on held-out patients and export gate.onnx + gate.json")
+    gate.add_argument("--data", type=Path, required=True, help="manifest CSV")
+    gate.add_argument("--out", type=Path, required=True, help="gate run folder (rendered samples are cached here)")
+    gate.add_argument("--epochs", type=int, default=14)
+    gate.add_argument("--batch-size", type=int, default=64)
+    gate.add_argument("--lr", type=float, default=3e-3)
+    gate.add_argument("--seed", type=int, default=0)
+    gate.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    gate.add_argument("--no-bf16", action="store_true", help="train in fp32 (default: bf16 autocast on the CPU)")
+    gate.add_argument("--shape-model", action="store_true",
+                      help="also fit the mask shape model (shape_model.npz) on the training patients' masks")
+    gate.add_argument("--model", type=Path, default=None,
+                      help="segmenter bundle used to calibrate the shape model (default: the shipped one)")
     return parser
 
 
@@ -59,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("lungseg.train")
+    if args.command == "gate":
+        return _gate(args, log)
     if args.command == "best":
         from lungseg.train.pipeline import best_checkpoint
 
@@ -68,6 +138,23 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             return EXIT_USAGE
         return EXIT_OK
+    if args.command == "cache":
+        from lungseg.data import load_manifest
+        from lungseg.train.cache import write_cache
+
+        if not args.data.is_file():
+            log.error("%s: manifest not found", args.data)
+            return EXIT_USAGE
+        path = write_cache(load_manifest(args.data), args.out, args.image_size, args.workers, args.bits)
+        log.info("samples cache: %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        return EXIT_OK
+    if args.command == "holdout":
+        from lungseg.train.holdout import main_holdout
+
+        result = main_holdout(args.model, args.data, args.subset, args.json, args.segment_args.split(), args.path)
+        summary = {k: v for k, v in result.items() if k != "rows"}
+        print(json.dumps(summary))
+        return EXIT_OK if result["scored"] == result["images"] else EXIT_FAILED
     if args.command == "report":
         from lungseg.train.report import write_report
 
@@ -79,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         log.info("report: %s", path)
         return EXIT_OK
 
-    from lungseg.train.config import TrainConfig
     from lungseg.train.pipeline import Run, run_evaluation, run_stage
 
     config = None
@@ -87,14 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data.is_file():
             log.error("%s: manifest not found", args.data)
             return EXIT_USAGE
-        config = TrainConfig(
-            manifest=str(args.data.resolve()), donor=args.donor, repetitions=args.repetitions,
-            stage2_repetitions=args.stage2_repetitions, max_epochs=args.max_epochs,
-            stage2_max_epochs=args.stage2_max_epochs,
-            patience=args.patience, batch_size=args.batch_size, image_size=args.image_size,
-            lr=args.lr, seed=args.seed, device=args.device, workers=args.workers,
-            init_features=args.init_features,
-        )
+        config = _config_from_args(args)
     try:
         run = Run.open(args.out, config)
     except (FileNotFoundError, ValueError) as exc:
@@ -105,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for step in steps:
             if step in ("stage1", "stage2"):
-                run_stage(run, step)
+                run_stage(run, step, args.executor, args.ray_address, args.ray_workers, args.ray_retries,
+                          args.ray_gpu_fraction)
             elif step == "evaluate":
                 run_evaluation(run)
             else:
@@ -117,6 +197,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     log.info("done in %.1f min: %s", (time.perf_counter() - t0) / 60, run.dir)
     return EXIT_OK
+
+
+def _gate(args: argparse.Namespace, log: logging.Logger) -> int:
+    if not args.data.is_file():
+        log.error("%s: manifest not found", args.data)
+        return EXIT_USAGE
+    from lungseg.train.gate_train import GateTrainConfig, train
+
+    config = GateTrainConfig(manifest=str(args.data.resolve()), epochs=args.epochs, batch_size=args.batch_size,
+                             lr=args.lr, seed=args.seed, threads=args.threads, bf16=not args.no_bf16)
+    try:
+        manifest = train(args.out, config)
+        if args.shape_model:
+            from lungseg.train.shape_fit import fit_and_save
+
+            fit_and_save(args.data.resolve(), args.out, args.model)
+    except Exception as exc:
+        log.exception("gate training failed: %s", exc)
+        return EXIT_FAILED
+    log.info("gate held-out accuracy: %s", manifest["heldout_accuracy"])
+    return EXIT_OK if manifest["parity"]["passed"] else EXIT_FAILED
 
 
 if __name__ == "__main__":

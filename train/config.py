@@ -34,6 +34,16 @@ class TrainConfig:
     workers: int = 2
     threshold: float = 0.5
     init_features: int = 32
+    protocol: str = "paper"
+    loss: str = "dice"  # dice | dice_bce
+    bce_weight: float = 1.0
+    geometry: str = "sample"  # sample: the paper's per-image rotation | batch: rotation+scale+shift on device
+    scale_range: float = 0.0
+    translate_fraction: float = 0.0
+    intensity_probability: float = 0.0
+    stage2_lr: float | None = None
+    stage2_freeze: str = "none"  # none | encoder
+    loader_workers: int = 0
 
     @property
     def reps_stage2(self) -> int:
@@ -43,6 +53,9 @@ class TrainConfig:
         if stage == "stage2" and self.stage2_max_epochs is not None:
             return self.stage2_max_epochs
         return self.max_epochs
+
+    def lr_for(self, stage: str) -> float:
+        return self.stage2_lr if stage == "stage2" and self.stage2_lr is not None else self.lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,3 +74,15 @@ class TrainConfig:
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         return cls.from_dict(json.loads(path.read_text()))
+
+
+# Named protocols: "paper" is Vidal et al. (2021) as published; "product" is the recipe of the
+# shipped model, chosen by validation Dice (see docs/training_report). Explicit flags win.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "product": {
+        "loss": "dice_bce", "geometry": "batch", "rotation_degrees": 10.0, "rotation_probability": 0.8,
+        "scale_range": 0.12, "translate_fraction": 0.06, "intensity_probability": 0.8,
+        "max_epochs": 120, "stage2_max_epochs": 60, "stage2_lr": 3e-4,
+    },
+}

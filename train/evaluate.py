@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def predict_samples(model: UNet, samples: Sequence[Sample], batch_size: int = 8) -> np.ndarray:
-    """fp32 probabilities ``(N, S, S)`` for preprocessed samples."""
+    """fp32 probabilities ``(N, S, S)`` for preprocessed samples (on the model's device)."""
     outputs = []
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
             x = torch.from_numpy(np.stack([s.image for s in chunk]))[:, None].expand(-1, 3, -1, -1)
-            outputs.append(model(x.contiguous())[:, 0].numpy())
+            outputs.append(model(x.contiguous().to(device))[:, 0].float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from lungseg import __version__
 from lungseg.model import UNet
+from lungseg.train.augment import geometric_augment, random_affine
 from lungseg.train.config import TrainConfig
 from lungseg.train.dataset import Sample, SegmentationDataset
-from lungseg.train.loss import smooth_dice_loss
+from lungseg.train.loss import stage_loss
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (≈3.5x faster here), fp16 AMP on CUDA."""
+    """Mixed precision where it is fast: bf16 on CUDA (fp16 on GPUs without bf16), bf16 on CPUs with
+    native bf16 (≈3.5x faster than fp32 there); plain fp32 on other CPUs (emulated bf16 is ≈10x slower)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -74,6 +88,10 @@ def checkpoint_payload(model: UNet, config: TrainConfig, stage: str, epoch: int,
     }
 
 
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 @dataclass
 class StageResult:
     best_path: Path
@@ -82,16 +100,38 @@ class StageResult:
     epochs_run: int
 
 
-def evaluate_loss(model: UNet, loader: DataLoader, device: torch.device, smooth: float) -> float:
+def evaluate_loss(model: UNet, loader: DataLoader, device: torch.device, config: TrainConfig,
+                  threshold: float | None = None) -> float:
+    """Mean validation loss; with ``threshold``, the mean per-image Dice of the thresholded mask instead."""
     model.eval()
+    loss_fn = stage_loss(config.loss)
     total, count = 0.0, 0
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad():
         for x, y, v in loader:
             x = x.to(device).contiguous(memory_format=torch.channels_last)
-            p = model(x)
-            total += float(smooth_dice_loss(p, y.to(device), v.to(device), smooth)) * len(x)
+            with autocast(device):
+                p = model(x).float()
+            y, v = y.to(device), v.to(device)
+            if threshold is None:
+                total += float(loss_fn(p, y, v, config)) * len(x)
+            else:
+                m = (p >= threshold).float() * v
+                t = y * v
+                inter, sums = (m * t).sum((1, 2, 3)), m.sum((1, 2, 3)) + t.sum((1, 2, 3))
+                total += float(torch.where(sums > 0, 2 * inter / sums.clamp_min(1), torch.ones_like(sums)).sum())
             count += len(x)
     return total / max(count, 1)
+
+
+def freeze(model: UNet, part: str) -> None:
+    """Stage-2 layer freezing: ``encoder`` keeps the encoder and bottleneck at their stage-1 weights."""
+    if part == "none":
+        return
+    if part != "encoder":
+        raise ValueError(f"unknown freeze option {part!r} (none, encoder)")
+    for name, parameter in model.named_parameters():
+        if name.startswith(("encoder", "bottleneck")):
+            parameter.requires_grad_(False)
 
 
 def train_stage(
@@ -120,17 +160,24 @@ def train_stage(
     device = resolve_device(config.device)
     seed_everything(seed)
     model.to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if stage == "stage2":
+        freeze(model, config.stage2_freeze)
+    loss_fn = stage_loss(config.loss)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr_for(stage))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience
     )
     generator = torch.Generator().manual_seed(seed)
+    per_sample_rotation = config.geometry == "sample"
     train_loader = DataLoader(
-        SegmentationDataset(train_samples, config.rotation_degrees, config.rotation_probability, seed),
+        SegmentationDataset(train_samples, config.rotation_degrees if per_sample_rotation else 0.0,
+                            config.rotation_probability, seed, config.intensity_probability),
         batch_size=config.batch_size, shuffle=True, generator=generator,
-        drop_last=len(train_samples) > config.batch_size,
+        drop_last=len(train_samples) > config.batch_size, num_workers=config.loader_workers,
+        pin_memory=device.type == "cuda",
     )
-    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=config.batch_size)
+    val_loader = DataLoader(SegmentationDataset(val_samples), batch_size=config.batch_size,
+                            num_workers=config.loader_workers)
 
     start_epoch, best_val, best_epoch, since_best = 1, float("inf"), 0, 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -141,12 +188,14 @@ def train_stage(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        train_loader.dataset.rng.setstate(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_val, best_epoch, since_best = (
             state["epoch"] + 1, state["best_val"], state["best_epoch"], state["since_best"]
         )
         best_state = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)["model"]
+        # a kill between the log line and last.pt leaves epochs in the log that will be run again
+        kept = [e for e in _read_log(run_dir / LOG) if e["epoch"] <= state["epoch"]]
+        (run_dir / LOG).write_text("".join(json.dumps(e) + "\n" for e in kept))
         log.info("%s: resuming at epoch %d (best %.4f at %d)", run_dir, start_epoch, best_val, best_epoch)
 
     epoch = start_epoch - 1
@@ -156,22 +205,29 @@ def train_stage(
             break
         t0 = time.perf_counter()
         model.train()
+        train_loader.dataset.epoch = epoch
+        affine_generator = torch.Generator().manual_seed(seed * 100003 + epoch)
         running, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"{stage} epoch {epoch}", leave=False, mininterval=2.0,
                    disable=None)
         for x, y, v in bar:
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            x, y, v = x.to(device, non_blocking=True), y.to(device, non_blocking=True), v.to(device, non_blocking=True)
+            if not per_sample_rotation:
+                theta = random_affine(len(x), config.rotation_degrees, config.scale_range,
+                                      config.translate_fraction, config.rotation_probability, affine_generator)
+                x, y, v = geometric_augment(x, y, v, theta)
+            x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device):
                 p = model(x)
-            loss = smooth_dice_loss(p, y.to(device), v.to(device), config.smooth)
+            loss = loss_fn(p, y, v, config)
             loss.backward()
             optimizer.step()
             running += loss.item() * len(x)
             seen += len(x)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         train_loss = running / max(seen, 1)
-        val_loss = evaluate_loss(model, val_loader, device, config.smooth)
+        val_loss = evaluate_loss(model, val_loader, device, config)
         scheduler.step(val_loss)
         improved = val_loss < best_val
         if improved:
@@ -192,15 +248,19 @@ def train_stage(
         atomic_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "augment_rng": train_loader.dataset.rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(),
             "epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "since_best": since_best,
         }, last)
 
     if best_state is None:
         raise RuntimeError(f"{run_dir}: no epoch was run (max_epochs={config.epochs_for(stage)})")
     model.load_state_dict(best_state)
+    val_dice = evaluate_loss(model, val_loader, device, config, threshold=config.threshold)
     model.to("cpu").to(memory_format=torch.contiguous_format)
-    info = {"best_epoch": best_epoch, "best_val_loss": best_val, "epochs_run": epoch}
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    info = {"best_epoch": best_epoch, "best_val_loss": best_val, "epochs_run": epoch, "val_dice": val_dice,
+            "seconds": sum(e["seconds"] for e in _read_log(run_dir / LOG))}
     done.write_text(json.dumps(info, indent=2) + "\n")
     last.unlink(missing_ok=True)
     return StageResult(run_dir / BEST, best_epoch, best_val, epoch)

@@ -13,6 +13,7 @@ import torch
 from lungseg.data import Record, load_manifest
 from lungseg.export.checkpoint import load_checkpoint
 from lungseg.model import UNet, load_donor
+from lungseg.train.cache import is_cache, read_cache
 from lungseg.train.config import TrainConfig
 from lungseg.train.dataset import Sample, load_samples
 from lungseg.train.evaluate import evaluate_model, write_evaluation
@@ -29,8 +30,12 @@ class Run:
     def __init__(self, run_dir: Path, config: TrainConfig):
         self.dir = run_dir
         self.config = config
-        self.plan: DataPlan = plan_data(load_manifest(config.manifest), config)
         self._cache: dict[str, Sample] = {}
+        if is_cache(config.manifest):
+            records, self._cache = read_cache(config.manifest)
+        else:
+            records = load_manifest(config.manifest)
+        self.plan: DataPlan = plan_data(records, config)
 
     @classmethod
     def open(cls, run_dir: Path, config: TrainConfig | None = None) -> Run:
@@ -38,8 +43,9 @@ class Run:
         saved = run_dir / "config.json"
         if saved.is_file():
             stored = TrainConfig.load(saved)
-            if config is not None:
-                stored.device, stored.workers = config.device, config.workers
+            if config is not None:  # where and how fast may change between sessions, never what is trained
+                stored.device, stored.workers, stored.loader_workers = (
+                    config.device, config.workers, config.loader_workers)
             config = stored
         elif config is None:
             raise FileNotFoundError(f"{run_dir}: not a training run (no config.json)")
@@ -75,25 +81,39 @@ class Run:
         return self.config.repetitions if stage == "stage1" else self.config.reps_stage2
 
 
-def run_stage(run: Run, stage: str) -> None:
-    """Train every repetition of ``stage`` (skips completed ones, resumes a stopped one)."""
-    config = run.config
+def run_stage(run: Run, stage: str, executor: str = "local", ray_address: str | None = None,
+              ray_workers: int | None = None, ray_retries: int = 3, ray_gpu_fraction: float = 1.0) -> None:
+    """Train every repetition of ``stage`` (skips completed ones, resumes a stopped one).
+
+    ``executor="ray"`` runs the repetitions as independent Ray tasks (see :mod:`lungseg.train.distributed`).
+    """
+    if executor == "ray":
+        from lungseg.train.distributed import run_stage_on_ray
+
+        run_stage_on_ray(run, stage, ray_address, ray_workers, ray_retries, ray_gpu_fraction)
+        return
     for rep in range(run.n_reps(stage)):
-        train, val, _ = run.splits(stage, rep)
-        seed = config.seed + (0 if stage == "stage1" else 1000) + rep
-        torch.manual_seed(seed)  # before the model is built: a scratch initialisation is seeded too
-        if stage == "stage1":
-            model = load_donor(config.donor) if config.init_features == 32 else UNet(
-                init_features=config.init_features)
-        else:
-            parent = run.rep_dir("stage1", stage2_parent(rep, config)) / BEST
-            if not (parent.parent / DONE).is_file():
-                raise RuntimeError(f"stage 2 needs the finished stage-1 model {parent}; run stage1 first")
-            model = load_checkpoint(parent).model.train()
-        result = train_stage(model, run.samples(train), run.samples(val), config,
-                             run.rep_dir(stage, rep), stage, seed)
-        log.info("%s rep %d: best val loss %.4f at epoch %d", stage, rep, result.best_val_loss,
-                 result.best_epoch)
+        train_repetition(run, stage, rep)
+
+
+def train_repetition(run: Run, stage: str, rep: int) -> None:
+    """Train (or resume, or skip if finished) one repetition of one stage."""
+    config = run.config
+    train, val, _ = run.splits(stage, rep)
+    seed = config.seed + (0 if stage == "stage1" else 1000) + rep
+    torch.manual_seed(seed)  # before the model is built: a scratch initialisation is seeded too
+    if stage == "stage1":
+        model = load_donor(config.donor) if config.init_features == 32 else UNet(
+            init_features=config.init_features)
+    else:
+        parent = run.rep_dir("stage1", stage2_parent(rep, config)) / BEST
+        if not (parent.parent / DONE).is_file():
+            raise RuntimeError(f"stage 2 needs the finished stage-1 model {parent}; run stage1 first")
+        model = load_checkpoint(parent).model.train()
+    result = train_stage(model, run.samples(train), run.samples(val), config,
+                         run.rep_dir(stage, rep), stage, seed)
+    log.info("%s rep %d: best val loss %.4f at epoch %d", stage, rep, result.best_val_loss,
+             result.best_epoch)
 
 
 def run_evaluation(run: Run) -> dict:
@@ -108,6 +128,8 @@ def run_evaluation(run: Run) -> dict:
                 log.warning("%s: not finished, left out of the evaluation", rep_dir)
                 continue
             model = load_checkpoint(rep_dir / BEST).model
+            if run.config.device != "cpu" and torch.cuda.is_available():
+                model = model.cuda()  # fp32 on the GPU: same numbers as the CPU within rounding
             test = run.samples(run.splits(stage, rep)[2])
             extra = {"stage": stage, "rep": rep}
             test_rows, _ = evaluate_model(model, test, run.config.threshold, f"{stage} rep {rep} test",

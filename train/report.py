@@ -12,6 +12,7 @@ import numpy as np
 
 from lungseg.metrics import METRIC_NAMES
 from lungseg.train import paper
+from lungseg.train.error_analysis import error_analysis, render
 
 log = logging.getLogger(__name__)
 STAGES = ("stage1", "stage2")
@@ -127,7 +128,22 @@ def plot_overlays(predictions: Path, out: Path, count: int = 4, threshold: float
     return path
 
 
-def render_markdown(run_dir: Path, summary: dict[str, Any], figures: dict[str, Path | None]) -> str:
+def render_candidates(candidates: dict[str, Any]) -> list[str]:
+    """The recipes tried and the validation Dice each reached (``candidates.json`` in the run folder)."""
+    md = ["## Candidates (chosen by stage-2 validation Dice, never by test data)", "",
+          candidates.get("note", ""), "",
+          "| candidate | what differs | stage-1 val Dice | stage-2 val Dice | epochs (stage 1 / stage 2) | kept |",
+          "|---|---|---|---|---|---|"]
+    for name, row in candidates["candidates"].items():
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "–"  # noqa: E731
+        md.append(f"| {name} | {row.get('what', '')} | {fmt(row.get('stage1_val_dice'))} |"
+                  f" {fmt(row.get('stage2_val_dice'))} | {row.get('stage1_epochs')} / {row.get('stage2_epochs')} |"
+                  f" {'**yes**' if name == candidates.get('chosen') else ''} |")
+    return [*md, ""]
+
+
+def render_markdown(run_dir: Path, summary: dict[str, Any], figures: dict[str, Path | None],
+                    analysis: dict[str, Any] | None = None) -> str:
     config = json.loads((run_dir / "config.json").read_text())
     plan = json.loads((run_dir / "data_plan.json").read_text())
     reps = summary["repetitions"]
@@ -138,8 +154,12 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], figures: dict[str, P
            f" early-stopping patience {config['patience']}, batch {config['batch_size']}, image {config['image_size']},"
            f" Adam lr {config['lr']}, plateau factor {config['plateau_factor']}"
            f" / patience {config['plateau_patience']}",
-           f"- smooth Dice loss λ = {config['smooth']}; rotation ±{config['rotation_degrees']}° with p ="
-           f" {config['rotation_probability']}; splits {config['split_fractions']} by patient; seed {config['seed']}",
+           f"- protocol `{config.get('protocol', 'paper')}`: loss `{config.get('loss', 'dice')}` (smooth λ ="
+           f" {config['smooth']}); rotation ±{config['rotation_degrees']}° with p = {config['rotation_probability']}"
+           f" ({config.get('geometry', 'sample')}), scale ±{config.get('scale_range', 0)},"
+           f" shift ±{config.get('translate_fraction', 0)}, intensity p = {config.get('intensity_probability', 0)};"
+           f" stage-2 lr {config.get('stage2_lr') or config['lr']}, frozen: {config.get('stage2_freeze', 'none')};"
+           f" splits {config['split_fractions']} by patient; seed {config['seed']}",
            f"- data plan: {json.dumps(plan)}",
            "- Metrics are computed per image in model space (256 × 256), 'ignore' pixels excluded, threshold"
            f" {config['threshold']}, no postprocessing (as in the paper); mean ± std over all image-evaluations"
@@ -174,6 +194,11 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], figures: dict[str, P
            _table(["model", "image-evaluations", "before postprocessing", "after postprocessing"],
                   [[s, str(art[s]["images"]), str(art[s]["raw"]), str(art[s]["postprocessed"])] for s in STAGES]),
            ""]
+    candidates = run_dir / "candidates.json"
+    if candidates.is_file():
+        md += render_candidates(json.loads(candidates.read_text()))
+    if analysis:
+        md += render(analysis)
     for title, key in (("Loss curves", "loss"), ("Per-class comparison", "per_class"),
                        ("Overlays (stage 1 red, stage 2 blue)", "overlays")):
         if figures.get(key):
@@ -201,6 +226,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         "per_class": plot_per_class(summary, out),
         "overlays": plot_overlays(run_dir / "evaluation" / "independent_predictions.npz", out),
     }
+    analysis = error_analysis(run_dir / "evaluation" / "independent_predictions.npz", out)
     (out / "report.json").write_text(json.dumps({
         "ours": summary,
         "paper": {"table1": paper.TABLE1_STAGE1, "table2": paper.TABLE2_STAGE2,
@@ -208,7 +234,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         "config": _portable_config(run_dir),
         "data_plan": json.loads((run_dir / "data_plan.json").read_text()),
         "epochs": {s: [len(x) for x in _read_logs(run_dir, s)] for s in STAGES},
+        "error_analysis": analysis,
     }, indent=2) + "\n")
     path = out / "report.md"
-    path.write_text(render_markdown(run_dir, summary, figures))
+    path.write_text(render_markdown(run_dir, summary, figures, analysis))
     return path

@@ -1,0 +1,184 @@
+"""The DICOM edge path, stage by stage, with today's defaults against 0.1.0's path, in one run.
+
+* **Stages.** Every DICOM file (the real ones when present, generated ones otherwise) goes
+  ``copies`` times (plus one warm-up file, not counted) through ``lungseg-edge run --once
+  --batch-size 1``, twice: with the
+  defaults, and as 0.1.0 ran: :data:`LEGACY_ARGS` (full-resolution decode, native-size
+  postprocessing, RLE SC decoded back in full) on the fp32 model alone
+  (:func:`legacy_bundle`; the defaults use whatever the bundle's self-tested chain picks,
+  int8 where it passes). Per file and stage the
+  median over the copies is reported, and ``non_inference / infer`` (decode + preprocess +
+  postprocess + write, write including publish and ledger commit, over inference).
+* **Burst.** ``burst`` small (512 px) uncompressed files through one ``--once`` run, with
+  the defaults and with :data:`LEGACY_ARGS`: throughput ratio and the daemon's peak RSS.
+* **Mask parity.** The final native-size mask of the default path against the 0.1.0 path
+  (full-resolution decode and native-size postprocessing), same predictor, per file.
+
+Ratios are measured in the same run, so they hold on any machine; the CPU's feature flags
+are recorded beside them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import end_to_end
+
+log = logging.getLogger(__name__)
+
+LEGACY_ARGS = ("--decode-min-side", "0", "--postprocess-resolution", "native", "--sc-syntax", "rle",
+               "--sc-verify", "decode")
+STAGES = ("decode", "preprocess", "infer", "postprocess", "write")
+NON_INFERENCE = ("decode", "preprocess", "postprocess", "write")
+ACCEPT_J2K_RATIO = 1.0
+ACCEPT_UNCOMPRESSED_RATIO = 0.5
+ACCEPT_BURST_SPEEDUP = 1.5
+ACCEPT_PEAK_RSS_MIB = 700.0
+ACCEPT_MASK_DICE = 0.995
+_BURST_NAME = re.compile(r"burst-\d+-(?P<stem>.+)\.dcm$")
+
+
+LEGACY_BUNDLE_FILES = ("model.onnx", "parity.json", "MODEL_CARD.md")
+
+
+def legacy_bundle(bundle: Path, folder: Path) -> Path:
+    """A bundle as 0.1.0 used it on a CPU: the fp32 model only (no int8 variant, golden set or gate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in LEGACY_BUNDLE_FILES:
+        source = bundle / name
+        if source.is_file():
+            try:
+                (folder / name).symlink_to(source.resolve())
+            except OSError:
+                shutil.copyfile(source, folder / name)
+    return folder
+
+
+def per_file_stages(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Median stage timings per source file of one :func:`end_to_end.run_edge` run."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in run.get("per_file", [])[1:]:  # the first file processed is the run's warm-up
+        match = _BURST_NAME.search(str(record.get("file") or ""))
+        if match:
+            grouped.setdefault(match["stem"] + ".dcm", []).append(record)
+    table = {}
+    for name, records in sorted(grouped.items()):
+        stages = {s: float(np.median([r["timings_ms"].get(s, 0.0) for r in records])) for s in STAGES}
+        parts = sorted({k for r in records for k in r.get("write_stages_ms", {})})
+        write_parts = {k: float(np.median([r["write_stages_ms"].get(k, 0.0) for r in records])) for k in parts}
+        non_inference = sum(stages[s] for s in NON_INFERENCE)
+        table[name] = {"n": len(records), "stages_ms": stages, "write_parts_ms": write_parts,
+                       "non_inference_ms": non_inference,
+                       "ratio_non_inference_to_infer": non_inference / stages["infer"] if stages["infer"] else None}
+    return table
+
+
+def stage_comparison(sources: Sequence[Path], bundle: Path, *, copies: int, threads: int | None,
+                     backend: str = "cpu") -> dict[str, Any]:
+    """Stage tables of the default and the 0.1.0 path (one ``--once`` run each, batch size 1)."""
+    result: dict[str, Any] = {"copies": copies, "legacy_args": " ".join(LEGACY_ARGS)}
+    for label, extra in (("default", ()), ("legacy", LEGACY_ARGS)):
+        with tempfile.TemporaryDirectory(prefix=f"lungseg-stages-{label}-") as tmp:
+            model = bundle if label == "default" else legacy_bundle(bundle, Path(tmp) / "bundle")
+            run = end_to_end.run_edge(sources, copies * len(sources) + 1, model, Path(tmp), backend=backend,
+                                      threads=threads, extra_args=("--batch-size", "1", *extra))
+        if "skipped" in run:
+            return {"skipped": run["skipped"]}
+        result[label] = {"exit_code": run["exit_code"], "written": run["written"], "files": run["files"],
+                         "backend": run["backend"], "peak_rss_mib": run["peak_rss_mib"],
+                         "per_file": per_file_stages(run)}
+        if "stderr_tail" in run:
+            result[label]["stderr_tail"] = run["stderr_tail"]
+    return result
+
+
+def burst_comparison(sources: Sequence[Path], n: int, bundle: Path, *, threads: int | None,
+                     backend: str = "cpu") -> dict[str, Any]:
+    """Throughput and peak RSS of ``n`` files with the defaults and with the 0.1.0 path."""
+    result: dict[str, Any] = {"files": n, "sources": sorted(s.name for s in sources),
+                              "legacy_args": " ".join(LEGACY_ARGS)}
+    for label, extra in (("default", ()), ("legacy", LEGACY_ARGS)):
+        with tempfile.TemporaryDirectory(prefix=f"lungseg-burst-{label}-") as tmp:
+            model = bundle if label == "default" else legacy_bundle(bundle, Path(tmp) / "bundle")
+            run = end_to_end.run_burst(sources, n, model, Path(tmp), backend=backend, threads=threads,
+                                       extra_args=extra)
+        if "skipped" in run:
+            return {"skipped": run["skipped"]}
+        result[label] = run
+    default, legacy = result["default"].get("files_per_s"), result["legacy"].get("files_per_s")
+    result["speedup"] = default / legacy if default and legacy else None
+    return result
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def mask_parity(sources: Sequence[Path], predictor: Any, *, min_side: int = 512, threshold: float = 0.5,
+                min_dice: float = ACCEPT_MASK_DICE, gate: Any = None) -> dict[str, Any]:
+    """Dice of the default path's native-size mask against the 0.1.0 path's, per file.
+
+    Both paths go through the bundle's image gate (``gate``) first, as the product does, so an
+    upside-down or negative file is compared on the image that is actually segmented.
+    """
+    from lungseg.dicom_decode import read_dicom
+    from lungseg.gate import GatePolicy, gated_segment
+    from lungseg.imaging import UnreadableImageError
+    from lungseg.postprocess import PostprocessConfig
+
+    policy = GatePolicy(mode="flag")
+
+    def segment_batch(predictor: Any, images: list[Any], config: Any) -> list[Any]:
+        return gated_segment(predictor, gate, images, config, policy)
+
+    per_file: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for path in sources:
+        try:
+            full = read_dicom(path)
+            reduced = read_dicom(path, min_side=min_side)
+        except UnreadableImageError as exc:
+            errors[path.name] = exc.reason
+            continue
+        legacy = segment_batch(predictor, [full], PostprocessConfig(threshold=threshold, resolution="native"))[0]
+        default = segment_batch(predictor, [reduced], PostprocessConfig(threshold=threshold))[0]
+        per_file[path.name] = {"dice": dice(legacy.mask, default.mask), "native": list(full.shape),
+                               "decoded": list(reduced.shape), "level": reduced.facts.get("decoded_level", 0)}
+    values = [v["dice"] for v in per_file.values()]
+    return {"min_side": min_side, "per_file": per_file, "errors": errors, "gate": min_dice,
+            "dice_mean": float(np.mean(values)) if values else None,
+            "dice_min": float(np.min(values)) if values else None,
+            "passed": bool(values) and float(np.mean(values)) >= min_dice}
+
+
+def acceptance(stages: dict[str, Any], burst: dict[str, Any], parity: dict[str, Any], j2k: str | None,
+               uncompressed: str | None) -> dict[str, Any]:
+    """The issue's acceptance figures, each with its bound and whether it holds."""
+    out: dict[str, Any] = {}
+    table = stages.get("default", {}).get("per_file", {})
+    legacy = stages.get("legacy", {}).get("per_file", {})
+    for key, name, bound in (("j2k_ratio", j2k, ACCEPT_J2K_RATIO),
+                             ("uncompressed_ratio", uncompressed, ACCEPT_UNCOMPRESSED_RATIO)):
+        row = table.get(name or "")
+        value = row["ratio_non_inference_to_infer"] if row else None
+        out[key] = {"file": name, "value": value, "bound": bound, "legacy": (legacy.get(name or "") or {}).get(
+            "ratio_non_inference_to_infer"), "passed": value is not None and value <= bound}
+    speedup = burst.get("speedup")
+    out["burst_speedup"] = {"value": speedup, "bound": ACCEPT_BURST_SPEEDUP,
+                            "passed": speedup is not None and speedup >= ACCEPT_BURST_SPEEDUP}
+    rss = burst.get("default", {}).get("peak_rss_mib")
+    out["daemon_peak_rss_mib"] = {"value": rss, "bound": ACCEPT_PEAK_RSS_MIB,
+                                  "worker": burst.get("default", {}).get("worker_peak_rss_mib"),
+                                  "passed": rss is not None and rss < ACCEPT_PEAK_RSS_MIB}
+    out["mask_dice_mean"] = {"value": parity.get("dice_mean"), "bound": parity.get("gate", ACCEPT_MASK_DICE),
+                             "min": parity.get("dice_min"), "passed": bool(parity.get("passed"))}
+    return out

@@ -1,0 +1,100 @@
+"""The serving backend's state, for operators: ``<state>/backend.json`` and the metrics hook.
+
+Written at start-up (after the self-test) and after every demotion; read by
+``lungseg-edge status``. The metrics module, when present, is told the backend,
+precision and self-test result through its ``set_backend`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lungseg.edge")
+
+BACKEND_STATUS = "backend.json"
+
+
+def write_backend_status(state_dir: Path, status: dict[str, Any]) -> None:
+    """Replace ``<state>/backend.json`` atomically; a failure is logged, never raised."""
+    path = Path(state_dir) / BACKEND_STATUS
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(status, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("could not write %s: %s", path.name, exc)
+
+
+def read_backend_status(state_dir: Path) -> dict[str, Any] | None:
+    """The last status the daemon wrote, or ``None`` when there is none (or it is unreadable)."""
+    try:
+        value = json.loads((Path(state_dir) / BACKEND_STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def report_backend_to_metrics(status: dict[str, Any]) -> bool:
+    """Hand the backend to ``lungseg.edge_runtime.metrics.set_backend`` when that module offers it."""
+    try:
+        from lungseg.edge_runtime import metrics  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    set_backend = getattr(metrics, "set_backend", None)
+    if not callable(set_backend):
+        return False
+    selftest = status.get("selftest") or {}
+    try:
+        set_backend(status.get("backend"), status.get("precision"), selftest.get("passed"))
+        count = getattr(metrics, "count", None)
+        if callable(count) and status.get("demotions"):
+            last = status["demotions"][-1]
+            count("backend_demotions", backend=str(last.get("from")), to=str(last.get("to")))
+    except Exception as exc:  # metrics must never take the service down
+        log.warning("metrics set_backend failed: %s", exc)
+        return False
+    return True
+
+
+def describe(status: dict[str, Any]) -> list[str]:
+    """Human-readable lines for ``lungseg-edge status``."""
+    selftest = status.get("selftest") or {}
+    lines = [f"backend:                {status.get('backend')} ({status.get('precision')}, "
+             f"{status.get('model_file')})"]
+    if selftest.get("dice_mean") is not None:
+        lines.append(f"self-test:              {'passed' if selftest.get('passed') else 'FAILED'}, mean Dice "
+                     f"{selftest['dice_mean']:.4f}, min {selftest['dice_min']:.4f} on {selftest.get('n_images')} "
+                     f"images ({selftest.get('seconds', 0):.2f} s)")
+    else:
+        lines.append(f"self-test:              {selftest.get('reason') or 'not run'}")
+    for reason in status.get("fallbacks", []):
+        lines.append(f"  not used: {reason}")
+    demotions = status.get("demotions", [])
+    lines.append(f"demotions since start:  {len(demotions)}")
+    for demotion in demotions:
+        lines.append(f"  {demotion.get('at')}: {demotion.get('from')}/{demotion.get('from_precision')} -> "
+                     f"{demotion.get('to')}/{demotion.get('to_precision')}: {demotion.get('reason')}")
+    return lines
+
+
+def backend_options(config: Any) -> Any:
+    """:class:`lungseg.predictors.BackendOptions` for the daemon: engines in ``<state>/engines``.
+
+    GPU settings are read from the config when it has them (``dla_core``, ``cuda_graph``,
+    ``gpu_mem_limit_mb``, ``cudnn_conv_algo_search``); absent ones keep their defaults.
+    """
+    from lungseg.predictors import BackendOptions
+
+    defaults = BackendOptions()
+    return BackendOptions(
+        threads=getattr(config, "threads", None),
+        engine_cache=Path(config.state_dir) / "engines",
+        dla_core=getattr(config, "dla_core", None),
+        cuda_graph=bool(getattr(config, "cuda_graph", False)),
+        gpu_mem_limit_mb=getattr(config, "gpu_mem_limit_mb", None),
+        cudnn_conv_algo_search=getattr(config, "cudnn_conv_algo_search", None) or defaults.cudnn_conv_algo_search,
+    )

@@ -1,0 +1,76 @@
+"""Add the image gate (``gate.onnx``) and the mask shape model (``shape_model.npz``) to a model bundle.
+
+The gate is re-exported from its training checkpoint, checked against PyTorch on the parity
+radiographs (each in the 8 quarter-turn/mirror poses, through :func:`lungseg.gate.gate_input`,
+the runtime transform) and recorded with both files' sha256 in ``gate.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lungseg.bundle import GATE_MANIFEST, GATE_ONNX, sha256_file
+from lungseg.gate import gate_input
+from lungseg.plausibility import SHAPE_MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+
+class GateExportError(RuntimeError):
+    """The gate could not be added (missing checkpoint or shape model, failed parity)."""
+
+
+def add_gate(bundle: Path, checkpoint: Path, parity_batch: np.ndarray, data: dict[str, Any],
+             shape_model: Path | None = None) -> dict[str, Any]:
+    """Export the gate into ``bundle``, check parity, copy the shape model, write ``gate.json``."""
+    try:
+        from lungseg.train.gate_data import GateSamples, dihedral
+        from lungseg.train.gate_train import check_parity, export_onnx, load_gate_checkpoint
+    except ImportError as exc:  # pragma: no cover - the [train] extra is what export needs anyway
+        raise GateExportError(f"adding the gate needs the [train] extra ({exc})") from exc
+    if not checkpoint.is_file():
+        raise GateExportError(f"{checkpoint}: no gate checkpoint")
+    shape_model = shape_model or checkpoint.parent / SHAPE_MODEL_FILE
+    if not shape_model.is_file():
+        raise GateExportError(f"{shape_model}: no shape model (fit it with lungseg-train gate --shape-model)")
+    try:
+        model = load_gate_checkpoint(checkpoint)
+    except Exception as exc:
+        raise GateExportError(f"{checkpoint}: not a gate checkpoint ({type(exc).__name__}: {exc})") from exc
+    onnx_path = export_onnx(model, bundle / GATE_ONNX)
+    base = np.stack([gate_input(x) for x in parity_batch])
+    poses = np.concatenate([dihedral(base, k, m) for k in range(4) for m in (False, True)])
+    samples = GateSamples(x=poses, chest=np.ones(len(poses), np.int64), negative=np.zeros(len(poses), np.int64),
+                          base_id=[""] * len(poses))
+    parity = check_parity(model, onnx_path, samples, limit=len(poses))
+    parity["source"] = f"{data.get('source', 'parity radiographs')}, {len(base)} images x 8 poses"
+    target = bundle / SHAPE_MODEL_FILE
+    if shape_model.resolve() != target.resolve():
+        shutil.copyfile(shape_model, target)
+    trained = checkpoint.parent / GATE_MANIFEST
+    training = json.loads(trained.read_text()) if trained.is_file() else {}
+    manifest = {
+        "name": "lungseg-gate",
+        "version": training.get("version", "unknown"),
+        "file": GATE_ONNX,
+        "sha256": sha256_file(onnx_path),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parity": parity,
+        "heldout_accuracy": training.get("heldout_accuracy"),
+        "data": training.get("data"),
+        "shape_model": {**(training.get("shape_model") or {}), "file": SHAPE_MODEL_FILE,
+                        "sha256": sha256_file(target)},
+    }
+    (bundle / GATE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if not parity["passed"]:
+        raise GateExportError(f"gate parity failed: max |d logit| {parity['max_abs_logit_diff']:.2e}, "
+                              f"decisions identical {parity['decisions_identical']}")
+    return manifest

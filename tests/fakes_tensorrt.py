@@ -1,0 +1,395 @@
+"""An in-process stand-in for the ``tensorrt`` Python module (8.6, 10.x or 11 flavour) that enforces its contracts.
+
+What it holds a caller to, as the real library does:
+
+* 8.x: ``create_network`` without the ``EXPLICIT_BATCH`` bit gives an implicit-batch
+  network the ONNX parser rejects; 10.x accepts (and ignores) the bit; "11" has no
+  ``EXPLICIT_BATCH`` and no ``BuilderFlag.FP16``; ``STRONGLY_TYPED`` exists from 10.x,
+  and a strongly typed network refuses precision flags at build time;
+* a custom logger must subclass ``ILogger`` and call ``ILogger.__init__``;
+* a dynamic input needs an optimisation profile; the execution context accepts
+  only input shapes inside it and needs every tensor address before it runs;
+* an engine deserialises only under the TensorRT version and GPU it was built
+  for (else ``None`` and an error in the log);
+* ``execute_async_v3`` needs a live stream of the fake CUDA runtime and reads and
+  writes the fake device memory at the addresses it was given.
+
+The engine computes with the real onnxruntime on the parsed ONNX file, rounding
+its output to fp16, so parity checks measure something real. ``corrupt_output``
+inverts the probabilities (an engine that must fail parity); ``fail_build`` makes
+the build fail with a logged reason; ``context_fails`` makes
+``create_execution_context`` return ``None``.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fakes_cuda import FakeCudaRuntime
+
+MAGIC = b"FAKE-TRT-ENGINE\n"
+
+
+@dataclass
+class FakeTensorRT:
+    version: str = "10.3.0"
+    cuda: FakeCudaRuntime = field(default_factory=FakeCudaRuntime)
+    corrupt_output: bool = False
+    fail_build: str | None = None
+    context_fails: bool = False
+    builds: int = 0
+    networks: list[Any] = field(default_factory=list)
+    monitor_events: list[str] = field(default_factory=list)
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def make_module(state: FakeTensorRT) -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = state.version
+    trt.fake = state  # type: ignore[attr-defined]
+
+    class DataType(enum.IntEnum):
+        FLOAT = 0
+        HALF = 1
+
+    trt.DataType = DataType
+    trt.float32, trt.float16 = DataType.FLOAT, DataType.HALF
+
+    class Severity(enum.IntEnum):
+        INTERNAL_ERROR = 0
+        ERROR = 1
+        WARNING = 2
+        INFO = 3
+        VERBOSE = 4
+
+    class ILogger:
+        def __init__(self) -> None:
+            self._initialised = True
+
+        def log(self, severity: Severity, msg: str) -> None:
+            raise NotImplementedError
+
+    ILogger.Severity = Severity  # type: ignore[attr-defined]
+
+    class Logger(ILogger):
+        def __init__(self, min_severity: Severity = Severity.WARNING) -> None:
+            ILogger.__init__(self)
+            self.messages: list[tuple[Severity, str]] = []
+
+        def log(self, severity: Severity, msg: str) -> None:
+            self.messages.append((severity, msg))
+
+    trt.ILogger, trt.Logger = ILogger, Logger
+
+    def check_logger(logger: Any) -> ILogger:
+        if not isinstance(logger, ILogger) or not getattr(logger, "_initialised", False):
+            raise TypeError("tensorrt.ILogger.__init__() must be called when overriding __init__")
+        return logger
+
+    flags = {"EXPLICIT_BATCH": 0} if state.major < 11 else {}
+    if state.major >= 10:
+        flags["STRONGLY_TYPED"] = 5
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", flags) if flags else (
+        types.SimpleNamespace())
+    builder_flags = {"OBEY_PRECISION_CONSTRAINTS": 1, "GPU_FALLBACK": 2}
+    if state.major < 11:
+        builder_flags["FP16"] = 0
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", builder_flags)
+    trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
+    trt.DeviceType = enum.IntEnum("DeviceType", {"GPU": 0, "DLA": 1})
+    trt.TensorIOMode = enum.IntEnum("TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
+
+    if state.major >= 10:
+        class IProgressMonitor:
+            def __init__(self) -> None:
+                self._initialised = True
+
+        trt.IProgressMonitor = IProgressMonitor
+
+    class Tensor:
+        def __init__(self, name: str):
+            self.name = name
+
+    class Layer:
+        def __init__(self, name: str, output: str):
+            self.name, self.num_outputs = name, 1
+            self._outputs = [Tensor(output)]
+            self.precision: Any = None
+            self.output_types: dict[int, Any] = {}
+
+        def get_output(self, index: int) -> Tensor:
+            return self._outputs[index]
+
+        def set_output_type(self, index: int, dtype: Any) -> None:
+            self.output_types[index] = dtype
+
+    class Network:
+        def __init__(self, flag_bits: int):
+            self.flags = flag_bits
+            explicit = "EXPLICIT_BATCH" in flags and flag_bits & (1 << flags["EXPLICIT_BATCH"])
+            self.explicit_batch = bool(explicit) or state.major >= 10
+            self.strongly_typed = "STRONGLY_TYPED" in flags and bool(flag_bits & (1 << flags["STRONGLY_TYPED"]))
+            self.onnx: bytes | None = None
+            self.layers = [Layer("/encoder1/Conv", "/encoder1/Relu_output_0"), Layer("/conv/Conv", "logits"),
+                           Layer("/Sigmoid", "probability")]
+            state.networks.append(self)
+
+        @property
+        def num_layers(self) -> int:
+            return len(self.layers)
+
+        def get_layer(self, index: int) -> Layer:
+            return self.layers[index]
+
+        num_outputs = 1
+
+        def get_output(self, index: int) -> Tensor:
+            return Tensor("probability")
+
+    class OnnxParser:
+        def __init__(self, network: Network, logger: Any):
+            self.network, self.logger, self.errors = network, check_logger(logger), []
+
+        def parse_from_file(self, path: str) -> bool:
+            import onnxruntime as ort
+
+            if not self.network.explicit_batch:
+                self.errors.append("ModelImporter.cpp: Network must have been created with the explicit batch flag "
+                                   "(EXPLICIT_BATCH) to parse ONNX models")
+                return False
+            try:
+                data = open(path, "rb").read()  # noqa: SIM115
+                ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                self.errors.append(f"failed to parse {path}: {exc}")
+                return False
+            self.network.onnx = data
+            return True
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
+
+        def get_error(self, index: int) -> str:
+            return self.errors[index]
+
+    class Profile:
+        def __init__(self) -> None:
+            self.shapes: dict[str, tuple] = {}
+
+        def set_shape(self, name: str, low: tuple, opt: tuple, high: tuple) -> None:
+            if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+                raise ValueError("profile needs min <= opt <= max")
+            self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+
+    class TimingCache:
+        def __init__(self, data: bytes):
+            self.data = data
+
+        def serialize(self) -> bytes:
+            return b"fake-timing-cache"
+
+    class Config:
+        def __init__(self) -> None:
+            self.flags: set = set()
+            self.profiles: list[Profile] = []
+            self.pool: dict = {}
+            self.default_device_type = trt.DeviceType.GPU
+            self.DLA_core = -1
+            self.progress_monitor: Any = None
+            self._cache: TimingCache | None = None
+
+        def set_flag(self, flag: Any) -> None:
+            self.flags.add(flag)
+
+        def set_memory_pool_limit(self, pool: Any, nbytes: int) -> None:
+            self.pool[pool] = nbytes
+
+        def add_optimization_profile(self, profile: Profile) -> int:
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data: bytes) -> TimingCache:
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            self._cache = cache
+            return True
+
+        def get_timing_cache(self) -> TimingCache | None:
+            return self._cache
+
+    class HostMemory:
+        def __init__(self, data: bytes):
+            self._data = data
+
+        def __bytes__(self) -> bytes:
+            return self._data
+
+    class Builder:
+        def __init__(self, logger: Any):
+            self.logger = check_logger(logger)
+
+        def create_network(self, flag_bits: int = 0) -> Network:
+            return Network(flag_bits)
+
+        def create_builder_config(self) -> Config:
+            return Config()
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: Network, config: Config) -> HostMemory | None:
+            error = None
+            if network.onnx is None:
+                error = "network is empty (nothing parsed)"
+            elif network.strongly_typed and config.flags & {getattr(trt.BuilderFlag, "FP16", None)}:
+                error = "precision flags (FP16) are not allowed when building a strongly typed network"
+            elif not config.profiles or "image" not in config.profiles[0].shapes:
+                error = "network has dynamic input 'image' but no optimization profile"
+            elif state.fail_build:
+                error = state.fail_build
+            if error:
+                self.logger.log(Severity.ERROR, error)
+                return None
+            monitor = config.progress_monitor
+            if monitor is not None:
+                if not getattr(monitor, "_initialised", False):
+                    raise TypeError("IProgressMonitor.__init__() must be called")
+                monitor.phase_start("Building engine", None, 2)
+                for step in range(2):
+                    state.monitor_events.append(f"step {step}")
+                    if not monitor.step_complete("Building engine", step):
+                        self.logger.log(Severity.ERROR, "build cancelled by the progress monitor")
+                        return None
+                monitor.phase_finish("Building engine")
+            state.builds += 1
+            props = state.cuda.props[0]
+            header = {"version": state.version, "gpu": props.name.decode(), "sm": props.multiProcessorCount,
+                      "profile": [list(s) for s in config.profiles[0].shapes["image"]],
+                      "fp16": network.strongly_typed or trt.BuilderFlag.__members__.get("FP16") in config.flags,
+                      "dla": config.DLA_core if config.default_device_type == trt.DeviceType.DLA else None,
+                      "onnx": base64.b64encode(network.onnx).decode()}
+            return HostMemory(MAGIC + json.dumps(header).encode())
+
+    class Context:
+        def __init__(self, engine: Engine):
+            self.engine, self.addresses, self.shape = engine, {}, None
+
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            low, _, high = self.engine.profile
+            if name != "image" or len(shape) != 4 or not all(a <= s <= b for a, s, b in zip(low, shape, high,
+                                                                                         strict=True)):
+                self.engine.logger.log(Severity.ERROR, f"set_input_shape: {shape} outside the profile {low}..{high}")
+                return False
+            self.shape = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            n = self.shape[0] if self.shape else -1
+            return (n, 3, 256, 256) if name == "image" else (n, 1, 256, 256)
+
+        def set_tensor_address(self, name: str, ptr: int) -> bool:
+            if not ptr:
+                return False
+            self.addresses[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream_handle: int) -> bool:
+            if stream_handle not in state.cuda.live_streams:
+                self.engine.logger.log(Severity.ERROR, "execute_async_v3: invalid stream handle")
+                return False
+            if self.shape is None or set(self.addresses) != {"image", "probability"}:
+                self.engine.logger.log(Severity.ERROR, "execute_async_v3: input shape or tensor addresses not set")
+                return False
+            shape = self.shape
+            inp, out = self.addresses["image"], self.addresses["probability"]
+
+            def run() -> Any:
+                from fakes_cuda import cudaError_t
+
+                nbytes = int(np.prod(shape)) * 4
+                batch = np.frombuffer(state.cuda.read_device(inp, nbytes), dtype=np.float32).reshape(shape)
+                result = self.engine.session.run(None, {"image": batch})[0].astype(np.float16).astype(np.float32)
+                if state.corrupt_output:
+                    result = 1.0 - result
+                state.cuda.write_device(out, np.ascontiguousarray(result).tobytes())
+                return cudaError_t.cudaSuccess
+
+            return state.cuda.enqueue(stream_handle, run) == 0
+
+    class Engine:
+        def __init__(self, header: dict, logger: Any):
+            import onnxruntime as ort
+
+            self.logger = logger
+            self.profile = [tuple(s) for s in header["profile"]]
+            self.session = ort.InferenceSession(base64.b64decode(header["onnx"]), providers=["CPUExecutionProvider"])
+            self.contexts = 0
+
+        num_io_tensors = 2
+
+        def get_tensor_name(self, index: int) -> str:
+            return ("image", "probability")[index]
+
+        def get_tensor_mode(self, name: str) -> Any:
+            return {"image": trt.TensorIOMode.INPUT, "probability": trt.TensorIOMode.OUTPUT}.get(
+                name, trt.TensorIOMode.NONE)
+
+        def get_tensor_dtype(self, name: str) -> Any:
+            return trt.float32
+
+        def get_tensor_shape(self, name: str) -> tuple:
+            return (-1, 3, 256, 256) if name == "image" else (-1, 1, 256, 256)
+
+        def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple]:
+            if name != "image" or profile_index != 0:
+                raise ValueError(f"no profile {profile_index} for {name}")
+            return list(self.profile)
+
+        def create_execution_context(self) -> Context | None:
+            if state.context_fails:
+                self.logger.log(Severity.ERROR, "out of device memory creating the execution context")
+                return None
+            self.contexts += 1
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger: Any):
+            self.logger = check_logger(logger)
+            self.DLA_core = -1
+
+        def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
+            if not data.startswith(MAGIC):
+                self.logger.log(Severity.ERROR, "deserialize: not a serialized engine (magic tag mismatch)")
+                return None
+            header = json.loads(data[len(MAGIC):])
+            props = state.cuda.props[0]
+            if header["version"] != state.version:
+                self.logger.log(Severity.ERROR, f"engine plan built with TensorRT {header['version']}, this is "
+                                f"{state.version}")
+                return None
+            if header["gpu"] != props.name.decode() or header["sm"] != props.multiProcessorCount:
+                self.logger.log(Severity.ERROR, "engine plan was built for a different device")
+                return None
+            return Engine(header, self.logger)
+
+    trt.Builder, trt.Runtime, trt.OnnxParser = Builder, Runtime, OnnxParser
+    return trt
+
+
+def install(monkeypatch: Any, state: FakeTensorRT) -> types.ModuleType:
+    """Put the fake ``tensorrt`` in ``sys.modules``."""
+    module = make_module(state)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module

@@ -1,0 +1,178 @@
+"""The DICOM Storage SCP: CR/DX in (atomically, into the watch folder), everything else refused with a status."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from edge_helpers import DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE, make_cr
+
+pynetdicom = pytest.importorskip("pynetdicom", reason="pynetdicom is not installed")
+
+UID = "1.2.826.0.1.3680043.10.1082.55."
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def structured_report(sop_uid: str):
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = BASIC_TEXT_SR, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = UID + "80", UID + "81", "SR"
+    return ds
+
+
+def as_class(ds, sop_class: str):
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality = {"1.2.840.10008.5.1.4.1.1.1": "CR", CT_IMAGE_STORAGE: "CT"}.get(sop_class, "DX")
+    return ds
+
+
+@pytest.fixture
+def receiver(tmp_path: Path):
+    from lungseg.edge_runtime.receiver import StorageReceiver
+
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    scp = StorageReceiver(folder, 0, "LUNGSEG", "127.0.0.1", ["PORTABLE1", "PORTABLE2"])
+    _, port = scp.start()
+    scp.port = port
+    yield scp
+    scp.stop()
+
+
+def associate(port: int, calling: str = "PORTABLE1", called: str = "LUNGSEG", classes=()):
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ae = pynetdicom.AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for sop_class in classes:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def test_cr_and_dx_are_stored_atomically_and_other_classes_refused(receiver) -> None:
+    from pydicom import dcmread
+    from watchdog.events import (
+        FileClosedEvent,
+        FileCreatedEvent,
+        FileModifiedEvent,
+        FileMovedEvent,
+        FileSystemEventHandler,
+    )
+    from watchdog.observers import Observer
+
+    events: list[tuple[str, str]] = []
+
+    class Recorder(FileSystemEventHandler):
+        def on_any_event(self, event) -> None:
+            if isinstance(event, FileMovedEvent):
+                events.append(("moved_to", Path(event.dest_path).name))
+            elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileClosedEvent)):
+                events.append(("written", Path(event.src_path).name))
+
+    observer = Observer()
+    observer.schedule(Recorder(), str(receiver.folder))
+    observer.start()
+    sent = [make_cr(UID + "1", size=96), as_class(make_cr(UID + "2", size=96, index=1), DX_PRESENTATION_STORAGE),
+            as_class(make_cr(UID + "3", size=96, index=2), DX_PROCESSING_STORAGE)]
+    report, ct = structured_report(UID + "4"), as_class(make_cr(UID + "5", size=64), CT_IMAGE_STORAGE)
+    assoc = associate(receiver.port, classes=["1.2.840.10008.5.1.4.1.1.1", DX_PRESENTATION_STORAGE,
+                                              DX_PROCESSING_STORAGE, BASIC_TEXT_SR, CT_IMAGE_STORAGE,
+                                              "1.2.840.10008.5.1.4.1.1.2.1.99"])  # not a storage class at all
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in [*sent, report, ct]]
+        rejected = {str(c.abstract_syntax): c.result for c in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    observer.stop()
+    observer.join(5)
+    # CR, DX for presentation, DX for processing stored; the SR and the CT refused: SOP class not supported
+    assert statuses == [0x0000, 0x0000, 0x0000, 0x0122, 0x0122]
+    assert rejected == {"1.2.840.10008.5.1.4.1.1.2.1.99": 0x03}  # abstract syntax not supported
+    names = sorted(p.name for p in receiver.folder.iterdir())
+    assert names == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in sent)  # no temp file left behind
+    for ds in sent:
+        got = dcmread(receiver.folder / f"{ds.SOPInstanceUID}.dcm")
+        assert got.SOPClassUID == ds.SOPClassUID and got.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert got.PixelData == ds.PixelData
+    # a final name only ever appeared by a rename: never created or written under its visible name
+    finals = {f"{ds.SOPInstanceUID}.dcm" for ds in sent}
+    assert {name for kind, name in events if kind == "moved_to"} == finals
+    assert not [name for kind, name in events if kind == "written" and not name.startswith(".")]
+
+
+def test_calling_ae_not_allowed_and_wrong_called_ae_are_rejected(receiver) -> None:
+    stranger = associate(receiver.port, calling="INTRUDER", classes=["1.2.840.10008.5.1.4.1.1.1"])
+    assert stranger.is_rejected and not stranger.is_established
+    misdialled = associate(receiver.port, called="OTHERNODE", classes=["1.2.840.10008.5.1.4.1.1.1"])
+    assert misdialled.is_rejected
+    allowed = associate(receiver.port, calling="PORTABLE2", classes=["1.2.840.10008.1.1"])
+    assert allowed.is_established
+    try:
+        assert int(allowed.send_c_echo().Status) == 0x0000
+    finally:
+        allowed.release()
+    assert list(receiver.folder.iterdir()) == []
+
+
+def test_a_write_failure_answers_out_of_resources(receiver) -> None:
+    shutil.rmtree(receiver.folder)  # the folder vanished (unmounted disk): the image must not be acknowledged
+    assoc = associate(receiver.port, classes=["1.2.840.10008.5.1.4.1.1.1"])
+    try:
+        status = int(assoc.send_c_store(make_cr(UID + "9", size=64)).Status)
+    finally:
+        assoc.release()
+    assert status == 0xA700
+
+
+def test_concurrent_senders_of_the_same_instance_leave_one_complete_file(receiver) -> None:
+    from pydicom import dcmread
+
+    ds = make_cr(UID + "7", size=128)
+    statuses: list[int] = []
+
+    def send() -> None:
+        assoc = associate(receiver.port, classes=["1.2.840.10008.5.1.4.1.1.1"])
+        try:
+            statuses.extend(int(assoc.send_c_store(ds).Status) for _ in range(3))
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=send) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert statuses == [0] * 9
+    assert [p.name for p in receiver.folder.iterdir()] == [f"{UID}7.dcm"]
+    assert dcmread(receiver.folder / f"{UID}7.dcm").PixelData == ds.PixelData
+
+
+def test_scp_settings_from_file_and_flags(tmp_path: Path) -> None:
+    from lungseg.edge_runtime.cli import build_parser, config_from_args
+    from lungseg.edge_runtime.config import ConfigError, EdgeConfig
+
+    config_file = tmp_path / "edge.toml"
+    config_file.write_text('watch = "w"\nout = "o"\nscp_port = 11112\nscp_ae = "LUNGSEG1"\n'
+                           'scp_allow = ["PORTABLE1", "PORTABLE2"]\nmetrics_port = 9464\n')
+    config = config_from_args(build_parser().parse_args(["run", "--config", str(config_file)]))
+    assert (config.scp_port, config.scp_ae, config.scp_bind, config.scp_allow) == (
+        11112, "LUNGSEG1", "127.0.0.1", ["PORTABLE1", "PORTABLE2"])
+    assert (config.metrics_port, config.metrics_bind) == (9464, "127.0.0.1")
+    args = build_parser().parse_args(["run", "--config", str(config_file), "--scp-allow", "UNIT7, UNIT8",
+                                      "--scp-bind", "0.0.0.0", "--scp-port", "104"])
+    config = config_from_args(args)
+    assert (config.scp_port, config.scp_bind, config.scp_allow) == (104, "0.0.0.0", ["UNIT7", "UNIT8"])
+    with pytest.raises(ConfigError, match="once"):
+        EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_port=11112, once=True).validate()
+    with pytest.raises(ConfigError, match="1-16"):
+        EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_allow=["A" * 17]).validate()

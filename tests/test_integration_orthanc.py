@@ -1,0 +1,29 @@
+"""The DICOM chain against a real PACS (Orthanc): storescu -> lungseg-edge SCP -> segmentation -> Orthanc.
+
+The small version of ``make integration``: three radiographs in two studies, the PACS
+down while they are processed (deliveries fail, are queued and retried once it is
+back), a non-image SOP class refused, a calling AE not on the allow-list rejected,
+and ``/metrics`` compared with what Orthanc holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from orthanc_chain import missing_tools, run_chain
+
+
+def test_storescu_to_edge_box_to_orthanc_survives_a_pacs_restart(tmp_path: Path, tiny_onnx: Path) -> None:
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian packages orthanc, dcmtk)")
+    summary = run_chain(tmp_path, count=3, model=tiny_onnx, kill_after=0, timeout=120, per_study=2)
+    assert (summary["sc"], summary["seg"], summary["lost"], summary["doubled"]) == (3, 3, 0, 0)
+    assert summary["orthanc_instances"] == 9 and summary["studies"] == 2
+    assert summary["outputs_before_restart"] == 0 and summary["forward_failed"] >= 6
+    assert summary["metrics_match"] and summary["edge_exit"] == 0
+    assert "Calling AE" in summary["intruder_rejected"]
+    if summary["wado_rendered"].startswith("skipped"):
+        pytest.skip("orthanc-dicomweb not installed: WADO-RS rendering not checked (everything else passed)")
+    assert summary["wado_rendered"] == "384x384"

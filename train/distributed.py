@@ -1,0 +1,74 @@
+"""Repetitions as Ray tasks: the paper's 25 x 2 protocol on many machines.
+
+Repetitions are independent, so each one is a Ray task that reopens the run folder and
+calls :func:`lungseg.train.pipeline.train_repetition`, the same code the local executor
+runs. Every task writes its own checkpoint, ``log.jsonl`` and ``done.json`` in its
+``stageN/repMM`` folder, and resumes from ``last.pt``: a task whose worker dies is retried
+by Ray (``max_retries``) and picks up at its last finished epoch, and re-running the
+command skips finished repetitions. The run folder must be on storage every worker sees
+(a shared file system on a cluster; the local disk for ``ray.init()`` on one machine).
+Merging is the ordinary ``lungseg-train evaluate`` + ``report`` step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lungseg.train.pipeline import Run
+
+log = logging.getLogger(__name__)
+
+WORKER_PID = "worker.pid"
+
+
+def _train_one(run_dir: str, stage: str, rep: int, threads: int) -> dict:
+    """Body of one Ray task (runs in a Ray worker process)."""
+    import torch
+
+    from lungseg.train.loop import DONE
+    from lungseg.train.pipeline import Run, train_repetition
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, threads))
+    run = Run.open(Path(run_dir))
+    rep_dir = run.rep_dir(stage, rep)
+    rep_dir.mkdir(parents=True, exist_ok=True)
+    (rep_dir / WORKER_PID).write_text(f"{os.getpid()}\n")
+    train_repetition(run, stage, rep)
+    return {"stage": stage, "rep": rep, "done": (rep_dir / DONE).is_file()}
+
+
+def run_stage_on_ray(run: Run, stage: str, address: str | None = None, workers: int | None = None,
+                     max_retries: int = 3, gpu_fraction: float = 1.0) -> list[dict]:
+    """Train all repetitions of ``stage`` as Ray tasks; returns one summary per repetition.
+
+    ``address`` None starts a local Ray instance (``workers`` CPUs, default all); otherwise it
+    connects to a running cluster (``"auto"`` or ``"ray://host:10001"``). On a CUDA run each
+    task asks Ray for ``gpu_fraction`` of a GPU (0.25 packs four repetitions on one GPU).
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError("--executor ray needs Ray: pip install 'lungseg[cluster]'") from exc
+
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
+        ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        gpu = gpu_fraction if run.config.device.startswith("cuda") else 0
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers or 1))
+        task = ray.remote(num_cpus=1, num_gpus=gpu, max_retries=max_retries)(_train_one)
+        pending = [task.remote(str(run.dir.resolve()), stage, rep, threads) for rep in range(run.n_reps(stage))]
+        log.info("%s: %d repetitions submitted to Ray", stage, len(pending))
+        results = ray.get(pending)
+    finally:
+        if started:
+            ray.shutdown()
+    for result in results:
+        log.info("%s rep %d finished on Ray", result["stage"], result["rep"])
+    return results

@@ -1,0 +1,244 @@
+"""Score the gate + policy + shape check on a fault set built from held-out patients only.
+
+Classes (each from the held-out radiographs of :func:`lungseg.train.gate_data.gate_split`):
+``good`` (as stored), ``rot90`` / ``rot180`` / ``rot270`` (quarter turns), ``negative``,
+``mirrored``, ``not_chest`` (held-out real non-chest DICOM images from pydicom's test data, in
+several turns and crops, plus small crops of held-out radiographs). A wrong image counts as
+caught when it is refused or carries any flag (a correction is a flag: it is reported);
+a good image counts as a false alarm when it carries any flag or is refused.
+
+Also: Dice of upside-down images after auto-correction vs their upright originals (against
+the ground truth), and the gate's CPU time vs the segmenter's per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lungseg.data import read_label_mask
+from lungseg.gate import GatePolicy, Refused, gate_input_from_pixels, gated_segment, load_gate
+from lungseg.imaging import Radiograph, read_image
+from lungseg.metrics import dice
+from lungseg.plausibility import load_shape_model
+from lungseg.train.gate_data import NONCHEST_HELDOUT, find_nonchest, gate_split, read_any_dicom
+
+log = logging.getLogger("lungseg.train.gate_eval")
+
+
+def _fault_images(heldout: list[Any], per_class: int, seed: int) -> list[tuple[str, str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    chosen = [heldout[int(i)] for i in rng.choice(len(heldout), size=min(per_class, len(heldout)), replace=False)]
+    items: list[tuple[str, str, np.ndarray]] = []
+    for record in chosen:
+        pixels = read_image(record.image).pixels
+        items += [("rot90", record.id, np.rot90(pixels, 1)), ("rot180", record.id, np.rot90(pixels, 2)),
+                  ("rot270", record.id, np.rot90(pixels, 3)), ("negative", record.id, 1.0 - pixels),
+                  ("mirrored", record.id, pixels[:, ::-1])]
+    for record in chosen[: per_class // 2]:
+        pixels = read_image(record.image).pixels
+        rows, cols = pixels.shape
+        h, w = int(rows * rng.uniform(0.2, 0.35)), int(cols * rng.uniform(0.2, 0.35))
+        top, left = int(rng.integers(0, rows - h)), int(rng.integers(0, cols - w))
+        items.append(("not_chest", f"crop:{record.id}", pixels[top:top + h, left:left + w]))
+    for path in find_nonchest(NONCHEST_HELDOUT):
+        try:
+            pixels = read_any_dicom(path)
+        except Exception as exc:
+            log.warning("%s left out: %s", path.name, exc)
+            continue
+        for k in range(4):
+            items.append(("not_chest", f"{path.name}:rot{k * 90}", np.rot90(pixels, k)))
+            items.append(("not_chest", f"{path.name}:negative:rot{k * 90}", 1.0 - np.rot90(pixels, k)))
+    return [(c, i, np.ascontiguousarray(p, dtype=np.float32)) for c, i, p in items]
+
+
+def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, threads: int = 2,
+             policy: GatePolicy | None = None) -> dict[str, Any]:
+    from lungseg.bundle import resolve_bundle
+    from lungseg.predictors import OnnxRuntimePredictor
+
+    policy = policy or GatePolicy()
+    resolved = resolve_bundle(bundle)
+    predictor = OnnxRuntimePredictor(str(resolved.onnx), threads=threads)
+    gate = load_gate(resolved.root)
+    shape_model = load_shape_model(resolved.root)
+    if gate is None or shape_model is None:
+        raise SystemExit(f"{bundle}: the bundle has no gate.onnx / shape_model.npz")
+    split = gate_split(manifest)
+    rows: list[dict[str, Any]] = []
+
+    def run(kind: str, ident: str, pixels: np.ndarray) -> Any:
+        result = gated_segment(predictor, gate, [Radiograph(pixels=pixels, source=ident)], None, policy,
+                               shape_model)[0]
+        if isinstance(result, Refused):
+            rows.append({"class": kind, "id": ident, "refused": result.code, "flags": [], "caught": True})
+        else:
+            flags = result.qa["flags"]
+            rows.append({"class": kind, "id": ident, "refused": None, "flags": flags, "caught": bool(flags),
+                         "review": result.qa["review"], "gate": result.qa["gate"]["scores"]})
+        if len(rows) % 50 == 0:
+            log.info("fault set: %d images scored", len(rows))
+        return result
+
+    dice_upright, dice_corrected = [], []
+    good_dice = []
+    for record in split.heldout:  # every held-out image as stored: the false-alarm rate and Dice
+        pixels = read_image(record.image).pixels
+        lung, valid = read_label_mask(record.mask)
+        result = run("good", record.id, pixels)
+        if not isinstance(result, Refused):
+            good_dice.append(dice(result.mask[valid], lung[valid]))
+    by_id = {r.id: r for r in split.heldout}
+    for kind, ident, pixels in _fault_images(split.heldout, per_class, seed):
+        result = run(kind, ident, pixels)
+        if kind == "rot180" and not isinstance(result, Refused):
+            record = by_id[ident]
+            lung, valid = read_label_mask(record.mask)
+            upright = gated_segment(predictor, gate, [Radiograph(pixels=read_image(record.image).pixels,
+                                                                 source=ident)], None, policy, shape_model)[0]
+            corrected = "orientation_corrected:180" in result.qa["flags"]
+            if corrected and not isinstance(upright, Refused):
+                back = np.rot90(result.mask, 2)  # the stored (upside-down) grid -> upright, to compare
+                dice_corrected.append(dice(back[valid], lung[valid]))
+                dice_upright.append(dice(upright.mask[valid], lung[valid]))
+    timing = cpu_timing(predictor, gate, split.heldout[:30])
+    return summarise(rows, good_dice, dice_upright, dice_corrected, timing, policy)
+
+
+def cpu_timing(predictor: Any, gate: Any, records: list[Any]) -> dict[str, Any]:
+    """Process CPU time per file: the gate (its input + ONNX) vs the segmenter (preprocess, infer, postprocess)."""
+    from lungseg.inference import segment_batch
+
+    gate_s, seg_s = [], []
+    for record in records:
+        radiograph = read_image(record.image)
+        t0 = time.process_time()
+        gate.scores(gate_input_from_pixels(radiograph.pixels)[None])
+        t1 = time.process_time()
+        _ = segment_batch(predictor, [radiograph])[0].mask
+        t2 = time.process_time()
+        gate_s.append(t1 - t0)
+        seg_s.append(t2 - t1)
+    gate_ms, seg_ms = 1000 * float(np.median(gate_s)), 1000 * float(np.median(seg_s))
+    return {"n": len(records), "gate_cpu_ms_median": round(gate_ms, 2), "segmenter_cpu_ms_median": round(seg_ms, 2),
+            "gate_over_segmenter": round(gate_ms / seg_ms, 4)}
+
+
+def summarise(rows: list[dict[str, Any]], good_dice: list[float], dice_upright: list[float],
+              dice_corrected: list[float], timing: dict[str, Any], policy: GatePolicy) -> dict[str, Any]:
+    classes: dict[str, dict[str, Any]] = {}
+    for kind in sorted({r["class"] for r in rows}):
+        sub = [r for r in rows if r["class"] == kind]
+        expected = {"rot90": "orientation_corrected:270", "rot180": "orientation_corrected:180",
+                    "rot270": "orientation_corrected:90", "negative": "negative_corrected"}.get(kind)
+        classes[kind] = {
+            "n": len(sub),
+            "caught": round(float(np.mean([r["caught"] for r in sub])), 4),
+            "refused": round(float(np.mean([bool(r["refused"]) for r in sub])), 4),
+            "needs_review": round(float(np.mean([bool(r.get("review")) for r in sub])), 4),
+            **({"correctly_corrected": round(float(np.mean([expected in r["flags"] for r in sub])), 4)}
+               if expected else {}),
+        }
+    wrong = [r for r in rows if r["class"] != "good"]
+    good = [r for r in rows if r["class"] == "good"]
+    flag_counts: dict[str, int] = {}
+    for r in good:
+        for f in r["flags"] + ([r["refused"]] if r["refused"] else []):
+            flag_counts[f] = flag_counts.get(f, 0) + 1
+    return {
+        "policy": policy.__dict__,
+        "wrong_caught": round(float(np.mean([r["caught"] for r in wrong])), 4),
+        "n_wrong": len(wrong),
+        "good_flagged": round(float(np.mean([r["caught"] for r in good])), 4),
+        "n_good": len(good),
+        "good_flags": flag_counts,
+        "mirrored_flagged": classes.get("mirrored", {}).get("caught"),
+        "classes": classes,
+        "dice_good_mean": round(float(np.mean(good_dice)), 4) if good_dice else None,
+        "upside_down": {"n_corrected": len(dice_corrected),
+                        "dice_upright_mean": round(float(np.mean(dice_upright)), 4) if dice_upright else None,
+                        "dice_corrected_mean": round(float(np.mean(dice_corrected)), 4) if dice_corrected else None,
+                        "max_abs_pair_diff": round(float(np.max(np.abs(np.subtract(dice_upright, dice_corrected)))),
+                                                   4) if dice_corrected else None},
+        "cpu_time": timing,
+        "rows": rows,
+    }
+
+
+MIRROR_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+
+
+def mirror_calibration(report: dict[str, Any], manifest: Path, max_false: float = 0.01,
+                       seed: int = 7) -> dict[str, Any]:
+    """Choose the mirror threshold on half of the held-out patients, score everything on the other half.
+
+    The threshold is the lowest in :data:`MIRROR_GRID` that flags at most ``max_false`` of the
+    calibration half's good (unaltered) images for mirroring; no fault image is used to choose it.
+    """
+    from lungseg.data import split_by_patient
+
+    split = gate_split(manifest)
+    calibration_half, test_half = split_by_patient(split.heldout, (0.5, 0.5), seed=seed)
+    calib_ids = {r.id for r in calibration_half}
+    test_ids = {r.id for r in test_half}
+
+    def base_id(ident: str) -> str:
+        return ident.split(":", 1)[1] if ident.startswith("crop:") else ident
+
+    rows = report["rows"]
+    calib_good = [r for r in rows if r["class"] == "good" and r["id"] in calib_ids and not r["refused"]]
+    threshold = next((t for t in MIRROR_GRID
+                      if np.mean([r["gate"]["mirrored"] >= t for r in calib_good]) <= max_false), MIRROR_GRID[-1])
+
+    def caught(r: dict[str, Any]) -> bool:
+        if r["refused"]:
+            return True
+        others = [f for f in r["flags"] if f != "mirrored"]
+        return bool(others) or r["gate"]["mirrored"] >= threshold
+
+    test = [r for r in rows if base_id(r["id"]) in test_ids or r["id"].split(":")[0].endswith(".dcm")]
+    by_class = {k: round(float(np.mean([caught(r) for r in test if r["class"] == k])), 4)
+                for k in sorted({r["class"] for r in test})}
+    wrong = [r for r in test if r["class"] != "good"]
+    good = [r for r in test if r["class"] == "good"]
+    return {"threshold": threshold, "max_false_on_calibration_half": max_false,
+            "calibration_good_images": len(calib_good),
+            "test_half": {"wrong_caught": round(float(np.mean([caught(r) for r in wrong])), 4),
+                          "n_wrong": len(wrong),
+                          "good_flagged": round(float(np.mean([caught(r) for r in good])), 4), "n_good": len(good),
+                          "caught_by_class": by_class}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lungseg.train.gate_eval",
+                                     description="Fault-set evaluation of the image gate on held-out patients.")
+    parser.add_argument("--model", type=Path, required=True, help="bundle with model.onnx, gate.onnx, shape_model.npz")
+    parser.add_argument("--data", type=Path, required=True, help="manifest CSV")
+    parser.add_argument("--out", type=Path, required=True, help="JSON report")
+    parser.add_argument("--per-class", type=int, default=60, help="held-out radiographs per fault class")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mirror-threshold", type=float, default=None,
+                        help="policy mirror threshold (default: lungseg.gate.GatePolicy's)")
+    parser.add_argument("--calibrate-mirror", action="store_true",
+                        help="also choose the mirror threshold on half the held-out patients, score the other half")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = GatePolicy() if args.mirror_threshold is None else GatePolicy(mirrored_threshold=args.mirror_threshold)
+    report = evaluate(args.model, args.data, args.per_class, threads=args.threads, policy=policy)
+    if args.calibrate_mirror:
+        report["mirror_calibration"] = mirror_calibration(report, args.data)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
