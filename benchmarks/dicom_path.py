@@ -118,11 +118,6 @@ def burst_comparison(sources: Sequence[Path], n: int, bundle: Path, *, threads: 
     return result
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
 def mask_parity(sources: Sequence[Path], predictor: Any, *, min_side: int = 512, threshold: float = 0.5,
                 min_dice: float = ACCEPT_MASK_DICE, gate: Any = None) -> dict[str, Any]:
     """Dice of the default path's native-size mask against the 0.1.0 path's, per file.
@@ -133,12 +128,10 @@ def mask_parity(sources: Sequence[Path], predictor: Any, *, min_side: int = 512,
     from lungseg.dicom_decode import read_dicom
     from lungseg.gate import GatePolicy, gated_segment
     from lungseg.imaging import UnreadableImageError
+    from lungseg.metrics import dice
     from lungseg.postprocess import PostprocessConfig
 
     policy = GatePolicy(mode="flag")
-
-    def segment_batch(predictor: Any, images: list[Any], config: Any) -> list[Any]:
-        return gated_segment(predictor, gate, images, config, policy)
 
     per_file: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -149,8 +142,9 @@ def mask_parity(sources: Sequence[Path], predictor: Any, *, min_side: int = 512,
         except UnreadableImageError as exc:
             errors[path.name] = exc.reason
             continue
-        legacy = segment_batch(predictor, [full], PostprocessConfig(threshold=threshold, resolution="native"))[0]
-        default = segment_batch(predictor, [reduced], PostprocessConfig(threshold=threshold))[0]
+        legacy = gated_segment(predictor, gate, [full], PostprocessConfig(threshold=threshold, resolution="native"),
+                               policy)[0]
+        default = gated_segment(predictor, gate, [reduced], PostprocessConfig(threshold=threshold), policy)[0]
         per_file[path.name] = {"dice": dice(legacy.mask, default.mask), "native": list(full.shape),
                                "decoded": list(reduced.shape), "level": reduced.facts.get("decoded_level", 0)}
     values = [v["dice"] for v in per_file.values()]

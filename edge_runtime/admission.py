@@ -40,6 +40,7 @@ from lungseg.edge_runtime.config import EdgeConfig
 from lungseg.edge_runtime.fsio import InputTooLargeError, NotRegularFileError, lstat_input, read_input, sha256_of
 from lungseg.edge_runtime.isolate import DecodeFailure, DecodeWorker, WorkerUnavailableError, decode_in_process
 from lungseg.edge_runtime.ledger import Ledger
+from lungseg.edge_runtime.logs import valid_uid
 from lungseg.edge_runtime.names import FileNamer
 from lungseg.edge_runtime.quarantine import Quarantine
 
@@ -181,6 +182,9 @@ class Admission:
             return None, Outcome(name, "skipped", code="not_regular_file", path=path)
         except InputTooLargeError as exc:
             sha = sha256_of(path) if exc.errno == errno.EFBIG and st.st_size < (64 << 30) else "0" * 64
+            self.ledger.remember_path(key, st, sha)  # a rescan or restart must not hash it again
+            if self.ledger.file_status(sha, key) is not None:
+                return None, self._seen(path, name, key, sha)
             message = f"file too large: {exc.strerror}; not copied"
             return None, self.input_fault(path, key, sha, st.st_size, "file_too_large", message, None, st)
         if (fst.st_size, fst.st_mtime_ns, fst.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
@@ -229,7 +233,7 @@ class Admission:
         if missing:
             return None, self.input_fault(path, key, sha, size, "missing_uid",
                                           f"no {', '.join(missing)} in the data set", data, fst)
-        bad = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not _valid_uid(ds.get(k))]
+        bad = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not valid_uid(ds.get(k))]
         if bad:  # they name output files and folders: never let them be paths
             return None, self.input_fault(path, key, sha, size, "invalid_uid",
                                           f"{', '.join(bad)} not a valid DICOM UID", data, fst)
@@ -276,9 +280,3 @@ class Admission:
         except WorkerUnavailableError as exc:
             return DecodeFailure("decoder_unavailable", str(exc), transient=True)
 
-
-def _valid_uid(value: object) -> bool:
-    import re
-
-    text = str(value or "")
-    return 0 < len(text) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", text) is not None

@@ -347,13 +347,14 @@ def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Even
                 if outcome.status in totals:
                     totals[outcome.status] += 1
                 elif outcome.status == "retry" and outcome.path is not None:
-                    tries = once_retries[outcome.path] = once_retries.get(outcome.path, 0) + 1
-                    if config.once and outcome.transient and tries > ONCE_RETRIES:
-                        totals["undone"] += 1  # a lasting fault of the box: the next run tries again
-                    elif config.once and outcome.transient:
-                        tracker.seen(outcome.path, delay=min(outcome.retry_after, 1.0 * tries))
-                    else:
+                    if not (config.once and outcome.transient):  # the service just retries; nothing to count
                         tracker.seen(outcome.path, delay=outcome.retry_after)
+                        continue
+                    tries = once_retries[outcome.path] = once_retries.get(outcome.path, 0) + 1
+                    if tries > ONCE_RETRIES:
+                        totals["undone"] += 1  # a lasting fault of the box: the next run tries again
+                    else:
+                        tracker.seen(outcome.path, delay=min(outcome.retry_after, 1.0 * tries))
             notifier.status("processed {done}, duplicates {duplicate}, quarantined {quarantined}; "
                             "{pending} pending".format(pending=tracker.pending(), **totals))
             continue

@@ -28,6 +28,15 @@ def set_reveal_uids(reveal: bool) -> None:
     _reveal_uids = bool(reveal)
 
 
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def valid_uid(value: object) -> bool:
+    """A DICOM UID: digits and dots, 1 to 64 characters."""
+    text = str(value or "")
+    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
 def uid_ref(uid: str | None) -> str | None:
     """A stable, non-reversible reference to a UID for logs (``uid:`` + 16 hex digits)."""
     if not uid:

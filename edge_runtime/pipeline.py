@@ -199,9 +199,11 @@ class Processor:
         from lungseg.edge_runtime.backend_status import report_backend_to_metrics, write_backend_status
 
         model_file = Path(predictor.model_path)
+        sha = (self.provenance.model_sha256 if model_file.name == self.provenance.model_file  # hashed at start
+               else sha256_file(model_file))
         self.provenance = dataclasses.replace(
             self.provenance, backend=predictor.backend, precision=predictor.precision,
-            model_file=model_file.name, model_sha256=sha256_file(model_file))
+            model_file=model_file.name, model_sha256=sha)
         status = predictor.status()
         write_backend_status(self.config.state_dir, status)
         report_backend_to_metrics(status)

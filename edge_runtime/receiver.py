@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 
 from lungseg.edge_runtime import metrics
 from lungseg.edge_runtime.fsio import TEMP_SUFFIX, fsync_dir
-from lungseg.edge_runtime.logs import uid_ref
+from lungseg.edge_runtime.logs import uid_ref, valid_uid
 
 log = logging.getLogger("lungseg.edge.receiver")
 
@@ -57,7 +56,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 
 MAX_ASSOCIATIONS = 8
 TIMEOUT_SECONDS = 60.0
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class ReceiverUnavailableError(RuntimeError):
@@ -157,7 +155,7 @@ class StorageReceiver:
                         extra={"event": "scp_refused", "calling_ae": calling, "status": "0xA900"})
             metrics.count("refused", reason="sop_class_mismatch")
             return STATUS_SOP_CLASS_MISMATCH
-        if not (0 < len(sop_uid) <= 64 and _UID.fullmatch(sop_uid)):
+        if not valid_uid(sop_uid):
             log.warning("C-STORE refused: no valid SOPInstanceUID",
                         extra={"event": "scp_refused", "calling_ae": calling, "status": "0xC000"})
             metrics.count("refused", reason="invalid_uid")

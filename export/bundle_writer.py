@@ -65,6 +65,7 @@ class ExportOptions:
     engine: EngineSettings = field(default_factory=EngineSettings)
     min_dice_fp32: float = DEFAULT_MIN_DICE_FP32
     min_dice_reduced: float = DEFAULT_MIN_DICE_REDUCED
+    min_dice_reduced_given: bool = False  # an explicit --min-dice-reduced replaces the int8 requirement
     threads: int | None = None
 
 
@@ -139,14 +140,12 @@ def build_engine_into_bundle(bundle: Path, settings: EngineSettings) -> dict[str
     import tempfile
 
     from lungseg.engine_cache import EngineCache
-    from lungseg.predictors import BackendOptions
     from lungseg.tensorrt_runtime import build_checked_engine, cuda_device_identity, engine_key, import_tensorrt
 
     trt = import_tensorrt()
     key, onnx_path, typing = engine_key(trt, bundle, settings, cuda_device_identity())
     with tempfile.TemporaryDirectory(prefix="lungseg-engine-") as tmp:
-        path, manifest = build_checked_engine(trt, bundle, settings, EngineCache(Path(tmp)), key, onnx_path, typing,
-                                              BackendOptions(dla_core=settings.dla_core))
+        path, manifest = build_checked_engine(trt, bundle, settings, EngineCache(Path(tmp)), key, onnx_path, typing)
         for name in (ENGINE_FP16, ENGINE_MANIFEST):
             shutil.copyfile(path.parent / name, bundle / (name + ".tmp"))
             (bundle / (name + ".tmp")).replace(bundle / name)
@@ -185,7 +184,8 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
         if (out / name).is_file():
             log.info("removing %s from an earlier export", out / name)
             (out / name).unlink()
-    reference = predict_in_chunks(TorchPredictor(checkpoint, options.threads).predict, batch)
+    torch_predictor = TorchPredictor(checkpoint, options.threads)
+    reference = predict_in_chunks(torch_predictor.predict, batch)
     checker = _Checker(batch, reference, "pytorch", options)
     report = _report("pytorch", data, options)
     report["checkpoint"] = {"file": checkpoint.path.name, "sha256": checkpoint.sha256,
@@ -193,7 +193,6 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
     metadata = bundle_metadata(checkpoint)
     fp32 = export_fp32(checkpoint, out / ONNX_FP32)
     report["models"][ONNX_FP32] = checker.onnx(fp32).to_dict()
-    torch_predictor = TorchPredictor(checkpoint, options.threads)
     report["golden"] = write_golden_set(out, torch_predictor.predict, batch, list(data.get("ids", [])))
     if options.fp16:
         report["models"][ONNX_FP16] = checker.onnx(convert_fp16(fp32, out / ONNX_FP16, metadata)).to_dict()
@@ -206,7 +205,7 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
         entry["quantization"] = options.int8.to_dict()
         entry["calibration_images"] = len(calibration)
         need_mean, need_min = INT8_REQUIRED
-        if options.min_dice_reduced != DEFAULT_MIN_DICE_REDUCED:  # an explicit --min-dice-reduced decides
+        if options.min_dice_reduced_given:
             need_mean, need_min = options.min_dice_reduced, 0.0
         entry["calibration_overlaps_parity"] = int(data.pop("calibration_overlap", 0))
         entry["calibration_ids"] = list(data.pop("calibration_ids", []))

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args.min_dice_fp32 = DEFAULT_MIN_DICE_FP32 if args.min_dice_fp32 is None else args.min_dice_fp32
+    args.min_dice_reduced_given = args.min_dice_reduced is not None
     args.min_dice_reduced = DEFAULT_MIN_DICE_REDUCED if args.min_dice_reduced is None else args.min_dice_reduced
     if args.engine_only is not None:
         return _engine_only(args, settings)
@@ -232,7 +233,7 @@ def _options(args: argparse.Namespace, settings: Any) -> Any:
                          method=args.int8_method, types=args.int8_types) if args.int8 else None
     return ExportOptions(fp16=args.fp16 or args.engine, int8=quant, engine=settings,
                          min_dice_fp32=args.min_dice_fp32, min_dice_reduced=args.min_dice_reduced,
-                         threads=args.threads)
+                         min_dice_reduced_given=args.min_dice_reduced_given, threads=args.threads)
 
 
 def _calibration_batch(args: argparse.Namespace, parity_ids: list[str]) -> Any:

@@ -50,6 +50,10 @@ def add_gate(bundle: Path, checkpoint: Path, parity_batch: np.ndarray, data: dic
     samples = GateSamples(x=poses, chest=np.ones(len(poses), np.int64), negative=np.zeros(len(poses), np.int64),
                           base_id=[""] * len(poses))
     parity = check_parity(model, onnx_path, samples, limit=len(poses))
+    if not parity["passed"]:  # never leave a failed gate in the bundle: a file without a hash would still load
+        onnx_path.unlink(missing_ok=True)
+        raise GateExportError(f"gate parity failed: max |d logit| {parity['max_abs_logit_diff']:.2e}, "
+                              f"decisions identical {parity['decisions_identical']}")
     parity["source"] = f"{data.get('source', 'parity radiographs')}, {len(base)} images x 8 poses"
     target = bundle / SHAPE_MODEL_FILE
     if shape_model.resolve() != target.resolve():
@@ -70,7 +74,4 @@ def add_gate(bundle: Path, checkpoint: Path, parity_batch: np.ndarray, data: dic
                         "sha256": sha256_file(target)},
     }
     (bundle / GATE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if not parity["passed"]:
-        raise GateExportError(f"gate parity failed: max |d logit| {parity['max_abs_logit_diff']:.2e}, "
-                              f"decisions identical {parity['decisions_identical']}")
     return manifest

@@ -11,8 +11,6 @@ failing GPU becomes an exception the predictor chain can demote on.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -88,9 +86,6 @@ class DeviceIdentity:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _board_model(path: Path = JETSON_MODEL_FILE) -> str:

@@ -188,14 +188,6 @@ class Correction:
     def undo_mask(self, mask: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.rot90(mask, -self.quarter_turns))
 
-    def words(self) -> list[str]:
-        out = []
-        if self.quarter_turns % 4:
-            out.append(f"image was rotated: turned {self.degrees} deg counter-clockwise before segmenting")
-        if self.negative:
-            out.append("image was a negative: inverted before segmenting")
-        return out
-
 
 @dataclass
 class GateDecision:
@@ -317,7 +309,7 @@ def gated_segment(predictor: Any, gate: GateModel | None, radiographs: Sequence[
         if shape_model is None and policy.mode != "off":
             flags.append("shape_check_unavailable")
         if decision.correction.quarter_turns % 4:
-            seg = _turned_back(seg, radiographs[i], decision.correction.quarter_turns)
+            seg = _turned_back(seg, radiographs[i], decision.correction)
         seg.qa = {"flags": flags, "review": review_flags(flags), "gate": decision.to_dict(), **qa, **seg.qa}
         seg.timings_ms["gate"] = gate_ms
         seg.timings_ms["qa"] = (time.perf_counter() - t1) * 1000
@@ -336,14 +328,14 @@ def _corrected(radiograph: Any, correction: Correction) -> Any:
     return replace(radiograph, pixels=correction.apply(radiograph.pixels), native_shape=native)
 
 
-def _turned_back(seg: Any, radiograph: Any, quarter_turns: int) -> Any:
+def _turned_back(seg: Any, radiograph: Any, correction: Correction) -> Any:
     """The segmentation of an upright-turned image, expressed on the stored image's grid."""
     from lungseg.inference import Segmentation
     from lungseg.preprocess import Geometry
 
     rows, columns = radiograph.source_shape
-    return Segmentation(final_mask=np.ascontiguousarray(np.rot90(seg.final_mask, -quarter_turns)),
-                        probability=np.ascontiguousarray(np.rot90(seg.probability, -quarter_turns)),
+    return Segmentation(final_mask=correction.undo_mask(seg.final_mask),
+                        probability=correction.undo_mask(seg.probability),
                         geometry=Geometry.for_shape(rows, columns, seg.geometry.size),
                         timings_ms=seg.timings_ms, qa=seg.qa)
 

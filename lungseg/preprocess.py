@@ -116,13 +116,19 @@ def preprocess(pixels: np.ndarray, size: int = INPUT_SIZE,
     ``native_shape`` is the source's size when ``pixels`` were decoded at a reduced
     resolution: the geometry (and so every mask mapped back) follows the source.
     """
+    square, geometry = letterbox(pixels, size, native_shape)
+    single = normalise(square, geometry)
+    return np.repeat(single[None], CHANNELS, axis=0), geometry
+
+
+def letterbox(pixels: np.ndarray, size: int = INPUT_SIZE,
+              native_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
+    """The first step of :func:`preprocess`: the float32 ``size x size`` square before normalisation."""
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
     rows, columns = native_shape or pixels.shape
     geometry = Geometry.for_shape(rows, columns, size)
-    square = geometry.fit(pixels.astype(np.float32, copy=False))
-    single = normalise(square, geometry)
-    return np.repeat(single[None], CHANNELS, axis=0), geometry
+    return geometry.fit(pixels.astype(np.float32, copy=False)), geometry
 
 
 def preprocess_batch(images: list[np.ndarray], size: int = INPUT_SIZE,

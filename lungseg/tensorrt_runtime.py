@@ -272,7 +272,7 @@ def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any
 
 
 def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
-                         onnx_path: Path, typing: str, options: BackendOptions) -> tuple[Path, dict[str, Any]]:
+                         onnx_path: Path, typing: str) -> tuple[Path, dict[str, Any]]:
     """Build the engine for ``key``, gate it on parity, store it in ``cache``; refuses (and records) on failure."""
     from lungseg.export.tensorrt_build import EngineBuildError, build_serialized
 
@@ -335,7 +335,7 @@ def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = No
             return found[0], found[1], "cache"
         if force:
             cache.forget_refusal(key)
-        path, manifest = build_checked_engine(trt, bundle.root, settings, cache, key, onnx_path, typing, options)
+        path, manifest = build_checked_engine(trt, bundle.root, settings, cache, key, onnx_path, typing)
     return path, manifest, "built"
 
 

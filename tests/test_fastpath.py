@@ -19,6 +19,7 @@ from edge_helpers import dciodvfy_errors, fixture_pixels, run_once, sc_files, si
 from lungseg.benchmarks.dicom_samples import synthetic_dicom
 from lungseg.dicom_decode import _apply_voi, _ensure_transfer_syntax, _text, read_dicom
 from lungseg.imaging import to_unit_range
+from lungseg.metrics import dice
 from lungseg.pixel_render import reduction_level
 
 MIN_SIDE = 512
@@ -69,10 +70,6 @@ def _per_pixel_render(path: Path) -> np.ndarray:
     return to_unit_range(-values if invert else values)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
-
-
 def test_reduction_level_keeps_the_short_side() -> None:
     assert reduction_level(2128, 2000, 512) == 1  # 1064 x 1000; level 2 would be 500 < 512
     assert reduction_level(4300, 3500, 512) == 2
@@ -110,7 +107,7 @@ def test_reduced_path_keeps_native_mask_parity(generated: dict[str, Path], predi
         fast = segment_batch(predictor, [read_dicom(path, min_side=MIN_SIDE)], PostprocessConfig())[0]
         assert fast.mask.shape == legacy.shape
         assert fast.final_mask.shape == (fast.geometry.content_rows, fast.geometry.content_columns)
-        scores.append(_dice(legacy, fast.mask))
+        scores.append(dice(legacy, fast.mask))
     assert min(scores) >= 0.98 and statistics.mean(scores) >= 0.995, scores
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from lungseg.data import Record, read_label_mask
 from lungseg.imaging import read_image
-from lungseg.preprocess import CHANNELS, Geometry, normalise
+from lungseg.preprocess import CHANNELS, Geometry, letterbox, normalise
 from lungseg.train.augment import intensity_augment
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ def sample_from_square(record: Record, square: np.ndarray, geometry: Geometry, l
 def load_sample(record: Record, size: int) -> Sample:
     """Read and preprocess one record exactly as inference does (``preprocess`` = letterbox + normalise)."""
     radiograph = read_image(record.image)
-    geometry = Geometry.for_shape(radiograph.shape[0], radiograph.shape[1], size)
-    square = geometry.to_model(radiograph.pixels.astype(np.float32, copy=False))
+    square, geometry = letterbox(radiograph.pixels, size)
     lung, valid = read_label_mask(record.mask)
     if lung.shape != radiograph.shape:
         raise ValueError(f"{record.mask}: mask shape {lung.shape} != image shape {radiograph.shape}")

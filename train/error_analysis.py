@@ -21,12 +21,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from lungseg.metrics import dice
+
 REGIONS = ("apex", "base", "medial", "lateral")
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
 def region_map(truth: np.ndarray) -> np.ndarray | None:
@@ -54,7 +51,7 @@ def analyse(truth: np.ndarray, probability: np.ndarray, threshold: float = 0.5) 
     truth = truth.astype(bool)
     pred = probability >= threshold
     regions = region_map(truth)
-    result: dict[str, Any] = {"dice": _dice(pred, truth), "fn": int((truth & ~pred).sum()),
+    result: dict[str, Any] = {"dice": dice(pred, truth), "fn": int((truth & ~pred).sum()),
                               "fp": int((pred & ~truth).sum())}
     if regions is None:
         return result

@@ -17,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from lungseg import metrics
 from lungseg.data import Record, load_manifest, read_label_mask
 from lungseg.train.config import TrainConfig
 from lungseg.train.protocol import plan_data
@@ -35,9 +36,8 @@ def holdout_records(manifest: Path, subset: str = "independent") -> list[Record]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
-    p, t = pred & valid, truth & valid
-    total = p.sum() + t.sum()
-    return 1.0 if total == 0 else float(2 * (p & t).sum() / total)
+    """Dice over the ``valid`` pixels only (the "ignore" label left out)."""
+    return metrics.dice(pred & valid, truth & valid)
 
 
 def score_bundle(model: Path | None, records: list[Record], extra_args: list[str] | None = None,

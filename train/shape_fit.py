@@ -35,7 +35,9 @@ def fit_and_save(manifest: Path, out: Path, model: Path | None = None, calibrati
         vectors.append(shape_vector(lung | ~valid))  # "ignore" pixels lie inside the lungs
     shape = ShapeModel.fit(np.stack(vectors), n_components)
     bundle = resolve_bundle(model)
-    cache = out / "shape_calibration_vectors.npy"  # the segmenter's masks of training images, reused on refits
+    # the segmenter's masks of training images, reused on refits with the same segmenter and image count
+    segmenter_sha = sha256_file(bundle.onnx)
+    cache = out / f"shape_calibration_vectors-{segmenter_sha[:16]}-{calibration_images}.npy"
     if cache.is_file():
         predicted = np.load(cache)
     else:
@@ -58,7 +60,8 @@ def fit_and_save(manifest: Path, out: Path, model: Path | None = None, calibrati
     shape.save(path)
     record = {"file": SHAPE_MODEL_FILE, "sha256": sha256_file(path), "size": shape.size,
               "n_components": len(shape.variances), "fitted_on_masks": len(vectors),
-              "calibrated_on_predictions": calibration, "segmenter": f"{bundle.name} {bundle.version}"}
+              "calibrated_on_predictions": calibration, "segmenter": f"{bundle.name} {bundle.version}",
+              "segmenter_onnx_sha256": segmenter_sha}
     manifest_path = out / "gate.json"
     if manifest_path.is_file():
         data = json.loads(manifest_path.read_text())
