@@ -75,7 +75,12 @@ def read_raster(path: str | Path) -> Radiograph:
     data = np.fromfile(path, dtype=np.uint8) if path.is_file() else None
     if data is None:
         raise UnreadableImageError(path, "file not found")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if data.size == 0:
+        raise UnreadableImageError(path, "empty file")
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # OpenCV raises on some malformed data instead of returning None
+        image = None
     if image is None:
         raise UnreadableImageError(path, "not a decodable PNG/JPEG image")
     if image.ndim == 3:

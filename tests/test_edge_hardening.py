@@ -383,6 +383,7 @@ def test_segment_reports_bad_inputs_per_file_and_validates_arguments(tmp_path: P
     assert "Traceback" not in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["input"] for line in lines] == [str(empty), str(folder), str(panic), str(good)]
+    assert lines[0]["error"] == "empty file"
     assert "directory" in lines[1]["error"] and "not found" not in lines[1]["error"]
     assert all("error" in line for line in lines[:3]) and "mask" in lines[3]
     for threshold in ("5", "-1", "0", "nan"):
