@@ -46,14 +46,16 @@ def _dicom_sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, l
             for name, row in stages[label]["per_file"].items():
                 st, parts = row["stages_ms"], row["write_parts_ms"]
                 detail = ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if v >= 0.5)
-                rows.append([name, label, *(f"{st[k]:.0f}" for k in STAGES), f"{row['non_inference_ms']:.0f}",
-                             _fmt(row["ratio_non_inference_to_infer"]), detail])
+                rows.append([name, label, *(f"{st.get(k, 0.0):.0f}" for k in STAGES), f"{row['non_inference_ms']:.0f}",
+                             _fmt(row["ratio_non_inference_to_infer"]), _fmt(row.get("ratio_with_gate")), detail])
         backend = ", ".join(stages["default"].get("backend") or []) or "-"
         sections.append((f"DICOM path, stage by stage (lungseg-edge --once --batch-size 1, {backend}; median of "
                          f"{stages['copies']} copies, ms) {cpu}",
-                         [*_table(["file", "path", *STAGES, "non-inference", "non-inf / infer", "write parts"],
-                                  rows, markdown),
-                          "", f"legacy = the 0.1.0 path: `{stages['legacy_args']}` on the fp32 model alone"]))
+                         [*_table(["file", "path", *STAGES, "non-inference", "non-inf / infer", "with gate",
+                                   "write parts"], rows, markdown),
+                          "", f"legacy = the 0.1.0 path: `{stages['legacy_args']}` on the fp32 model alone",
+                          "", "non-inference = decode + preprocess + postprocess + qa + write; the image gate "
+                          "(a second model) is added in 'with gate'"]))
     burst = dicom["burst"]
     if "skipped" in burst:
         sections.append((f"Burst {cpu}", [f"skipped: {burst['skipped']}"]))
@@ -187,7 +189,7 @@ def latency_plot(result: dict[str, Any], path: Path) -> Path:
         y = np.arange(len(rows))
         left_edge = np.zeros(len(rows))
         for stage in STAGES:
-            values = np.array([r[1][stage] for r in rows])
+            values = np.array([r[1].get(stage, 0.0) for r in rows])
             left.barh(y, values, left=left_edge, label=stage)
             left_edge += values
         left.set_yticks(y, [r[0] for r in rows], fontsize=6)

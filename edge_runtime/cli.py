@@ -82,7 +82,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "or by decoding it and comparing every pixel (decode)")
     p.add_argument("--decode-min-side", type=int, metavar="PX",
                    help="decode and draw at the coarsest 1/2^k resolution whose short side is >= PX "
-                   "(JPEG 2000: decoded at that level; default 512 = 2x the model input; 0: full resolution)")
+                   "(JPEG 2000: decoded at that level; default 256, the model's input size; 0: full resolution; "
+                   "the SC is drawn at the decoded size, so 512 doubles its size for about 2x the decode time)")
     p.add_argument("--postprocess-resolution", choices=("model", "native"),
                    help="postprocess and measure at the model's resolution and upscale the mask once (model, "
                    "default) or at native size (native, slower)")

@@ -54,13 +54,13 @@ class EdgeConfig:
     sc_syntax: str = "explicit"
     sc_max_side: int = 0
     sc_verify: str = "parse"
-    decode_min_side: int = 512
+    decode_min_side: int = 256  # the model's input size: the network never sees an upsampled image
     postprocess_resolution: str = "model"
     gate: str = "refuse"  # image gate: off | flag | refuse (see lungseg.gate)
     auto_orient: bool = True
     gate_correct_threshold: float = 0.9
     gate_uncertain_threshold: float = 0.7
-    gate_mirror_threshold: float = 0.9
+    gate_mirror_threshold: float | None = None  # None: the bundle gate's calibrated threshold
     gate_refuse_threshold: float = 0.9
     retry_seconds: float = 30.0
     rescan_seconds: float = 300.0

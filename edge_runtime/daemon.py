@@ -80,8 +80,11 @@ class _Signals:
 def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
     """Run the watcher until stopped (or, with ``once``, until the folder is done). Returns an exit code."""
     from lungseg.edge_runtime.fsio import remove_stale_temps
+    from lungseg.edge_runtime.isolate import keep_freed_memory
     from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, OutputLock, StateLock
     from lungseg.edge_runtime.sdnotify import Notifier
+
+    keep_freed_memory(32 << 20, 64 << 20)  # file bytes and pixel arrays: reuse, don't re-fault, per file
 
     # every path is resolved once, here: a relative or ``..`` path means the same folder everywhere
     config = dataclasses.replace(

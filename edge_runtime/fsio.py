@@ -128,6 +128,7 @@ class StagedFiles:
 
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []
+        self._synced: set[Path] = set()
 
     def stage(self, final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -135,9 +136,24 @@ class StagedFiles:
         self._staged.append((tmp, final))
         return tmp
 
+    def write(self, final: Path, data: bytes) -> Path:
+        """Stage ``final`` and write ``data`` to its temp name in one call, fsynced on the same descriptor."""
+        tmp = self.stage(final)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as open() does
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._synced.add(tmp)
+        return tmp
+
     def publish(self) -> list[Path]:
         for tmp, _ in self._staged:
-            fsync_file(tmp)
+            if tmp not in self._synced:
+                fsync_file(tmp)
         folders = set()
         for tmp, final in self._staged:
             os.replace(tmp, final)
@@ -145,14 +161,14 @@ class StagedFiles:
         for folder in folders:
             fsync_dir(folder)
         published = [final for _, final in self._staged]
-        self._staged = []
+        self._staged, self._synced = [], set()
         return published
 
     def discard(self) -> None:
         for tmp, _ in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        self._staged = []
+        self._staged, self._synced = [], set()
 
     def __enter__(self) -> StagedFiles:
         return self

@@ -508,7 +508,7 @@ def run_soak(files: int, kills: int, workdir: Path, model: Path, *, seed: int = 
 
 
 # --- isolation overhead --------------------------------------------------------------------------------------------
-def measure_isolation(files: list[Path], repeat: int = 5, min_side: int = 512) -> dict[str, float]:
+def measure_isolation(files: list[Path], repeat: int = 5, min_side: int = 256) -> dict[str, float]:
     """Median milliseconds per file: decode in-process vs through the worker (after one warm-up each)."""
     import logging
     import statistics
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     iso = sub.add_parser("isolation", help="per-file cost of decoding in the worker process")
     iso.add_argument("files", type=Path, nargs="+")
     iso.add_argument("--repeat", type=int, default=5)
-    iso.add_argument("--min-side", type=int, default=512, help="decode_min_side (0: full resolution)")
+    iso.add_argument("--min-side", type=int, default=256, help="decode_min_side (0: full resolution)")
     iso.add_argument("--json", action="store_true")
     for p in (fuzz, soak):
         p.add_argument("--model", type=Path, default=_default_model(), help="ONNX model (default: the shipped one)")

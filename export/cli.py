@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it); gate.onnx, shape_model.npz and gate.json go into the bundle after a parity check")
     parser.add_argument("--shape-model", type=Path, default=None, metavar="NPZ",
                         help="the mask shape model to add with --gate (default: shape_model.npz beside the checkpoint)")
+    parser.add_argument("--gate-only", action="store_true",
+                        help="with --gate and --out: replace the gate (and shape model) of the existing bundle in "
+                        "--out, leaving its segmenter models untouched; bundle.json is rewritten")
     parser.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -135,7 +138,26 @@ def main(argv: list[str] | None = None) -> int:
     args.min_dice_reduced = DEFAULT_MIN_DICE_REDUCED if args.min_dice_reduced is None else args.min_dice_reduced
     if args.engine_only is not None:
         return _engine_only(args, settings)
+    if args.gate_only:
+        if args.gate is None or args.checkpoint is not None or args.int8 or args.fp16 or args.engine:
+            parser.error("--gate-only needs --gate GATE_CHECKPOINT and --out BUNDLE, and no checkpoint/--fp16/--int8")
+        return _gate_only(args)
     return _export(args, settings)
+
+
+def _gate_only(args: argparse.Namespace) -> int:
+    """Swap the gate of an existing bundle: parity on the parity radiographs, then bundle.json rewritten."""
+    from lungseg.bundle import BUNDLE_MANIFEST
+
+    from .samples import SampleSourceError
+
+    if not (args.out / BUNDLE_MANIFEST).is_file():
+        return _fail(EXIT_USAGE, f"{args.out}: not a model bundle (no {BUNDLE_MANIFEST})")
+    try:
+        parity_batch, data = _parity_batch(args)
+    except (SampleSourceError, ValueError) as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    return _add_gate(args, args.out, parity_batch, data)
 
 
 def _parity_batch(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

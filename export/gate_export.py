@@ -69,6 +69,7 @@ def add_gate(bundle: Path, checkpoint: Path, parity_batch: np.ndarray, data: dic
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "parity": parity,
         "heldout_accuracy": training.get("heldout_accuracy"),
+        "policy": training.get("policy"),
         "data": training.get("data"),
         "shape_model": {**(training.get("shape_model") or {}), "file": SHAPE_MODEL_FILE,
                         "sha256": sha256_file(target)},

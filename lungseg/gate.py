@@ -15,6 +15,9 @@ which decides per radiograph, in this order:
               ``negative_suspect``).
 4. *flag*     not confident, mirrored, or not a chest: flagged (``gate_uncertain:<head>``,
               ``mirrored``, ``not_chest``); a confident not-a-chest is refused in ``refuse`` mode.
+              The mirror score weighs the image against its own left-right flip
+              (:func:`consensus_logits`), and its threshold is the one calibrated for the
+              bundle's gate on its training patients (``gate.json``, ``policy``) unless given.
 5. *QA*       :func:`lungseg.plausibility.mask_qa` on the final mask, in the upright frame:
               components, area, lung ratio, and the shape model.
 
@@ -49,6 +52,7 @@ HEADS: dict[str, slice] = {"orientation": slice(0, 4), "negative": slice(4, 6), 
 N_LOGITS = 10
 
 GATE_MODES = ("off", "flag", "refuse")
+DEFAULT_MIRRORED_THRESHOLD = 0.9  # for a gate whose gate.json carries no calibrated threshold
 NON_CHEST_BODY_PARTS = frozenset({
     "HAND", "KNEE", "FOOT", "ANKLE", "WRIST", "ELBOW", "SHOULDER", "HIP", "PELVIS", "SKULL", "HEAD", "BRAIN",
     "CSPINE", "TSPINE", "LSPINE", "SPINE", "EXTREMITY", "FINGER", "TOE", "FOREARM", "ARM", "LEG", "FEMUR",
@@ -106,6 +110,24 @@ class GateScores:
                 "mirrored": round(self.mirrored, 4), "chest": round(self.chest, 4)}
 
 
+def consensus_logits(logits_of: Any, batch: np.ndarray) -> np.ndarray:
+    """Gate logits whose mirror head weighs the image against its own left-right flip.
+
+    ``logits_of`` runs the gate on a batch; it sees ``batch`` and its flip in one call. The
+    mirror head's evidence (logit difference) becomes the mean of the image's and, sign
+    reversed, its flip's: a mirrored image must look mirrored *and* its flip upright. The
+    other heads are the image's own. (The flip is of the gate input, as in training.)
+    """
+    batch = np.asarray(batch, np.float32)
+    both = logits_of(np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])]))
+    plain, flipped = both[:len(batch)], both[len(batch):]
+    first = HEADS["mirrored"].start
+    evidence = 0.5 * ((plain[:, first + 1] - plain[:, first]) - (flipped[:, first + 1] - flipped[:, first]))
+    out = np.array(plain, dtype=np.float32)
+    out[:, first], out[:, first + 1] = 0.0, evidence
+    return out
+
+
 class GateModel:
     """The gate ONNX model on onnxruntime's CPU provider (one thread by default: it is tiny)."""
 
@@ -119,12 +141,47 @@ class GateModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.version = meta.get("gate_version", "unknown")
+        self.mirrored_threshold = calibrated_mirror_threshold(self.path.parent)
+
+    def policy(self, policy: GatePolicy) -> GatePolicy:
+        """``policy`` with what it leaves open (the mirror threshold) taken from this gate's calibration."""
+        if policy.mirrored_threshold is not None:
+            return policy
+        from dataclasses import replace
+
+        return replace(policy, mirrored_threshold=self.mirrored_threshold or DEFAULT_MIRRORED_THRESHOLD)
+
+    def raw_logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([GATE_OUTPUT_NAME], {GATE_INPUT_NAME: batch.astype(np.float32)})[0]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([GATE_OUTPUT_NAME], {GATE_INPUT_NAME: batch.astype(np.float32)})[0]
+        """The logits the policy reads: :func:`consensus_logits` (two gate runs per image, one batch)."""
+        return consensus_logits(self.raw_logits, batch)
 
     def scores(self, gate_batch: np.ndarray) -> list[GateScores]:
         return [GateScores.from_logits(row) for row in self.logits(gate_batch)]
+
+
+def calibrated_mirror_threshold(bundle_root: Path) -> float | None:
+    """``policy.mirrored_threshold`` of the bundle's ``gate.json`` (checked against ``bundle.json``), if any."""
+    import json
+
+    from lungseg.bundle import GATE_MANIFEST
+
+    if not (bundle_root / GATE_MANIFEST).is_file():
+        return None
+    try:
+        policy = json.loads(verified_file(bundle_root, GATE_MANIFEST).read_text()).get("policy")
+        if not policy:  # a gate from before calibrated thresholds
+            log.info("the bundle's gate record has no calibrated mirror threshold; using %.2f",
+                     DEFAULT_MIRRORED_THRESHOLD)
+            return None
+        value = float(policy["mirrored_threshold"])
+    except (ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+        log.warning("no calibrated mirror threshold in the bundle's gate record (%s); using %.2f", exc,
+                    DEFAULT_MIRRORED_THRESHOLD)
+        return None
+    return value if 0.0 < value < 1.0 else None
 
 
 def load_gate(bundle_root: str | Path | None) -> GateModel | None:
@@ -152,7 +209,7 @@ class GatePolicy:
     auto_orient: bool = True
     correct_threshold: float = 0.9  # a head's top probability needed to correct
     uncertain_threshold: float = 0.7  # below this the head is "not confident" and the image flagged
-    mirrored_threshold: float = 0.9  # chosen on half the held-out patients: <= 1% of good images flagged
+    mirrored_threshold: float | None = None  # None: the bundle gate's calibrated one (gate.json), else 0.9
     not_chest_flag: float = 0.5  # P(not chest) above this: flag
     not_chest_refuse: float = 0.9  # P(not chest) above this: refused (mode refuse)
 
@@ -162,7 +219,7 @@ class GatePolicy:
         for name in ("correct_threshold", "uncertain_threshold", "mirrored_threshold", "not_chest_flag",
                      "not_chest_refuse"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"gate {name.replace('_', ' ')} {value} is not in [0, 1]")
 
 
@@ -255,7 +312,8 @@ def decide(scores: GateScores | None, dataset: Any, policy: GatePolicy) -> GateD
         decision.flags.append("negative_suspect")
     elif scores.negative > 1.0 - policy.uncertain_threshold:
         decision.flags.append("gate_uncertain:negative")
-    if scores.mirrored >= policy.mirrored_threshold:
+    mirror_threshold = DEFAULT_MIRRORED_THRESHOLD if policy.mirrored_threshold is None else policy.mirrored_threshold
+    if scores.mirrored >= mirror_threshold:
         decision.flags.append("mirrored")
     return decision
 
@@ -289,6 +347,8 @@ def gated_segment(predictor: Any, gate: GateModel | None, radiographs: Sequence[
     from lungseg.plausibility import mask_qa
 
     policy = policy or GatePolicy()
+    if gate is not None:
+        policy = gate.policy(policy)
     scores: list[GateScores | None] = [None] * len(radiographs)
     gate_ms = 0.0
     if gate is not None and policy.mode != "off" and radiographs:
@@ -337,7 +397,7 @@ def _turned_back(seg: Any, radiograph: Any, correction: Correction) -> Any:
     return Segmentation(final_mask=correction.undo_mask(seg.final_mask),
                         probability=correction.undo_mask(seg.probability),
                         geometry=Geometry.for_shape(rows, columns, seg.geometry.size),
-                        timings_ms=seg.timings_ms, qa=seg.qa)
+                        timings_ms=seg.timings_ms, qa=seg.qa, threshold=seg.threshold)
 
 
 # --- command-line options shared by lungseg-segment and lungseg-edge ----------------------------------------
@@ -371,7 +431,8 @@ def add_gate_arguments(parser: Any) -> None:
     group.add_argument("--gate-uncertain-threshold", type=_unit, default=default.uncertain_threshold, metavar="P",
                        help="below this top probability a head is not confident: flagged (default: %(default)s)")
     group.add_argument("--gate-mirror-threshold", type=_unit, default=default.mirrored_threshold, metavar="P",
-                       help="P(mirrored) above which an image is flagged (default: %(default)s)")
+                       help="P(mirrored) above which an image is flagged (default: the threshold calibrated for "
+                       f"the bundle's gate, in its gate.json; {DEFAULT_MIRRORED_THRESHOLD} without one)")
     group.add_argument("--gate-refuse-threshold", type=_unit, default=default.not_chest_refuse, metavar="P",
                        help="P(not a chest) above which an image is refused in refuse mode (default: %(default)s)")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lungseg.imaging import Radiograph
-from lungseg.postprocess import PostprocessConfig, artefacts, component_stats, postprocess, upscale_mask
+from lungseg.postprocess import PostprocessConfig, artefacts, component_stats, postprocess, upscale_guided, upscale_mask
 from lungseg.predictors import Predictor
 from lungseg.preprocess import Geometry, preprocess_batch
 
@@ -35,6 +35,7 @@ class Segmentation:
     geometry: Geometry
     timings_ms: dict[str, float] = field(default_factory=dict)
     qa: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 0.5
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -45,7 +46,10 @@ class Segmentation:
         """The mask resized to ``shape`` (e.g. a reduced-resolution rendering of the source)."""
         if "mask" in self.__dict__ and self.__dict__["mask"].shape == tuple(shape):
             return self.__dict__["mask"]
-        return upscale_mask(self.final_mask, shape)
+        content = self.probability[self.geometry.content] if self.probability.ndim == 2 else None
+        if content is None or content.shape != self.final_mask.shape:
+            return upscale_mask(self.final_mask, shape)
+        return upscale_guided(self.final_mask, content, shape, self.threshold)
 
     @property
     def native_pixels_per_pixel(self) -> tuple[float, float]:
@@ -115,5 +119,6 @@ def segment_batch(
             "postprocess": (time.perf_counter() - t3) * 1000,
         }
         results.append(Segmentation(final_mask=final, probability=probability, geometry=geometry,
-                                    timings_ms=timings, qa={"raw_" + k: v for k, v in qa.items()}))
+                                    timings_ms=timings, qa={"raw_" + k: v for k, v in qa.items()},
+                                    threshold=config.threshold))
     return results

@@ -7,7 +7,7 @@ Two savings on the DICOM path, both exact or measured:
   two whose short side stays at least ``min_side`` pixels. JPEG 2000 code streams are
   decoded at that resolution level directly (OpenJPEG through ``glymur``: the wavelet
   low-pass image, no full-size decode at all); other encodings are decoded in full and
-  their stored values reduced by area means (``cv2.INTER_AREA``) to the same size before
+  their stored values reduced by block means (:func:`block_means`) to the same size before
   rendering. ``min_side <= 0`` keeps full resolution.
 * **Lookup-table rendering.** Modality LUT, VOI LUT/window, polarity and the scaling to
   [0, 1] are elementwise, so they are computed once per stored value present in the
@@ -134,9 +134,38 @@ def stored_values(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
     full = ds.pixel_array
     if level and full.ndim == 2 and full.dtype in _AREA_DTYPES:
         # the same reduction as a JPEG 2000 resolution level: area means of the stored values
-        reduced_rows, reduced_columns = reduced_shape(full.shape[0], full.shape[1], level)
-        return cv2.resize(full, (reduced_columns, reduced_rows), interpolation=cv2.INTER_AREA), level
+        return block_means(full, level), level
     return full, 0
+
+
+def block_means(image: np.ndarray, level: int) -> np.ndarray:
+    """``image`` reduced to resolution ``level`` (``ceil(n / 2**level)`` per axis) by block means.
+
+    Each output pixel is the mean of its ``2**level`` square block; blocks cut by the bottom or
+    right edge average the pixels they have. Every ``cv2.resize`` call here has an integer scale,
+    which OpenCV's area filter runs about 5 times faster than a fractional one.
+    """
+    if level <= 0:
+        return image
+    factor = 2**level
+    rows, columns = image.shape[:2]
+    out_rows, out_columns = reduced_shape(rows, columns, level)
+    whole_rows, whole_columns = rows // factor, columns // factor
+    out = np.empty((out_rows, out_columns), dtype=image.dtype)
+
+    def reduce(block: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return cv2.resize(np.ascontiguousarray(block), size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
+
+    cut_rows, cut_columns = whole_rows * factor, whole_columns * factor
+    if whole_rows and whole_columns:
+        out[:whole_rows, :whole_columns] = reduce(image[:cut_rows, :cut_columns], (whole_columns, whole_rows))
+    if out_rows > whole_rows and whole_columns:
+        out[whole_rows:, :whole_columns] = reduce(image[cut_rows:, :cut_columns], (whole_columns, 1))
+    if out_columns > whole_columns and whole_rows:
+        out[:whole_rows, whole_columns:] = reduce(image[:cut_rows, cut_columns:], (1, whole_rows))
+    if out_rows > whole_rows and out_columns > whole_columns:
+        out[whole_rows:, whole_columns:] = reduce(image[cut_rows:, cut_columns:], (1, 1))
+    return out
 
 
 _AREA_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
@@ -177,7 +206,4 @@ def render_with_lut(stored: np.ndarray, render: Callable[[np.ndarray], tuple[np.
 
 def downsample(pixels: np.ndarray, level: int) -> np.ndarray:
     """Reduce a full-size rendered image to resolution ``level`` (the JPEG 2000 level's size) by area."""
-    if level <= 0:
-        return pixels
-    rows, columns = reduced_shape(pixels.shape[0], pixels.shape[1], level)
-    return cv2.resize(pixels, (columns, rows), interpolation=cv2.INTER_AREA)
+    return block_means(pixels, level)

@@ -52,6 +52,26 @@ def upscale_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return scaled >= 128
 
 
+def upscale_guided(mask: np.ndarray, probability: np.ndarray, shape: tuple[int, int], threshold: float) -> np.ndarray:
+    """``mask`` (postprocessed at ``probability``'s resolution) resized to ``shape``, its edges where the
+    bilinearly upscaled probability crosses ``threshold``: the edges a native-size probability map has.
+
+    Pixels whose raw threshold the postprocessing overruled (islands removed, holes filled) are pinned
+    just across the threshold first, so every model pixel keeps its final label; elsewhere the result is
+    that of thresholding the upscaled probability map.
+    """
+    if mask.shape[:2] == tuple(shape):
+        return mask.astype(bool)
+    guide = probability.astype(np.float32)  # a copy: the caller's map is not touched
+    raw = guide >= threshold
+    above, below = np.float32(np.nextafter(np.float32(threshold), np.float32(2))), np.float32(
+        np.nextafter(np.float32(threshold), np.float32(-1)))
+    guide[mask & ~raw] = above
+    guide[~mask & raw] = below
+    scaled = cv2.resize(guide, (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
+    return scaled >= threshold
+
+
 def keep_largest(mask: np.ndarray, n: int) -> np.ndarray:
     """Keep the ``n`` largest 8-connected components of a binary mask."""
     count, labels, areas = label_components(mask)

@@ -112,6 +112,9 @@ class OnnxRuntimePredictor:
         if threads or options.threads:
             session_options.intra_op_num_threads = threads or options.threads
         session_options.log_severity_level = 3
+        # idle threads sleep instead of spinning after each run: on a 2-core box the spinning thread
+        # took the core that the decode worker and the writer need
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.precision == "int8":
             for key, value in INT8_SESSION_CONFIG.items():
                 session_options.add_session_config_entry(key, value)

@@ -108,6 +108,28 @@ def test_poison_inputs_are_quarantined_and_the_rest_of_the_batch_processed(tmp_p
     assert run_once(watch, out, tiny_onnx, state=state) == 0
 
 
+def test_worker_hands_pixels_over_shared_memory_or_the_pipe_alike() -> None:
+    """Through the shared buffers, or the pipe where a file or image does not fit them, the daemon
+    gets the same radiograph as decoding in-process."""
+    from lungseg.edge_runtime.isolate import DecodeFailure, DecodeWorker, decode_in_process
+
+    data = dicom_bytes(make_cr(UID + "23", size=300))
+    expected = decode_in_process(data, "x", min_side=0)
+    sizes = {"shared": (1 << 20, 1 << 20), "file too big": (1000, 1 << 20), "image too big": (1 << 20, 1000),
+             "pipe only": (0, 0)}
+    for label, buffer_bytes in sizes.items():
+        worker = DecodeWorker(timeout_seconds=30, buffer_bytes=buffer_bytes).start()
+        assert (worker._buffers is None) == (label == "pipe only")
+        try:
+            for _ in range(2):  # the buffers are reused from file to file
+                got = worker.decode(data, "x", 0)
+                assert not isinstance(got, DecodeFailure), (label, got)
+                assert np.array_equal(got.pixels, expected.pixels) and got.pixels.flags.writeable, label
+                assert got.dataset.SOPInstanceUID == UID + "23" and "PixelData" not in got.dataset
+        finally:
+            worker.close()
+
+
 def test_decoder_crash_timeout_and_memory_limit_are_quarantined(tmp_path: Path) -> None:
     """A decoder that dies, hangs or exhausts memory costs one respawn and a reason code, not the daemon."""
     import signal

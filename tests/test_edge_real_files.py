@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from edge_helpers import SHARED_FILES, dciodvfy_errors, file_ref, run_once, sc_files, shared_dicom_dir, sidecars
 
+from lungseg.edge_runtime.config import EdgeConfig
+
 pydicom = pytest.importorskip("pydicom")
 
 
@@ -52,11 +54,11 @@ def test_real_file_yields_one_valid_linked_sc(real_run: dict, name: str) -> None
     assert sc.PatientID == source.get("PatientID", "")
     assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian  # the default sc_syntax
     rgb = sc.pixel_array
-    rendered = sidecar["rendered"]  # drawn at the decoded resolution: 1/2**level, short side >= 512 unless native
+    rendered = sidecar["rendered"]  # drawn at the decoded resolution: 1/2**level, short side >= 256 unless native
     assert rgb.shape == (rendered["sc_rows"], rendered["sc_columns"], 3)
     assert (rendered["sc_rows"], rendered["sc_columns"]) == (
         -(-source.Rows // 2 ** rendered["decoded_level"]), -(-source.Columns // 2 ** rendered["decoded_level"]))
-    assert min(rgb.shape[:2]) >= 512 or rendered["decoded_level"] == 0
+    assert min(rgb.shape[:2]) >= EdgeConfig().decode_min_side or rendered["decoded_level"] == 0
     assert sidecar["model"]["sha256"] in sc.DerivationDescription
     assert "not for diagnosis" in sc.ImageComments
     assert "lungseg" in [item.Manufacturer for item in sc.ContributingEquipmentSequence]

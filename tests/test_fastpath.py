@@ -7,7 +7,6 @@ model in onnxruntime, ``lungseg-edge`` run in-process, dciodvfy on every SC.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from lungseg.imaging import to_unit_range
 from lungseg.metrics import dice
 from lungseg.pixel_render import reduction_level
 
-MIN_SIDE = 512
+MIN_SIDE = 256  # EdgeConfig's default decode_min_side (asserted below)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +69,22 @@ def _per_pixel_render(path: Path) -> np.ndarray:
     return to_unit_range(-values if invert else values)
 
 
+def test_block_means_average_each_block_including_the_cut_ones() -> None:
+    from lungseg.pixel_render import block_means
+
+    rng = np.random.default_rng(7)
+    for rows, columns in ((1841, 1955), (9, 6), (3, 1), (1, 1)):
+        image = rng.integers(0, 4096, (rows, columns)).astype(np.uint16)
+        for level in (1, 2, 3):
+            factor = 2**level
+            reduced = block_means(image, level)
+            assert reduced.shape == (-(-rows // factor), -(-columns // factor)) and reduced.dtype == np.uint16
+            expected = np.array([[image[i * factor:(i + 1) * factor, j * factor:(j + 1) * factor].mean()
+                                  for j in range(reduced.shape[1])] for i in range(reduced.shape[0])])
+            assert np.abs(reduced - expected).max() <= 0.5 + 1e-9  # rounded to the nearest stored value
+            assert np.allclose(block_means(image.astype(np.float32), level), expected, atol=1e-3)
+
+
 def test_reduction_level_keeps_the_short_side() -> None:
     assert reduction_level(2128, 2000, 512) == 1  # 1064 x 1000; level 2 would be 500 < 512
     assert reduction_level(4300, 3500, 512) == 2
@@ -90,10 +105,10 @@ def test_jpeg2000_is_decoded_at_a_reduced_level(generated: dict[str, Path]) -> N
         pytest.skip("libopenjp2 cannot be loaded by glymur")
     radiograph = read_dicom(generated["j2k_a"], min_side=MIN_SIDE)
     assert radiograph.native_shape == (1280, 1170) and radiograph.source_shape == (1280, 1170)
-    assert radiograph.shape == (640, 585) and radiograph.facts["decoded_level"] == 1
+    assert radiograph.shape == (320, 293) and radiograph.facts["decoded_level"] == 2
     ds = pydicom.dcmread(generated["j2k_a"])
     frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
-    assert j2k_reduced(frame, 1).shape == (640, 585)  # OpenJPEG's own resolution level, not a resize
+    assert j2k_reduced(frame, 2).shape == (320, 293)  # OpenJPEG's own resolution level, not a resize
 
 
 def test_reduced_path_keeps_native_mask_parity(generated: dict[str, Path], predictor) -> None:
@@ -138,12 +153,15 @@ def test_stage_timings_are_reported_for_a_dicom(tmp_path: Path, generated: dict[
     assert set(timings) >= {"decode", "preprocess", "infer", "postprocess", "write", "total"}
     assert all(timings[k] > 0 for k in ("decode", "infer", "write"))
     assert set(sidecar["write_stages_ms"]) >= {"measure", "render", "sc_encode", "sc_save", "sc_verify"}
-    assert sidecar["rendered"]["decoded_level"] == 1
+    assert sidecar["rendered"]["decoded_level"] == 2  # 275 x 313: the coarsest level whose short side >= 256
     assert (sidecar["source"]["rows"], sidecar["source"]["columns"]) == (1100, 1250)
+    parts = sidecar["decode_parts_ms"]  # the isolated worker's own time and the hand-over around it
+    assert set(parts) == {"worker", "transfer"} and parts["worker"] > 0
+    assert parts["worker"] + parts["transfer"] == pytest.approx(timings["decode"], abs=0.02)
 
 
 @pytest.mark.parametrize(("syntax", "max_side", "verify"), [("explicit", 0, "parse"), ("rle", 0, "decode"),
-                                                            ("jpegls", 300, "parse")])
+                                                            ("jpegls", 200, "parse")])
 def test_sc_options_write_valid_secondary_captures(tmp_path: Path, generated: dict[str, Path], tiny_onnx: Path,
                                                    syntax: str, max_side: int, verify: str) -> None:
     from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
@@ -158,7 +176,7 @@ def test_sc_options_write_valid_secondary_captures(tmp_path: Path, generated: di
     sc = pydicom.dcmread(sc_path)
     expected = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpegls": JPEGLSLossless}[syntax]
     assert sc.file_meta.TransferSyntaxUID == expected
-    rows, columns = (600, 550) if max_side == 0 else (300, 275)  # 1200 x 1100 at level 1, then capped
+    rows, columns = (300, 275) if max_side == 0 else (200, 183)  # 1200 x 1100 at level 2, then capped
     assert sc.pixel_array.shape == (rows, columns, 3)
     (sidecar,) = _processed(tmp_path / "out")
     assert sidecar["outputs"]["secondary_capture"]["transfer_syntax"] == expected.name
@@ -183,18 +201,13 @@ def test_sc_verification_catches_a_changed_pixel(tmp_path: Path) -> None:
         dicom_out.verify_sc(path, rgb[:63])
 
 
-def test_non_inference_stays_below_fp32_inference_for_a_2000_pixel_dicom(tmp_path: Path, shipped_model: Path) -> None:
-    """Decode + preprocess + postprocess + write of an uncompressed 2,000-pixel DICOM, against fp32 inference.
+def test_non_inference_stays_below_inference_for_a_2000_pixel_dicom(tmp_path: Path, shipped_model: Path) -> None:
+    """Decode + preprocess + postprocess + QA + write of an uncompressed 2,000-pixel DICOM, against the
+    inference of the backend the shipped bundle's self-test picks (int8 where it passes).
 
-    The acceptance bound is 0.5 (``lungseg-bench`` reports it); this test allows 1.0 so a loaded
-    CI machine does not fail it, while 0.1.0's path (about 4x here) would. It runs the fp32 model
-    alone (a bundle folder holding only ``model.onnx``): against the int8 model, about 2.5x faster,
-    the same stages cost 1.2-2x its inference today (``lungseg-bench`` reports that ratio too).
+    The acceptance bound is 0.5 (``lungseg-bench`` reports it; about 0.45 on a 2-core EPYC); this
+    test allows 1.0 so a loaded CI machine does not fail it, while 0.1.0's path (about 4x) would.
     """
-    fp32_only = tmp_path / "fp32" / "model.onnx"
-    fp32_only.parent.mkdir()
-    shutil.copyfile(shipped_model, fp32_only)
-    shipped_model = fp32_only
     watch = tmp_path / "watch"
     watch.mkdir()
     source = synthetic_dicom(_image(2), tmp_path / "big.dcm", rows=2000, columns=1880)
@@ -205,7 +218,7 @@ def test_non_inference_stays_below_fp32_inference_for_a_2000_pixel_dicom(tmp_pat
     assert run_once(watch, tmp_path / "out", shipped_model, batch_size=1) == 0
     runs = _processed(tmp_path / "out")
     assert len(runs) == 4
-    ratios = [(t["decode"] + t["preprocess"] + t["postprocess"] + t["write"]) / t["infer"]
+    ratios = [(t["decode"] + t["preprocess"] + t["postprocess"] + t["qa"] + t["write"]) / t["infer"]
               for t in (s["timings_ms"] for s in runs)]
     ratio = statistics.median(ratios)  # the cold first file cannot move the median of four much
     assert ratio <= 1.0, json.dumps([s["timings_ms"] for s in runs])
@@ -229,3 +242,29 @@ def test_speed_flags_reach_the_config(tmp_path: Path) -> None:
     config = config_from_args(args)
     assert (config.sc_syntax, config.sc_max_side, config.sc_verify, config.decode_min_side,
             config.postprocess_resolution) == ("jpegls", 1024, "decode", 0, "native")
+
+
+def test_fixed_min_side_is_the_edge_default():
+    """The parity figures above are for the resolution the edge decodes at by default."""
+    from lungseg.edge_runtime.config import EdgeConfig
+    from lungseg.preprocess import INPUT_SIZE
+
+    assert EdgeConfig().decode_min_side == MIN_SIDE == INPUT_SIZE
+
+
+def test_reference_dataset_is_a_shallow_copy_that_never_changes_the_source() -> None:
+    """The outputs' reference shares values with the decoded source, but its repairs stay its own."""
+    from edge_helpers import make_cr
+
+    from lungseg.edge_runtime import dicom_out
+
+    source = make_cr("1.2.826.0.1.3680043.10.1082.78", size=32)
+    source.PatientSex = "X"  # invalid for the outputs: emptied in the copy
+    source.PixelSpacing = [0, 0]  # unusable: left out of the copy
+    del source.AccessionNumber  # type 2, missing: added empty to the copy
+    ref, fixed = dicom_out.reference_dataset(source)
+    assert {"PatientSex", "PixelSpacing"} <= set(fixed)
+    assert ref.PatientSex == "" and "PixelSpacing" not in ref and ref.AccessionNumber == ""
+    assert source.PatientSex == "X" and list(source.PixelSpacing) == [0, 0] and "AccessionNumber" not in source
+    assert "PixelData" in source and "PixelData" not in ref
+    assert ref.PatientID == source.PatientID and ref.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID

@@ -53,3 +53,25 @@ def test_real_masks_have_two_lungs_after_postprocessing(fixture_manifest):
         cleaned = postprocess(noisy)
         assert artefacts(cleaned)["components"] == 2, record.id
         assert not cleaned[:3, :3].any()
+
+
+def test_guided_upscale_follows_the_probability_and_keeps_postprocessing():
+    """Edges where the upscaled probability crosses the threshold; removed islands and filled holes stay so."""
+    import cv2
+
+    from lungseg.postprocess import postprocess, upscale_guided
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    probability = np.clip(1.2 - np.hypot(yy - 32, xx - 24) / 14.0, 0, 1).astype(np.float32)  # a soft disc
+    probability[4:6, 56:58] = 0.9  # an island postprocessing removes
+    probability[31:33, 23:25] = 0.1  # a hole it fills
+    final = postprocess(probability, PostprocessConfig(keep_components=1))
+    big = upscale_guided(final, probability, (256, 256), 0.5)
+    assert big.shape == (256, 256) and big.dtype == bool
+    plain = cv2.resize(probability, (256, 256), interpolation=cv2.INTER_LINEAR) >= 0.5
+    assert not big[16:24, 224:232].any() and plain[16:24, 224:232].any()  # the island stays removed
+    assert big[124:132, 92:100].all() and not plain[124:132, 92:100].all()  # the hole stays filled
+    edge = np.ones((256, 256), bool)
+    edge[:40, 200:] = edge[100:160, 70:120] = False  # away from the two edits: the probability's own edge
+    assert np.array_equal(big[edge], plain[edge])
+    assert np.array_equal(upscale_guided(final, probability, (64, 64), 0.5), final)

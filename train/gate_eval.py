@@ -72,6 +72,7 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
     shape_model = load_shape_model(resolved.root)
     if gate is None or shape_model is None:
         raise SystemExit(f"{bundle}: the bundle has no gate.onnx / shape_model.npz")
+    policy = gate.policy(policy)  # the bundle's calibrated mirror threshold unless one was given
     split = gate_split(manifest)
     rows: list[dict[str, Any]] = []
 
@@ -173,50 +174,6 @@ def summarise(rows: list[dict[str, Any]], good_dice: list[float], dice_upright: 
     }
 
 
-MIRROR_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
-
-
-def mirror_calibration(report: dict[str, Any], manifest: Path, max_false: float = 0.01,
-                       seed: int = 7) -> dict[str, Any]:
-    """Choose the mirror threshold on half of the held-out patients, score everything on the other half.
-
-    The threshold is the lowest in :data:`MIRROR_GRID` that flags at most ``max_false`` of the
-    calibration half's good (unaltered) images for mirroring; no fault image is used to choose it.
-    """
-    from lungseg.data import split_by_patient
-
-    split = gate_split(manifest)
-    calibration_half, test_half = split_by_patient(split.heldout, (0.5, 0.5), seed=seed)
-    calib_ids = {r.id for r in calibration_half}
-    test_ids = {r.id for r in test_half}
-
-    def base_id(ident: str) -> str:
-        return ident.split(":", 1)[1] if ident.startswith("crop:") else ident
-
-    rows = report["rows"]
-    calib_good = [r for r in rows if r["class"] == "good" and r["id"] in calib_ids and not r["refused"]]
-    threshold = next((t for t in MIRROR_GRID
-                      if np.mean([r["gate"]["mirrored"] >= t for r in calib_good]) <= max_false), MIRROR_GRID[-1])
-
-    def caught(r: dict[str, Any]) -> bool:
-        if r["refused"]:
-            return True
-        others = [f for f in r["flags"] if f != "mirrored"]
-        return bool(others) or r["gate"]["mirrored"] >= threshold
-
-    test = [r for r in rows if base_id(r["id"]) in test_ids or r["id"].split(":")[0].endswith(".dcm")]
-    by_class = {k: round(float(np.mean([caught(r) for r in test if r["class"] == k])), 4)
-                for k in sorted({r["class"] for r in test})}
-    wrong = [r for r in test if r["class"] != "good"]
-    good = [r for r in test if r["class"] == "good"]
-    return {"threshold": threshold, "max_false_on_calibration_half": max_false,
-            "calibration_good_images": len(calib_good),
-            "test_half": {"wrong_caught": round(float(np.mean([caught(r) for r in wrong])), 4),
-                          "n_wrong": len(wrong),
-                          "good_flagged": round(float(np.mean([caught(r) for r in good])), 4), "n_good": len(good),
-                          "caught_by_class": by_class}}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lungseg.train.gate_eval",
                                      description="Fault-set evaluation of the image gate on held-out patients.")
@@ -226,15 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=60, help="held-out radiographs per fault class")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mirror-threshold", type=float, default=None,
-                        help="policy mirror threshold (default: lungseg.gate.GatePolicy's)")
-    parser.add_argument("--calibrate-mirror", action="store_true",
-                        help="also choose the mirror threshold on half the held-out patients, score the other half")
+                        help="policy mirror threshold (default: the one calibrated for the bundle's gate)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     policy = GatePolicy() if args.mirror_threshold is None else GatePolicy(mirrored_threshold=args.mirror_threshold)
     report = evaluate(args.model, args.data, args.per_class, threads=args.threads, policy=policy)
-    if args.calibrate_mirror:
-        report["mirror_calibration"] = mirror_calibration(report, args.data)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
     return 0

@@ -32,7 +32,7 @@ from lungseg.train.gate_model import GateNet
 
 log = logging.getLogger("lungseg.train.gate")
 
-GATE_VERSION = "0.1.0"
+GATE_VERSION = "0.2.0"  # 0.2.0: 30 epochs, flip-consensus mirror score, out-of-fold mirror threshold
 CHECKPOINT = "gate.pt"
 MANIFEST = "gate.json"
 
@@ -98,6 +98,36 @@ def train(out: Path, config: GateTrainConfig) -> dict[str, Any]:
         seed=config.seed + 1))
     log.info("samples: %d training, %d held-out (%.0f s)", len(train_set.chest), len(held_set.chest),
              time.perf_counter() - t0)
+    t_train = time.perf_counter()
+    model, history = fit(train_set, config)
+    torch.save({"state_dict": model.state_dict(), "version": GATE_VERSION, "config": asdict(config)},
+               out / CHECKPOINT)
+    accuracy = heldout_accuracy(lambda x: _torch_logits(model, x), held_set)
+    onnx_path = export_onnx(model, out / GATE_ONNX)
+    parity = check_parity(model, onnx_path, held_set)
+    from lungseg.bundle import sha256_file
+
+    manifest = {
+        "name": "lungseg-gate", "version": GATE_VERSION, "file": GATE_ONNX, "sha256": sha256_file(onnx_path),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {"name": GATE_INPUT_NAME, "shape": ["N", 1, GATE_SIZE, GATE_SIZE],
+                  "transform": "lungseg.gate.gate_input (the segmenter's preprocessed input, area-downscaled)"},
+        "output": {"name": GATE_OUTPUT_NAME, "heads": {k: [v.start, v.stop] for k, v in HEADS.items()}},
+        "data": {"manifest": Path(config.manifest).name, "train_radiographs": len(split.train),
+                 "heldout_radiographs": len(split.heldout), "train_samples": len(train_set.chest),
+                 "heldout_samples": len(held_set.chest), "nonchest_train": list(NONCHEST_TRAIN),
+                 "nonchest_heldout": list(NONCHEST_HELDOUT)},
+        "training": {**asdict(config), "seconds": round(time.perf_counter() - t_train, 1), "history": history},
+        "heldout_accuracy": accuracy,
+        "parity": parity,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def fit(train_set: GateSamples, config: GateTrainConfig) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Train a fresh :class:`GateNet` on ``train_set`` (random pose per sample and batch); eval mode."""
+    torch.manual_seed(config.seed)
     model = GateNet().to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * int(np.ceil(len(train_set.chest) / config.batch_size))
@@ -126,30 +156,7 @@ def train(out: Path, config: GateTrainConfig) -> dict[str, Any]:
         history.append({"epoch": epoch + 1, "loss": total / count, "seconds": time.perf_counter() - t_train})
         log.info("gate epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, config.epochs, total / count,
                  time.perf_counter() - t_train)
-    model.eval()
-    torch.save({"state_dict": model.state_dict(), "version": GATE_VERSION, "config": asdict(config)},
-               out / CHECKPOINT)
-    accuracy = heldout_accuracy(lambda x: _torch_logits(model, x), held_set)
-    onnx_path = export_onnx(model, out / GATE_ONNX)
-    parity = check_parity(model, onnx_path, held_set)
-    from lungseg.bundle import sha256_file
-
-    manifest = {
-        "name": "lungseg-gate", "version": GATE_VERSION, "file": GATE_ONNX, "sha256": sha256_file(onnx_path),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": {"name": GATE_INPUT_NAME, "shape": ["N", 1, GATE_SIZE, GATE_SIZE],
-                  "transform": "lungseg.gate.gate_input (the segmenter's preprocessed input, area-downscaled)"},
-        "output": {"name": GATE_OUTPUT_NAME, "heads": {k: [v.start, v.stop] for k, v in HEADS.items()}},
-        "data": {"manifest": Path(config.manifest).name, "train_radiographs": len(split.train),
-                 "heldout_radiographs": len(split.heldout), "train_samples": len(train_set.chest),
-                 "heldout_samples": len(held_set.chest), "nonchest_train": list(NONCHEST_TRAIN),
-                 "nonchest_heldout": list(NONCHEST_HELDOUT)},
-        "training": {**asdict(config), "seconds": round(time.perf_counter() - t_train, 1), "history": history},
-        "heldout_accuracy": accuracy,
-        "parity": parity,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return model.eval(), history
 
 
 def _torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -210,11 +217,12 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
 
 def check_parity(model: nn.Module, onnx_path: Path, samples: GateSamples, limit: int = 256,
                  max_abs: float = 1e-3) -> dict[str, Any]:
-    """PyTorch vs onnxruntime logits and decisions on held-out inputs."""
-    from lungseg.gate import GateModel
+    """PyTorch vs onnxruntime logits and decisions on held-out inputs, as the policy reads them
+    (:func:`lungseg.gate.consensus_logits`)."""
+    from lungseg.gate import GateModel, consensus_logits
 
     x = samples.x[:limit].astype(np.float32)
-    reference = _torch_logits(model, x)
+    reference = consensus_logits(lambda b: _torch_logits(model, b), x)
     candidate = GateModel(onnx_path).logits(x)
     diff = float(np.abs(reference - candidate).max())
     agree = all(
