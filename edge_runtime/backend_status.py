@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lungseg.atomic import atomic_write
+
 log = logging.getLogger("lungseg.edge")
 
 BACKEND_STATUS = "backend.json"
@@ -20,11 +22,9 @@ BACKEND_STATUS = "backend.json"
 def write_backend_status(state_dir: Path, status: dict[str, Any]) -> None:
     """Replace ``<state>/backend.json`` atomically; a failure is logged, never raised."""
     path = Path(state_dir) / BACKEND_STATUS
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(status, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(status, indent=2, default=str) + "\n")
     except OSError as exc:
         log.warning("could not write %s: %s", path.name, exc)
 

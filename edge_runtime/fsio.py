@@ -16,7 +16,7 @@ import shutil
 import stat
 from pathlib import Path
 
-TEMP_SUFFIX = ".lungseg-tmp"
+from lungseg.atomic import TEMP_SUFFIX, atomic_write, fsync_dir, fsync_file, temp_name, write_synced
 
 # Faults of the output side (retried with backoff); any other error while writing outputs
 # comes from the input and is the input's fault.
@@ -88,27 +88,6 @@ def read_input(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-def temp_name(final: Path) -> Path:
-    """A hidden temp name beside ``final`` (same filesystem, so the rename is atomic)."""
-    return final.with_name(f".{final.name}.{os.getpid()}{TEMP_SUFFIX}")
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:
@@ -136,17 +115,10 @@ class StagedFiles:
         self._staged.append((tmp, final))
         return tmp
 
-    def write(self, final: Path, data: bytes) -> Path:
+    def write(self, final: Path, data: bytes | memoryview) -> Path:
         """Stage ``final`` and write ``data`` to its temp name in one call, fsynced on the same descriptor."""
         tmp = self.stage(final)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as open() does
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data)
         self._synced.add(tmp)
         return tmp
 
@@ -178,10 +150,8 @@ class StagedFiles:
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> Path:
-    with StagedFiles() as staged:
-        tmp = staged.stage(final)
-        tmp.write_bytes(data)
-        return staged.publish()[0]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(final, data)
 
 
 def atomic_copy(src: Path, final: Path) -> Path:

@@ -18,6 +18,8 @@ import os
 import secrets
 from pathlib import Path
 
+from lungseg.atomic import atomic_write
+
 KEY_NAME = "name-key"
 
 
@@ -29,14 +31,7 @@ def load_key(state_dir: Path) -> bytes:
         if len(key) >= 16:
             return key
     key = secrets.token_bytes(32)
-    tmp = path.with_name(f".{KEY_NAME}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, key, mode=0o600)
     return key
 
 

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lungseg.atomic import atomic_write
 from lungseg.edge_runtime import metrics
-from lungseg.edge_runtime.fsio import TEMP_SUFFIX, fsync_dir
+from lungseg.edge_runtime.fsio import TEMP_SUFFIX
 from lungseg.edge_runtime.logs import uid_ref, valid_uid
 
 log = logging.getLogger("lungseg.edge.receiver")
@@ -113,21 +112,8 @@ class StorageReceiver:
         return self.folder / f"{sop_uid}.dcm"
 
     def _write(self, data: bytes, final: Path) -> None:
-        """Hidden temp file beside ``final``, fsync, rename, fsync the folder."""
-        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{final.name}.", suffix=TEMP_SUFFIX)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        fsync_dir(self.folder)
+        """Hidden temp file beside ``final``, fsync, rename, fsync the folder (:func:`lungseg.atomic.atomic_write`)."""
+        atomic_write(final, data, mode=0o644)
 
     def handle_store(self, event: Any) -> int:
         """``EVT_C_STORE``: check, write atomically, answer with a status."""

@@ -112,6 +112,6 @@ def format_table(results: Mapping[str, ParityResult]) -> str:
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as indented JSON, replacing ``path`` atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    from lungseg.atomic import atomic_write
+
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

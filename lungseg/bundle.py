@@ -87,13 +87,13 @@ class Bundle:
 
 def write_bundle_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``bundle.json``: the sha256 and size of every file in ``root`` (and ``extra`` fields)."""
+    from lungseg.atomic import TEMP_SUFFIX, atomic_write
+
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_MANIFEST
-             and not p.name.endswith(".tmp")}
+             and not p.name.endswith((".tmp", TEMP_SUFFIX))}
     manifest = {"schema": "lungseg/bundle/1", "files": files, **(extra or {})}
-    tmp = root / (BUNDLE_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(root / BUNDLE_MANIFEST)
+    atomic_write(root / BUNDLE_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

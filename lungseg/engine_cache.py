@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lungseg.atomic import atomic_write
 from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, sha256_file
 from lungseg.cuda_memory import DeviceIdentity
 
@@ -81,15 +82,6 @@ def differences(recorded: dict[str, Any] | None, key: EngineKey) -> list[str]:
         if theirs != value:
             reasons.append(f"device {name}: engine built for {theirs!r}, here {value!r}")
     return reasons
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def usable_engine(folder: Path, key: EngineKey) -> tuple[Path, dict[str, Any]] | None:
@@ -167,10 +159,10 @@ class EngineCache:
         """Write the engine, then its manifest (the manifest last: it is what makes the entry valid)."""
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / ENGINE_FP16, engine)
+        atomic_write(folder / ENGINE_FP16, engine)
         (folder / REFUSED).unlink(missing_ok=True)
         full = {**manifest, "key": key.to_dict(), "engine_sha256": hashlib.sha256(engine).hexdigest()}
-        _write_atomic(folder / ENGINE_MANIFEST, (json.dumps(full, indent=2) + "\n").encode())
+        atomic_write(folder / ENGINE_MANIFEST, (json.dumps(full, indent=2) + "\n").encode())
         return folder / ENGINE_FP16
 
     def refuse(self, key: EngineKey, reason: str, details: dict[str, Any]) -> None:
@@ -181,7 +173,7 @@ class EngineCache:
             (folder / name).unlink(missing_ok=True)
         record = {"reason": reason, "key": key.to_dict(), "details": details,
                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _write_atomic(folder / REFUSED, (json.dumps(record, indent=2, default=str) + "\n").encode())
+        atomic_write(folder / REFUSED, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
     def forget_refusal(self, key: EngineKey) -> None:
         (self.folder(key) / REFUSED).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.atomic import atomic_write
 from lungseg.bundle import GOLDEN, verified_file
 from lungseg.metrics import dice
 from lungseg.preprocess import CHANNELS
@@ -92,9 +93,7 @@ def write_golden(path: Path, ids: Sequence[str], inputs: np.ndarray, reference_p
     np.savez_compressed(buffer, schema=np.array(GOLDEN_SCHEMA), ids=np.array(list(ids)), inputs=stored,
                         reference=reference.astype(np.float16))
     data = buffer.getvalue()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, data)
     return {"file": path.name, "ids": list(ids), "n_images": len(ids), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
