@@ -188,9 +188,9 @@ def _attach(conn: Any) -> tuple[Any, Any] | None:  # pragma: no cover - runs in 
     if conn.recv() != ("buffers",):
         return None
     maps = []
-    for _ in range(2):
+    for prot in (mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE):  # the input is read-only here
         fd = recv_handle(conn)
-        maps.append(mmap.mmap(fd, os.fstat(fd).st_size))
+        maps.append(mmap.mmap(fd, os.fstat(fd).st_size, prot=prot))
         os.close(fd)
     return maps[0], maps[1]
 
