@@ -25,7 +25,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +86,22 @@ def per_file_stages(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def _both_paths(bundle: Path, prefix: str) -> Iterator[tuple[str, tuple[str, ...], Path, Path]]:
+    """``(label, extra args, bundle, work folder)`` for the defaults, then the 0.1.0 path, each with a
+    temp folder of its own (removed when the caller moves on)."""
+    for label, extra in (("default", ()), ("legacy", LEGACY_ARGS)):
+        with tempfile.TemporaryDirectory(prefix=f"lungseg-{prefix}-{label}-") as tmp:
+            work = Path(tmp)
+            yield label, extra, (bundle if label == "default" else legacy_bundle(bundle, work / "bundle")), work
+
+
 def stage_comparison(sources: Sequence[Path], bundle: Path, *, copies: int, threads: int | None,
                      backend: str = "cpu") -> dict[str, Any]:
     """Stage tables of the default and the 0.1.0 path (one ``--once`` run each, batch size 1)."""
     result: dict[str, Any] = {"copies": copies, "legacy_args": " ".join(LEGACY_ARGS)}
-    for label, extra in (("default", ()), ("legacy", LEGACY_ARGS)):
-        with tempfile.TemporaryDirectory(prefix=f"lungseg-stages-{label}-") as tmp:
-            model = bundle if label == "default" else legacy_bundle(bundle, Path(tmp) / "bundle")
-            run = end_to_end.run_edge(sources, copies * len(sources) + 1, model, Path(tmp), backend=backend,
-                                      threads=threads, extra_args=("--batch-size", "1", *extra))
+    for label, extra, model, work in _both_paths(bundle, "stages"):
+        run = end_to_end.run_edge(sources, copies * len(sources) + 1, model, work, backend=backend,
+                                  threads=threads, extra_args=("--batch-size", "1", *extra))
         if "skipped" in run:
             return {"skipped": run["skipped"]}
         result[label] = {"exit_code": run["exit_code"], "written": run["written"], "files": run["files"],
@@ -110,11 +117,8 @@ def burst_comparison(sources: Sequence[Path], n: int, bundle: Path, *, threads: 
     """Throughput and peak RSS of ``n`` files with the defaults and with the 0.1.0 path."""
     result: dict[str, Any] = {"files": n, "sources": sorted(s.name for s in sources),
                               "legacy_args": " ".join(LEGACY_ARGS)}
-    for label, extra in (("default", ()), ("legacy", LEGACY_ARGS)):
-        with tempfile.TemporaryDirectory(prefix=f"lungseg-burst-{label}-") as tmp:
-            model = bundle if label == "default" else legacy_bundle(bundle, Path(tmp) / "bundle")
-            run = end_to_end.run_burst(sources, n, model, Path(tmp), backend=backend, threads=threads,
-                                       extra_args=extra)
+    for label, extra, model, work in _both_paths(bundle, "burst"):
+        run = end_to_end.run_burst(sources, n, model, work, backend=backend, threads=threads, extra_args=extra)
         if "skipped" in run:
             return {"skipped": run["skipped"]}
         result[label] = run

@@ -364,28 +364,19 @@ class DecodeWorker:
         except (OSError, EOFError, ValueError):
             return self._died()
         if not self._conn.poll(self.timeout_seconds):
-            self._discard()
-            self.respawns += 1
-            self.start()
-            return DecodeFailure("decoder_timeout", f"no result within {self.timeout_seconds:g} s; decoder killed")
+            return self._replaced("decoder_timeout", f"no result within {self.timeout_seconds:g} s; decoder killed")
         try:
             message = self._conn.recv()
         except (EOFError, OSError):
             return self._died()
         except Exception as exc:  # an answer that cannot be unpickled: treat like a crash
-            self._discard()
-            self.respawns += 1
-            self.start()
-            return DecodeFailure("decoder_crash", f"unreadable answer from the decoder ({type(exc).__name__})")
+            return self._replaced("decoder_crash", f"unreadable answer from the decoder ({type(exc).__name__})")
         if message[0] == "ok":
             radiograph, decode_ms, shape = message[1], message[2], message[3]
             if shape is not None:
                 radiograph.pixels = self._pixels_from_buffer(shape)
                 if radiograph.pixels is None:
-                    self._discard()
-                    self.respawns += 1
-                    self.start()
-                    return DecodeFailure("decoder_crash", "the decoder answered an impossible image size")
+                    return self._replaced("decoder_crash", "the decoder answered an impossible image size")
             radiograph.facts["decode_ms_worker"] = round(decode_ms, 2)
             return radiograph
         return message[1]
@@ -402,6 +393,13 @@ class DecodeWorker:
         if output is None or rows <= 0 or columns <= 0 or rows * columns * 4 > len(output):
             return None
         return np.frombuffer(output, dtype=np.float32, count=rows * columns).reshape(rows, columns).copy()
+
+    def _replaced(self, code: str, reason: str) -> DecodeFailure:
+        """Kill the worker (it hangs or answered nonsense), start a fresh one, and say why."""
+        self._discard()
+        self.respawns += 1
+        self.start()
+        return DecodeFailure(code, reason)
 
     def _died(self) -> DecodeFailure:
         if self._proc is not None:

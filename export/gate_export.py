@@ -31,7 +31,7 @@ def add_gate(bundle: Path, checkpoint: Path, parity_batch: np.ndarray, data: dic
              shape_model: Path | None = None) -> dict[str, Any]:
     """Export the gate into ``bundle``, check parity, copy the shape model, write ``gate.json``."""
     try:
-        from lungseg.train.gate_data import GateSamples, dihedral
+        from lungseg.train.gate_data import dihedral
         from lungseg.train.gate_train import check_parity, export_onnx, load_gate_checkpoint
     except ImportError as exc:  # pragma: no cover - the [train] extra is what export needs anyway
         raise GateExportError(f"adding the gate needs the [train] extra ({exc})") from exc
@@ -47,9 +47,7 @@ def add_gate(bundle: Path, checkpoint: Path, parity_batch: np.ndarray, data: dic
     onnx_path = export_onnx(model, bundle / GATE_ONNX)
     base = np.stack([gate_input(x) for x in parity_batch])
     poses = np.concatenate([dihedral(base, k, m) for k in range(4) for m in (False, True)])
-    samples = GateSamples(x=poses, chest=np.ones(len(poses), np.int64), negative=np.zeros(len(poses), np.int64),
-                          base_id=[""] * len(poses))
-    parity = check_parity(model, onnx_path, samples, limit=len(poses))
+    parity = check_parity(model, onnx_path, poses, limit=len(poses))
     if not parity["passed"]:  # never leave a failed gate in the bundle: a file without a hash would still load
         onnx_path.unlink(missing_ok=True)
         raise GateExportError(f"gate parity failed: max |d logit| {parity['max_abs_logit_diff']:.2e}, "

@@ -235,7 +235,7 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0)
     short side stays ``>= min_side`` (see :mod:`lungseg.pixel_render`); ``native_shape`` and
     the pixel spacing still describe the source grid.
     """
-    from lungseg.pixel_render import downsample, render_with_lut, stored_values
+    from lungseg.pixel_render import block_means, render_with_lut, stored_values
 
     _ensure_transfer_syntax(ds)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
@@ -269,7 +269,7 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0)
         from lungseg.pixel_render import reduction_level
 
         level = reduction_level(native_shape[0], native_shape[1], min_side)
-        pixels = downsample(pixels, level)
+        pixels = block_means(pixels, level)
 
     spacing, spacing_source, magnification = _pixel_spacing(ds)
     facts: dict[str, Any] = {

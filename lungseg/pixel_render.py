@@ -202,8 +202,3 @@ def render_with_lut(stored: np.ndarray, render: Callable[[np.ndarray], tuple[np.
     table = np.zeros(hi - lo + 1, dtype=np.float32)
     table[present] = rendered
     return table[offsets], info
-
-
-def downsample(pixels: np.ndarray, level: int) -> np.ndarray:
-    """Reduce a full-size rendered image to resolution ``level`` (the JPEG 2000 level's size) by area."""
-    return block_means(pixels, level)

@@ -90,28 +90,25 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
         return result
 
     dice_upright, dice_corrected = [], []
-    good_dice = []
+    good_dice_by_id: dict[str, float] = {}  # the upright originals of the rot180 class are among these
     for record in split.heldout:  # every held-out image as stored: the false-alarm rate and Dice
         pixels = read_image(record.image).pixels
         lung, valid = read_label_mask(record.mask)
         result = run("good", record.id, pixels)
         if not isinstance(result, Refused):
-            good_dice.append(dice(result.mask[valid], lung[valid]))
+            good_dice_by_id[record.id] = dice(result.mask[valid], lung[valid])
     by_id = {r.id: r for r in split.heldout}
     for kind, ident, pixels in _fault_images(split.heldout, per_class, seed):
         result = run(kind, ident, pixels)
         if kind == "rot180" and not isinstance(result, Refused):
-            record = by_id[ident]
-            lung, valid = read_label_mask(record.mask)
-            upright = gated_segment(predictor, gate, [Radiograph(pixels=read_image(record.image).pixels,
-                                                                 source=ident)], None, policy, shape_model)[0]
             corrected = "orientation_corrected:180" in result.qa["flags"]
-            if corrected and not isinstance(upright, Refused):
+            if corrected and ident in good_dice_by_id:
+                lung, valid = read_label_mask(by_id[ident].mask)
                 back = np.rot90(result.mask, 2)  # the stored (upside-down) grid -> upright, to compare
                 dice_corrected.append(dice(back[valid], lung[valid]))
-                dice_upright.append(dice(upright.mask[valid], lung[valid]))
+                dice_upright.append(good_dice_by_id[ident])
     timing = cpu_timing(predictor, gate, split.heldout[:30])
-    return summarise(rows, good_dice, dice_upright, dice_corrected, timing, policy)
+    return summarise(rows, list(good_dice_by_id.values()), dice_upright, dice_corrected, timing, policy)
 
 
 def cpu_timing(predictor: Any, gate: Any, records: list[Any]) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def train(out: Path, config: GateTrainConfig) -> dict[str, Any]:
                out / CHECKPOINT)
     accuracy = heldout_accuracy(lambda x: _torch_logits(model, x), held_set)
     onnx_path = export_onnx(model, out / GATE_ONNX)
-    parity = check_parity(model, onnx_path, held_set)
+    parity = check_parity(model, onnx_path, held_set.x)
     from lungseg.bundle import sha256_file
 
     manifest = {
@@ -215,13 +215,13 @@ def export_onnx(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def check_parity(model: nn.Module, onnx_path: Path, samples: GateSamples, limit: int = 256,
+def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, limit: int = 256,
                  max_abs: float = 1e-3) -> dict[str, Any]:
-    """PyTorch vs onnxruntime logits and decisions on held-out inputs, as the policy reads them
+    """PyTorch vs onnxruntime logits and decisions on gate inputs, as the policy reads them
     (:func:`lungseg.gate.consensus_logits`)."""
     from lungseg.gate import GateModel, consensus_logits
 
-    x = samples.x[:limit].astype(np.float32)
+    x = np.asarray(inputs[:limit], dtype=np.float32)
     reference = consensus_logits(lambda b: _torch_logits(model, b), x)
     candidate = GateModel(onnx_path).logits(x)
     diff = float(np.abs(reference - candidate).max())
