@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parity gate for fp16/int8 backends (default: 0.99)")
     parser.add_argument("--skip-e2e", action="store_true",
                         help="skip everything that runs lungseg-edge (DICOM stage tables and the burst)")
-    parser.add_argument("--copies", type=int, default=3, metavar="K",
+    parser.add_argument("--copies", type=int, default=7, metavar="K",
                         help="copies of each DICOM file in the stage runs (median per stage; default: %(default)s)")
     parser.add_argument("--burst", type=int, default=200, metavar="N",
                         help="small files in the burst (default: %(default)s; 0 skips it)")

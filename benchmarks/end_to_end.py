@@ -63,6 +63,12 @@ def make_burst(sources: Sequence[Path], n: int, staging: Path, interleave: bool 
         target = staging / f"burst-{index:03d}-{source.stem}.dcm"
         dataset.save_as(target, enforce_file_format=False)
         burst[uid] = target
+    for target in burst.values():  # on disk before the run: its fsyncs must not flush the benchmark's own writes
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return burst
 
 

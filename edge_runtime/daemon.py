@@ -79,6 +79,13 @@ class _Signals:
 
 def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
     """Run the watcher until stopped (or, with ``once``, until the folder is done). Returns an exit code."""
+    from lungseg.dicom_decode import value_validation_off
+
+    with value_validation_off():  # pydicom's messages are silenced here: its value checks only cost time
+        return _run(config, stop)
+
+
+def _run(config: EdgeConfig, stop: threading.Event | None) -> int:
     from lungseg.edge_runtime.fsio import remove_stale_temps
     from lungseg.edge_runtime.isolate import keep_freed_memory
     from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, OutputLock, StateLock

@@ -376,7 +376,8 @@ def build_seg(ref: Dataset, mask: np.ndarray, provenance: Provenance, *, review:
 
 
 def verify_sc(path: Any, rgb: np.ndarray, *, decode: bool = False) -> None:
-    """Read the written SC back: it must parse completely and describe exactly the image drawn.
+    """Parse the SC as written (a path, or a file-like holding the bytes written): it must parse
+    completely and describe exactly the image drawn.
 
     Always: every element parses, Rows/Columns/SamplesPerPixel/BitsAllocated match ``rgb``
     and the pixel data holds exactly its bytes (uncompressed) or one non-empty frame

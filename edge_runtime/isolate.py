@@ -230,11 +230,17 @@ def _serve(conn: Any, memory_bytes: int, limits: DecodeLimits) -> None:  # pragm
     source, output = shared if shared is not None else (None, None)
     keep_freed_memory()
     _limit_memory(memory_bytes)
-    import lungseg.dicom_decode  # noqa: F401 - warm the imports (numpy, pydicom, codecs) once
+    from lungseg.dicom_decode import value_validation_off  # warms the imports (numpy, pydicom, codecs) too
 
     with contextlib.suppress(Exception):
         import pydicom.pixels.decoders  # noqa: F401
     conn.send(("ready",))
+    with value_validation_off():  # for the worker's life: its warnings and logs go nowhere
+        _answer(conn, source, output, limits)
+
+
+def _answer(conn: Any, source: Any, output: Any, limits: DecodeLimits) -> None:  # pragma: no cover - in the worker
+    """Decode requests until the daemon hangs up."""
     while True:
         try:
             ref, min_side, size = conn.recv()

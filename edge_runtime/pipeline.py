@@ -11,8 +11,9 @@ Per file, in order:
 3. *dedupe*  a SOPInstanceUID that already has outputs is recorded as a duplicate.
 4. *segment* one :func:`lungseg.inference.segment_batch` call for the whole batch.
 5. *write*   overlay SC, optional SEG and the JSON sidecar, all to temp names;
-             both DICOM files are read back (the SC parsed and its pixel bytes
-             compared, or decoded with ``sc_verify = "decode"``; the SEG decoded);
+             both DICOM files are checked (the SC's bytes as written parsed and its
+             pixel bytes compared, or decoded with ``sc_verify = "decode"``; the SEG
+             read back and decoded);
              areas and QA come from the model-resolution mask; then all are renamed
              into place, the folder is fsynced, and only then is the ledger
              committed. An interrupted write leaves no output and no ledger row,
@@ -321,9 +322,10 @@ class Processor:
         with StagedFiles() as staged:
             encoded = io.BytesIO()  # one write and one fsync instead of many small writes
             sc.save_as(encoded, enforce_file_format=True)
-            tmp_sc = staged.write(paths["sc"], encoded.getbuffer())
+            staged.write(paths["sc"], encoded.getbuffer())  # every byte written and fsynced, or it raises
             marks.append(("sc_save", time.perf_counter()))
-            dicom_out.verify_sc(tmp_sc, rgb, decode=self.config.sc_verify == "decode")
+            encoded.seek(0)  # the bytes just written: reading the file back would read them from the page cache
+            dicom_out.verify_sc(encoded, rgb, decode=self.config.sc_verify == "decode")
             marks.append(("sc_verify", time.perf_counter()))
             if seg is not None:
                 tmp_seg = staged.stage(paths["seg"])

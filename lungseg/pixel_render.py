@@ -131,11 +131,40 @@ def stored_values(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
                 return _apply_pixel_representation(reduced, ds), actual
             log.info("reduced JPEG 2000 frame is %s, not a resolution level of %dx%d; decoding in full",
                      reduced.shape, rows, columns)
-    full = ds.pixel_array
-    if level and full.ndim == 2 and full.dtype in _AREA_DTYPES:
-        # the same reduction as a JPEG 2000 resolution level: area means of the stored values
-        return block_means(full, level), level
-    return full, 0
+    if level:
+        full = _uncorrected_view(ds) if not ds.file_meta.TransferSyntaxUID.is_encapsulated else None
+        if full is None:
+            full = ds.pixel_array
+        if full.ndim == 2 and full.dtype in _AREA_DTYPES:
+            # the same reduction as a JPEG 2000 resolution level: area means of the stored values
+            return block_means(full, level), level
+    return ds.pixel_array, 0
+
+
+def _uncorrected_view(ds: Dataset) -> np.ndarray | None:
+    """The uncompressed frame as a read-only view of the file's bytes, where that is exactly
+    what pydicom's decoder returns; else ``None``.
+
+    pydicom copies the frame to clear the bits above Bits Stored (two passes over a 7 MB
+    image). Where every value already lies in the stored range, clearing changes nothing,
+    and one min/max pass over the view shows that.
+    """
+    from pydicom.pixels import pixel_array
+
+    try:
+        view = pixel_array(ds, view_only=True, correct_unused_bits=False)
+    except Exception:  # pydicom's own path decides (and names) what is wrong
+        return None
+    bits_stored, bits_allocated = int(ds.get("BitsStored", 0) or 0), int(ds.get("BitsAllocated", 0) or 0)
+    if view.dtype.kind not in "iu" or view.size == 0 or not 0 < bits_stored <= bits_allocated:
+        return None
+    if bits_stored == bits_allocated:
+        return view
+    if view.dtype.kind == "u":
+        low, high = 0, (1 << bits_stored) - 1
+    else:
+        low, high = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    return view if low <= int(view.min()) and int(view.max()) <= high else None
 
 
 def block_means(image: np.ndarray, level: int) -> np.ndarray:
@@ -154,7 +183,9 @@ def block_means(image: np.ndarray, level: int) -> np.ndarray:
     out = np.empty((out_rows, out_columns), dtype=image.dtype)
 
     def reduce(block: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        return cv2.resize(np.ascontiguousarray(block), size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
+        if block.strides[-1] != block.itemsize:  # OpenCV takes row-strided views as they are, not others
+            block = np.ascontiguousarray(block)
+        return cv2.resize(block, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
 
     cut_rows, cut_columns = whole_rows * factor, whole_columns * factor
     if whole_rows and whole_columns:

@@ -512,3 +512,47 @@ def test_pydicom_data_rg1_files(name: str) -> None:
     assert float(radiograph.pixels.min()) >= 0.0 and float(radiograph.pixels.max()) <= 1.0
     left, right, mediastinum = band_means(radiograph.pixels)
     assert max(left, right) < mediastinum - 0.15, (left, right, mediastinum)
+
+
+@pytest.mark.parametrize(("case", "viewed"), [("clean", True), ("high_bits_set", False), ("signed_clean", True),
+                                              ("signed_out_of_range", False), ("all_bits_stored", True)])
+def test_reduced_uncompressed_frame_equals_pydicoms_corrected_one(case: str, viewed: bool) -> None:
+    """The reduced path reads an uncompressed frame without pydicom's copy only where the bits above
+    Bits Stored change nothing; either way the stored values are exactly pydicom's corrected ones."""
+    from lungseg.pixel_render import _uncorrected_view, block_means, stored_values
+
+    rng = np.random.default_rng(7)
+    stored = rng.integers(0, 4096, (600, 520), dtype=np.uint16)
+    attributes: dict[str, object] = {}
+    if case == "high_bits_set":
+        stored[10, 10] |= 0x8000  # garbage above the 12 stored bits
+    elif case.startswith("signed"):
+        values = rng.integers(-2048, 2048, (600, 520)).astype(np.int16)
+        if case == "signed_out_of_range":
+            values[5, 5] = 3000  # not a sign extension of a 12-bit value
+        stored = values.view(np.uint16)
+        attributes["PixelRepresentation"] = 1
+    elif case == "all_bits_stored":
+        attributes.update(BitsStored=16, HighBit=15)
+    ds = make_dataset(stored, **attributes)
+    assert (_uncorrected_view(ds) is not None) is viewed
+    corrected = ds.pixel_array  # pydicom's own decoder: unused bits cleared (sign-extended when signed)
+    reduced, level = stored_values(ds, 128)
+    assert level == 2
+    assert reduced.dtype == corrected.dtype
+    np.testing.assert_array_equal(reduced, block_means(corrected, 2))
+
+
+def test_value_validation_is_off_only_inside_the_block_and_changes_no_value() -> None:
+    from pydicom import config
+
+    from lungseg.dicom_decode import value_validation_off
+
+    before = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    ds = make_dataset(PatientID="X" * 80)  # longer than LO allows: pydicom warns, keeps the value
+    with pytest.raises(RuntimeError), value_validation_off():
+        assert config.settings.reading_validation_mode == config.settings.writing_validation_mode == config.IGNORE
+        ds.PatientName = "Y" * 80  # no check, no warning, same value
+        raise RuntimeError("leaves the block")
+    assert (config.settings.reading_validation_mode, config.settings.writing_validation_mode) == before
+    assert ds.PatientID == "X" * 80 and ds.PatientName == "Y" * 80
