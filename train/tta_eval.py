@@ -1,7 +1,8 @@
 """Flip test-time augmentation, judged on the validation splits only (a model-v0.2 candidate).
 
-The shipped model is run on each validation image as the product runs it (letterbox,
-ONNX Runtime, postprocessing at model resolution, guided upscaling to native size) and,
+The shipped model is run on each validation image as ``lungseg-segment`` runs it, without
+the image gate (letterbox, ONNX Runtime, postprocessing at model resolution, guided
+upscaling to native size) and,
 for the candidate, also on the image's left-right mirror: the two probability maps (the
 mirror's flipped back) are averaged before thresholding. Dice is taken at native size
 against the reference mask, "ignore" pixels left out. The validation splits are those
