@@ -50,6 +50,8 @@ def make_burst(sources: Sequence[Path], n: int, staging: Path, interleave: bool 
     import pydicom
     from pydicom.uid import generate_uid
 
+    from lungseg.atomic import fsync_file
+
     staging.mkdir(parents=True, exist_ok=True)
     burst = {}
     datasets = [pydicom.dcmread(source, force=True) for source in sources]
@@ -64,11 +66,7 @@ def make_burst(sources: Sequence[Path], n: int, staging: Path, interleave: bool 
         dataset.save_as(target, enforce_file_format=False)
         burst[uid] = target
     for target in burst.values():  # on disk before the run: its fsyncs must not flush the benchmark's own writes
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(target)
     return burst
 
 

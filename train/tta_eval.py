@@ -70,10 +70,10 @@ def score(predictor: Any, records: list[Record]) -> dict[str, Any]:
 
 
 def evaluate(manifest: Path, model: Path | None = None, threads: int | None = None) -> dict[str, Any]:
-    from lungseg.bundle import default_bundle_dir, resolve_bundle
+    from lungseg.bundle import resolve_bundle
     from lungseg.predictors import OnnxRuntimePredictor
 
-    bundle = resolve_bundle(model or default_bundle_dir())
+    bundle = resolve_bundle(model)  # None: the shipped bundle
     base = OnnxRuntimePredictor(str(bundle.onnx), device="cpu", threads=threads)
     result: dict[str, Any] = {"model": str(bundle.onnx.name), "splits": {}}
     for split, records in validation_records(manifest).items():
