@@ -70,6 +70,26 @@ def test_training_loss_goes_down(tmp_path, fixture_manifest):
     assert losses[-1] < losses[0] - 0.02, losses
 
 
+def test_a_kill_after_the_first_log_line_but_before_last_pt_repeats_no_epoch(tmp_path, fixture_manifest):
+    """The window the Ray kill test once hit: epoch 1 logged, its last.pt never written."""
+    from lungseg.data import load_manifest
+    from lungseg.model import UNet
+    from lungseg.train.config import TrainConfig
+    from lungseg.train.dataset import load_samples
+    from lungseg.train.loop import train_stage
+
+    samples = load_samples(load_manifest(fixture_manifest), 128)[:4]
+    config = TrainConfig(max_epochs=1, batch_size=4, rotation_probability=0.0, device="cpu")
+    train_stage(UNet(init_features=4), samples, samples[:2], config, tmp_path, "stage1", seed=0)
+    (tmp_path / "done.json").unlink()
+    assert not (tmp_path / "last.pt").exists()  # a finished stage keeps no last.pt: the state a SIGKILL
+    # between the first log line and the first last.pt leaves
+    assert [e["epoch"] for e in _lines(tmp_path / "log.jsonl")] == [1]
+    config = TrainConfig(max_epochs=2, batch_size=4, rotation_probability=0.0, device="cpu")
+    train_stage(UNet(init_features=4), samples, samples[:2], config, tmp_path, "stage1", seed=0)
+    assert [e["epoch"] for e in _lines(tmp_path / "log.jsonl")] == [1, 2]
+
+
 def test_a_killed_run_resumes_where_it_stopped(tmp_path, fixture_manifest):
     args = ["stage1", "--data", str(fixture_manifest), *TINY]
     args[args.index("--max-epochs") + 1] = "3"

@@ -89,7 +89,15 @@ def checkpoint_payload(model: UNet, config: TrainConfig, stage: str, epoch: int,
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """The epoch log's entries; a line cut short by a power loss is dropped (its epoch is run again)."""
+    entries: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.strip():
+                log.warning("%s: dropping an unreadable line (a write cut short?)", path)
+    return entries
 
 
 @dataclass
@@ -193,10 +201,12 @@ def train_stage(
             state["epoch"] + 1, state["best_val"], state["best_epoch"], state["since_best"]
         )
         best_state = torch.load(run_dir / BEST, map_location="cpu", weights_only=True)["model"]
-        # a kill between the log line and last.pt leaves epochs in the log that will be run again
-        kept = [e for e in _read_log(run_dir / LOG) if e["epoch"] <= state["epoch"]]
-        (run_dir / LOG).write_text("".join(json.dumps(e) + "\n" for e in kept))
         log.info("%s: resuming at epoch %d (best %.4f at %d)", run_dir, start_epoch, best_val, best_epoch)
+    # a kill between an epoch's log line and its last.pt (even the first epoch's, when there is
+    # no last.pt yet) leaves log lines for epochs that will be run again: drop them
+    if (run_dir / LOG).is_file():
+        kept = [e for e in _read_log(run_dir / LOG) if e["epoch"] < start_epoch]
+        (run_dir / LOG).write_text("".join(json.dumps(e) + "\n" for e in kept))
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs_for(stage) + 1):
