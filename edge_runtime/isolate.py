@@ -8,8 +8,8 @@ sees a decoded :class:`~lungseg.imaging.Radiograph` or a :class:`DecodeFailure`:
 
 ``decoder_crash``    the worker died (a signal other than our own kill)
 ``decoder_timeout``  no answer within the timeout: the worker is killed
-``decoder_oom``      the worker ran out of its memory limit (``MemoryError``, or a SIGKILL
-                     we did not send: the kernel's OOM killer)
+``decoder_oom``      the worker ran out of its memory limit (``MemoryError``, a library that
+                     could not be mapped, or a SIGKILL we did not send: the OOM killer)
 ``decode_error``     any other exception, with its type name only
 
 plus the reason codes of :mod:`lungseg.dicom_decode`. File bytes go to the worker, and the
@@ -20,8 +20,9 @@ images larger than the buffers, and systems without ``memfd``, use the pipe. The
 never reads the input buffer back (it keeps its own copy of the file) and checks the shape
 of what the output buffer holds. A dead or killed worker is
 respawned for the next file, so one poison file costs one respawn, not the batch.
-The worker ignores SIGINT/SIGTERM (the daemon decides when to stop) and dies with
-its parent. Its logging and warnings are silenced: library messages can quote
+The worker loads every decoder library before it takes input and before its limit is set
+(:func:`lungseg.pixel_render.warm_up_decoders`). It ignores SIGINT/SIGTERM (the daemon
+decides when to stop) and dies with its parent. Its logging and warnings are silenced: library messages can quote
 patient data.
 """
 
@@ -74,7 +75,22 @@ def decode_in_process(data: bytes, ref: str, limits: DecodeLimits = DEFAULT_LIMI
     except _PASSTHROUGH:
         raise
     except BaseException as exc:  # native extensions raise BaseException subclasses (pyo3 panics)
+        if _out_of_address_space(exc):
+            return DecodeFailure("decoder_oom", "decoding ran out of memory (a library could not be mapped)")
         return DecodeFailure("decode_error", f"decoder failed ({type(exc).__name__})")
+
+
+def _out_of_address_space(exc: BaseException) -> bool:
+    """An import that failed because the memory limit left no room to map its shared library."""
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return False
+        if isinstance(current, (ImportError, OSError)) and any(
+                text in str(current) for text in ("failed to map segment", "Cannot allocate memory")):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -210,6 +226,19 @@ def _send_result(conn: Any, result: Any, ms: float, output: Any) -> None:  # pra
         conn.send(("ok", radiograph, ms, None))
 
 
+def prepare_worker(memory_bytes: int) -> None:
+    """Load every decoder library, then set the memory limit: the worker's last step before input.
+
+    An import that first happens under the limit, while a large file fills the memory, can
+    fail ("failed to map segment") and be mistaken for a bad file.
+    """
+    from lungseg.pixel_render import warm_up_decoders
+
+    keep_freed_memory()
+    warm_up_decoders()
+    _limit_memory(memory_bytes)
+
+
 def _serve(conn: Any, memory_bytes: int, limits: DecodeLimits) -> None:  # pragma: no cover - runs in the worker
     """The worker's loop: receive ``(ref, min_side, size)`` (``size`` bytes in the input buffer, or -1
     and the bytes through the pipe); answer ``("ok", radiograph, ms, shape)`` or ``("error", why)``."""
@@ -228,12 +257,9 @@ def _serve(conn: Any, memory_bytes: int, limits: DecodeLimits) -> None:  # pragm
     warnings.simplefilter("ignore")
     shared = _attach(conn)
     source, output = shared if shared is not None else (None, None)
-    keep_freed_memory()
-    _limit_memory(memory_bytes)
-    from lungseg.dicom_decode import value_validation_off  # warms the imports (numpy, pydicom, codecs) too
+    prepare_worker(memory_bytes)
+    from lungseg.dicom_decode import value_validation_off
 
-    with contextlib.suppress(Exception):
-        import pydicom.pixels.decoders  # noqa: F401
     conn.send(("ready",))
     with value_validation_off():  # for the worker's life: its warnings and logs go nowhere
         _answer(conn, source, output, limits)

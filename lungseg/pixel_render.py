@@ -80,6 +80,25 @@ def _glymur() -> Any:
         return _glymur_state["module"]
 
 
+def warm_up_decoders() -> bool:
+    """Load now every library the decode path would otherwise load on first use.
+
+    A decode worker calls this before it takes any input and before its memory limit is
+    set: an import that first happens while a hostile file fills the memory can fail
+    ("failed to map segment") and be mistaken for a bad file, or leave JPEG 2000
+    reduced-resolution decoding off for the worker's life. Returns whether reduced-resolution
+    JPEG 2000 decoding is available.
+    """
+    import pydicom.pixels.decoders  # noqa: F401  (the codec plugins register on import)
+
+    glymur = _glymur()
+    if glymur is None:
+        return False
+    import numpy.ctypeslib  # noqa: F401  (glymur hands OpenJPEG's buffers to numpy through it)
+
+    return True
+
+
 def j2k_reduced(frame: bytes, level: int) -> np.ndarray | None:
     """Decode a JPEG 2000 code stream at resolution ``level`` (clamped to the stream's levels).
 

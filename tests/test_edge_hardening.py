@@ -177,6 +177,57 @@ def test_decoder_crash_timeout_and_memory_limit_are_quarantined(tmp_path: Path) 
         limited.close()
 
 
+WARM_WORKER_PROBE = """
+import json, sys
+from lungseg.edge_runtime.isolate import DecodeFailure, decode_in_process, prepare_worker
+prepare_worker(0)  # exactly what the worker does before its first input (no limit here)
+before = set(sys.modules)
+results = {}
+for path in sys.argv[1:]:
+    for min_side in (256, 0):
+        result = decode_in_process(open(path, "rb").read(), "probe", min_side=min_side)
+        results[f"{path.rsplit('/', 1)[-1]}@{min_side}"] = (
+            result.code if isinstance(result, DecodeFailure) else list(result.pixels.shape))
+print(json.dumps({"results": results, "imported": sorted(set(sys.modules) - before)}))
+"""
+
+
+def test_the_decode_worker_loads_every_decoder_before_its_first_input(tmp_path: Path) -> None:
+    """Decoders once loaded on first use, under the worker's memory limit: with a large file in memory
+    the import of OpenCV failed ("failed to map segment") and an oversized image was reported as a
+    decoder error instead of out of memory; a failed glymur import would have left JPEG 2000
+    reduced-resolution decoding off for the worker's life. Every encoding's first decode imports nothing."""
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    paths = []
+    for i, syntax in enumerate((None, RLELossless, JPEGLSLossless, JPEG2000Lossless)):
+        ds = make_cr(UID + f"4{i}", size=600)
+        if syntax is not None:
+            ds.compress(syntax)
+        paths.append(tmp_path / f"{i}.dcm")
+        save(ds, paths[-1])
+    probe = subprocess.run([sys.executable, "-c", WARM_WORKER_PROBE, *map(str, paths)], capture_output=True,
+                           text=True, timeout=120, check=True)
+    found = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert found["imported"] == [], found["imported"]
+    for key, shape in found["results"].items():
+        assert isinstance(shape, list) and max(shape) == (300 if key.endswith("@256") else 600), (key, shape)
+
+
+def test_an_import_that_cannot_map_its_library_is_out_of_memory_not_a_bad_file() -> None:
+    from lungseg.edge_runtime.isolate import _out_of_address_space
+
+    try:
+        try:
+            raise ImportError("libssl-81259c47.so.1.1.1k: failed to map segment from shared object")
+        except ImportError as inner:
+            raise RuntimeError("decoder plugin failed") from inner
+    except RuntimeError as outer:
+        assert _out_of_address_space(outer)
+    assert not _out_of_address_space(ImportError("No module named 'glymur'"))
+    assert not _out_of_address_space(ValueError("failed to map segment"))
+
+
 def test_poison_content_is_quarantined_after_crashes_not_crash_looped(tmp_path: Path, tiny_onnx: Path) -> None:
     """Content in progress when the daemon died (attempt recorded before decoding) is not retried forever;
     content that only shared a batch with it is processed, alone, and not blamed."""
