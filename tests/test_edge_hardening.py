@@ -143,8 +143,14 @@ def test_decoder_crash_timeout_and_memory_limit_are_quarantined(tmp_path: Path) 
     try:
         assert not isinstance(worker.decode(small, "warm"), DecodeFailure)
         pid = worker.pid
-        threading.Timer(0.05, os.kill, (pid, signal.SIGSEGV)).start()
-        crashed = worker.decode(big * 40, "crash")  # ~80 MB to send: the kill lands mid-request
+        os.kill(pid, signal.SIGSTOP)  # stopped, the worker cannot finish before the crash, however fast it is
+
+        def crash() -> None:
+            os.kill(pid, signal.SIGSEGV)  # pending while stopped: delivered once it runs again
+            os.kill(pid, signal.SIGCONT)
+
+        threading.Timer(0.2, crash).start()
+        crashed = worker.decode(big * 40, "crash")  # ~80 MB to send: the crash lands mid-request
         assert isinstance(crashed, DecodeFailure) and crashed.code == "decoder_crash", crashed
         assert not isinstance(worker.decode(small, "after-crash"), DecodeFailure)  # respawned
         assert worker.pid != pid
