@@ -22,8 +22,8 @@ of what the output buffer holds. A dead or killed worker is
 respawned for the next file, so one poison file costs one respawn, not the batch.
 The worker loads every decoder library before it takes input and before its limit is set
 (:func:`lungseg.pixel_render.warm_up_decoders`). It ignores SIGINT/SIGTERM (the daemon
-decides when to stop) and dies with its parent. Its logging and warnings are silenced: library messages can quote
-patient data.
+decides when to stop) and dies with its parent. Its logging and warnings are silenced:
+library messages can quote patient data.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,28 +81,24 @@ def decode_in_process(data: bytes, ref: str, limits: DecodeLimits = DEFAULT_LIMI
         return DecodeFailure("decode_error", f"decoder failed ({type(exc).__name__})")
 
 
-def _out_of_address_space(exc: BaseException) -> bool:
-    """An import that failed because the memory limit left no room to map its shared library."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it (``__cause__``, else ``__context__``), at most ten deep."""
     current: BaseException | None = exc
     for _ in range(10):
         if current is None:
-            return False
-        if isinstance(current, (ImportError, OSError)) and any(
-                text in str(current) for text in ("failed to map segment", "Cannot allocate memory")):
-            return True
+            return
+        yield current
         current = current.__cause__ or current.__context__
-    return False
+
+
+def _out_of_address_space(exc: BaseException) -> bool:
+    """An import that failed because the memory limit left no room to map its shared library."""
+    return any(isinstance(e, (ImportError, OSError)) and any(
+        text in str(e) for text in ("failed to map segment", "Cannot allocate memory")) for e in _chain(exc))
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    current: BaseException | None = exc
-    for _ in range(10):
-        if current is None:
-            return False
-        if isinstance(current, kind):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(e, kind) for e in _chain(exc))
 
 
 def _strip(radiograph: Any) -> Any:

@@ -110,6 +110,12 @@ class GateScores:
                 "mirrored": round(self.mirrored, 4), "chest": round(self.chest, 4)}
 
 
+def mirror_evidence(logits: np.ndarray) -> np.ndarray:
+    """The mirror head's logit difference (``log p(mirrored) / p(upright)``), per row."""
+    first = HEADS["mirrored"].start
+    return logits[:, first + 1] - logits[:, first]
+
+
 def consensus_logits(logits_of: Any, batch: np.ndarray) -> np.ndarray:
     """Gate logits whose mirror head weighs the image against its own left-right flip.
 
@@ -122,7 +128,7 @@ def consensus_logits(logits_of: Any, batch: np.ndarray) -> np.ndarray:
     both = logits_of(np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])]))
     plain, flipped = both[:len(batch)], both[len(batch):]
     first = HEADS["mirrored"].start
-    evidence = 0.5 * ((plain[:, first + 1] - plain[:, first]) - (flipped[:, first + 1] - flipped[:, first]))
+    evidence = 0.5 * (mirror_evidence(plain) - mirror_evidence(flipped))
     out = np.array(plain, dtype=np.float32)
     out[:, first], out[:, first + 1] = 0.0, evidence
     return out

@@ -102,10 +102,9 @@ def test_mirror_threshold_travels_from_the_calibration_to_the_runtime_policy(tmp
     """gate.json's calibrated mirror threshold is what the policy uses, unless one is given explicitly."""
     from lungseg.bundle import GATE_MANIFEST, write_bundle_manifest
     from lungseg.export.gate_export import add_gate
-    from lungseg.gate import DEFAULT_MIRRORED_THRESHOLD, GatePolicy, consensus_logits, load_gate
+    from lungseg.gate import DEFAULT_MIRRORED_THRESHOLD, GatePolicy, consensus_logits, load_gate, mirror_evidence
     from lungseg.imaging import read_image
     from lungseg.preprocess import preprocess_batch
-    from lungseg.train.gate_calibrate import mirror_evidence
 
     run = _gate_run(tmp_path / "run", 2, {"version": "test", "policy": {"mirrored_threshold": 0.613}})
     batch, _ = preprocess_batch([read_image(p).pixels for p in sorted(FIXTURES.glob("*.png"))[:3]])

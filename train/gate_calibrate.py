@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.atomic import atomic_write
 from lungseg.data import split_by_patient
-from lungseg.gate import HEADS, consensus_logits, gate_input_from_pixels
+from lungseg.gate import consensus_logits, gate_input_from_pixels, mirror_evidence
 from lungseg.imaging import read_image
 from lungseg.train.gate_data import NONCHEST_TRAIN, GateSamples, build_samples, find_nonchest, gate_split
 from lungseg.train.gate_train import MANIFEST, GateTrainConfig, _samples, _torch_logits, fit
@@ -32,12 +33,6 @@ from lungseg.train.gate_train import MANIFEST, GateTrainConfig, _samples, _torch
 log = logging.getLogger("lungseg.train.gate")
 
 DEFAULT_BUDGET = 0.005  # of unaltered images flagged as mirrored: a quarter of the 2 % false-alarm goal
-
-
-def mirror_evidence(logits: np.ndarray) -> np.ndarray:
-    """The mirror head's logit difference (``log p(mirrored) / p(upright)``)."""
-    first = HEADS["mirrored"].start
-    return logits[:, first + 1] - logits[:, first]
 
 
 def threshold_for(scores: np.ndarray, budget: float) -> float:
@@ -107,7 +102,7 @@ def record_policy(run: Path, threshold: float, unaltered: np.ndarray, mirrored: 
     manifest_path = run / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest["policy"] = result
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")  # it already holds the trained gate's record
     log.info("mirror threshold %.3f: %.2f %% of %d out-of-fold unaltered images flagged, %.1f %% of their mirror "
              "images", threshold, 100 * result["calibration"]["oof_unaltered_flagged"], len(unaltered),
              100 * result["calibration"]["oof_mirrored_flagged"])
