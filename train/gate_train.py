@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lungseg.atomic import atomic_write
 from lungseg.gate import GATE_INPUT_NAME, GATE_ONNX, GATE_OUTPUT_NAME, GATE_SIZE, HEADS, GateScores
 from lungseg.train.gate_data import (
     NONCHEST_HELDOUT,
@@ -121,7 +122,7 @@ def train(out: Path, config: GateTrainConfig) -> dict[str, Any]:
         "heldout_accuracy": accuracy,
         "parity": parity,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
