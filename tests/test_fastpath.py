@@ -207,21 +207,25 @@ def test_non_inference_stays_below_inference_for_a_2000_pixel_dicom(tmp_path: Pa
 
     The acceptance bound is 0.5 (``lungseg-bench`` reports it; about 0.45 on a 2-core EPYC); this
     test allows 1.0 so a loaded CI machine does not fail it, while 0.1.0's path (about 4x) would.
+    Measured as the benchmark measures it: each stage's median over the copies, so neither the
+    cold first file nor one slow fsync on a busy disk decides the result.
     """
+    from lungseg.benchmarks.dicom_path import NON_INFERENCE
+
     watch = tmp_path / "watch"
     watch.mkdir()
     source = synthetic_dicom(_image(2), tmp_path / "big.dcm", rows=2000, columns=1880)
-    for i in range(4):
+    copies = 6
+    for i in range(copies):
         ds = pydicom.dcmread(source)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.1082.9.{i}"
         ds.save_as(watch / f"big{i}.dcm", enforce_file_format=True)
     assert run_once(watch, tmp_path / "out", shipped_model, batch_size=1) == 0
-    runs = _processed(tmp_path / "out")
-    assert len(runs) == 4
-    ratios = [(t["decode"] + t["preprocess"] + t["postprocess"] + t["qa"] + t["write"]) / t["infer"]
-              for t in (s["timings_ms"] for s in runs)]
-    ratio = statistics.median(ratios)  # the cold first file cannot move the median of four much
-    assert ratio <= 1.0, json.dumps([s["timings_ms"] for s in runs])
+    timings = [s["timings_ms"] for s in _processed(tmp_path / "out")]
+    assert len(timings) == copies
+    median = {stage: statistics.median(t[stage] for t in timings) for stage in (*NON_INFERENCE, "infer")}
+    ratio = sum(median[stage] for stage in NON_INFERENCE) / median["infer"]
+    assert ratio <= 1.0, json.dumps(timings)
 
 
 @pytest.mark.parametrize(("setting", "value"), [("sc_syntax", "jpeg"), ("sc_verify", "none"), ("sc_max_side", -1),
