@@ -13,8 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime as ort
+
 from lungseg.bundle import ONNX_FP16, ONNX_INT8, Bundle
 from lungseg.predictors import BackendUnavailableError, OnnxRuntimePredictor, Predictor
+from lungseg.tensorrt_runtime import load_engine_predictor
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,8 @@ def _pytorch(checkpoint: Path | None, threads: int) -> Predictor:
     if checkpoint is None or not checkpoint.is_file():
         raise BackendUnavailableError(f"no PyTorch checkpoint ({checkpoint or CHECKPOINT_NAME} not found; "
                                       "pass --checkpoint)")
-    try:
-        from lungseg.export.checkpoint import CheckpointError, TorchPredictor, load_checkpoint
+    try:  # torch is the [train] extra, and loads only now: after the DICOM path was timed (see runner.run)
+        from lungseg.nn.checkpoint import CheckpointError, TorchPredictor, load_checkpoint
     except ImportError as exc:
         raise BackendUnavailableError(f"torch is not installed ({exc})") from exc
     try:
@@ -64,15 +67,7 @@ def _variant(bundle: Bundle, name: str, device: str, threads: int) -> Predictor:
 
 
 def _fp16_device() -> str:
-    import onnxruntime as ort
-
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-
-
-def _tensorrt(bundle: Bundle) -> Predictor:
-    from lungseg.tensorrt_runtime import load_engine_predictor
-
-    return load_engine_predictor(bundle)
 
 
 def discover(bundle: Bundle, checkpoint: Path | None, threads: int) -> list[Backend]:
@@ -83,7 +78,7 @@ def discover(bundle: Bundle, checkpoint: Path | None, threads: int) -> list[Back
         "onnxruntime-fp16": lambda: _variant(bundle, ONNX_FP16, _fp16_device(), threads),
         "onnxruntime-int8": lambda: _variant(bundle, ONNX_INT8, "cpu", threads),
         "onnxruntime-cuda": lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cuda"),
-        "tensorrt-fp16": lambda: _tensorrt(bundle),
+        "tensorrt-fp16": lambda: load_engine_predictor(bundle),
     }
     backends = []
     for name, factory in factories.items():

@@ -10,6 +10,7 @@ FLOPs / best rate, the time the convolutions would take at GEMM speed.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -21,9 +22,7 @@ def count_conv_flops(model: Any, size: int = 256, channels: int = 3) -> dict[str
 
     Runs a copy of ``model`` on the ``meta`` device: shapes only, no arithmetic.
     """
-    import copy
-
-    import torch
+    import torch  # the [train] extra; loaded only when there is a model to count
     from torch import nn
 
     parameters = int(sum(p.numel() for p in model.parameters()))
@@ -63,7 +62,7 @@ def gemm_gflops(threads: int, n: int = 1024, repeats: int = 5) -> dict[str, Any]
     b = rng.standard_normal((n, n), dtype=np.float32)
     flops = 2.0 * n**3
     result: dict[str, Any] = {"n": n, "numpy": flops / _best(lambda: a @ b, repeats) / 1e9}
-    try:
+    try:  # the [train] extra: numpy's rate alone without it
         import torch
     except ImportError:
         result["torch"] = None

@@ -31,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.dicom_decode import read_dicom
+from lungseg.edge_runtime.config import EdgeConfig
+from lungseg.gate import GatePolicy, gated_segment
+from lungseg.imaging import UnreadableImageError
+from lungseg.metrics import dice
+from lungseg.postprocess import PostprocessConfig
+
 from . import end_to_end
+from .acceptance import BOUNDS, PARITY, Bound, row
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +49,7 @@ STAGES = ("decode", "preprocess", "gate", "infer", "postprocess", "qa", "write")
 # everything but a model's inference; the image gate (a second, small model: its input resize and its
 # inference, about 5% of the segmenter's time) is shown apart and in ``ratio_with_gate``
 NON_INFERENCE = ("decode", "preprocess", "postprocess", "qa", "write")
-ACCEPT_J2K_RATIO = 1.0
-ACCEPT_UNCOMPRESSED_RATIO = 0.5
-ACCEPT_BURST_SPEEDUP = 1.5
-ACCEPT_PEAK_RSS_MIB = 700.0
-ACCEPT_MASK_DICE = 0.995
+ACCEPT_MASK_DICE = 0.995  # the mask parity gate; the performance rows' bounds are in acceptance.BOUNDS
 _BURST_NAME = re.compile(r"burst-\d+-(?P<stem>.+)\.dcm$")
 
 
@@ -134,16 +138,8 @@ def mask_parity(sources: Sequence[Path], predictor: Any, *, min_side: int | None
     Both paths go through the bundle's image gate (``gate``) first, as the product does, so an
     upside-down or negative file is compared on the image that is actually segmented.
     """
-    from lungseg.dicom_decode import read_dicom
-    from lungseg.gate import GatePolicy, gated_segment
-    from lungseg.imaging import UnreadableImageError
-    from lungseg.metrics import dice
-    from lungseg.postprocess import PostprocessConfig
-
     policy = GatePolicy(mode="flag")
     if min_side is None:
-        from lungseg.edge_runtime.config import EdgeConfig
-
         min_side = EdgeConfig().decode_min_side  # the edge's default
 
     per_file: dict[str, Any] = {}
@@ -168,25 +164,31 @@ def mask_parity(sources: Sequence[Path], predictor: Any, *, min_side: int | None
 
 
 def acceptance(stages: dict[str, Any], burst: dict[str, Any], parity: dict[str, Any], j2k: str | None,
-               uncompressed: str | None) -> dict[str, Any]:
-    """The issue's acceptance figures, each with its bound and whether it holds."""
+               uncompressed: str | None, bounds: dict[str, Bound] | None = None) -> dict[str, Any]:
+    """The DICOM path's acceptance rows (:func:`acceptance.row`), each with its bound and whether it holds.
+
+    Rows of a skipped measurement (``--skip-e2e``, ``--burst 0``, no lungseg-edge, no file of that kind
+    in the DICOM set: ``j2k``/``uncompressed`` is ``None``) are not measured; a measurement that ran but
+    left no figure (a crashed run, a file without stage timings) fails.
+    """
+    bounds = BOUNDS if bounds is None else bounds
     out: dict[str, Any] = {}
     table = stages.get("default", {}).get("per_file", {})
     legacy = stages.get("legacy", {}).get("per_file", {})
-    for key, name, bound in (("j2k_ratio", j2k, ACCEPT_J2K_RATIO),
-                             ("uncompressed_ratio", uncompressed, ACCEPT_UNCOMPRESSED_RATIO)):
-        row = table.get(name or "")
-        value = row["ratio_non_inference_to_infer"] if row else None
-        out[key] = {"file": name, "value": value, "bound": bound, "legacy": (legacy.get(name or "") or {}).get(
-            "ratio_non_inference_to_infer"), "with_gate": row.get("ratio_with_gate") if row else None,
-            "passed": value is not None and value <= bound}
-    speedup = burst.get("speedup")
-    out["burst_speedup"] = {"value": speedup, "bound": ACCEPT_BURST_SPEEDUP,
-                            "passed": speedup is not None and speedup >= ACCEPT_BURST_SPEEDUP}
-    rss = burst.get("default", {}).get("peak_rss_mib")
-    out["daemon_peak_rss_mib"] = {"value": rss, "bound": ACCEPT_PEAK_RSS_MIB,
-                                  "worker": burst.get("default", {}).get("worker_peak_rss_mib"),
-                                  "passed": rss is not None and rss < ACCEPT_PEAK_RSS_MIB}
-    out["mask_dice_mean"] = {"value": parity.get("dice_mean"), "bound": parity.get("gate", ACCEPT_MASK_DICE),
-                             "min": parity.get("dice_min"), "passed": bool(parity.get("passed"))}
+    for key, name in (("j2k_ratio", j2k), ("uncompressed_ratio", uncompressed)):
+        entry = table.get(name or "")
+        skipped = stages.get("skipped") or (None if name else "the DICOM set has no such file")
+        out[key] = row(bounds[key], entry["ratio_non_inference_to_infer"] if entry else None,
+                       skipped=skipped, missing=f"no stage timings for {name}",
+                       file=name, legacy=(legacy.get(name or "") or {}).get("ratio_non_inference_to_infer"),
+                       with_gate=entry.get("ratio_with_gate") if entry else None)
+    default = burst.get("default", {})
+    out["burst_speedup"] = row(bounds["burst_speedup"], burst.get("speedup"), skipped=burst.get("skipped"),
+                               missing="the burst wrote no files on one of the paths")
+    out["daemon_peak_rss_mib"] = row(bounds["daemon_peak_rss_mib"], default.get("peak_rss_mib"),
+                                     skipped=burst.get("skipped"), missing="the daemon's RSS could not be sampled",
+                                     worker=default.get("worker_peak_rss_mib"))
+    out["mask_dice_mean"] = row(Bound(">=", parity.get("gate", ACCEPT_MASK_DICE), "native-size mask, mean Dice"),
+                                parity.get("dice_mean"), kind=PARITY, missing="no DICOM file could be compared",
+                                min=parity.get("dice_min"))
     return out

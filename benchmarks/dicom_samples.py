@@ -11,7 +11,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +34,6 @@ DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 def synthetic_dicom(pixels: np.ndarray, path: Path, *, rows: int, columns: int, encoding: str = "explicit",
                     modality: str = "CR", spacing_mm: float = 0.16) -> Path:
     """Write ``pixels`` (float [0, 1], MONOCHROME2) as a ``rows x columns`` 12-bit MONOCHROME1 radiograph."""
-    import cv2
-    from pydicom import Dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
-
     interpolation = cv2.INTER_AREA if rows * columns < pixels.size else cv2.INTER_CUBIC
     resized = cv2.resize(np.asarray(pixels, dtype=np.float32), (columns, rows), interpolation=interpolation)
     stored = (4095 - np.clip(resized, 0.0, 1.0) * 4095 + 0.5).astype(np.uint16)  # MONOCHROME1: dense = dark

@@ -27,6 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from pydicom.uid import generate_uid
+
+from lungseg.atomic import fsync_file
 from lungseg.export.timing import summary_ms
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,6 @@ def edge_command() -> list[str] | None:
 
 def make_burst(sources: Sequence[Path], n: int, staging: Path, interleave: bool = True) -> dict[str, Path]:
     """``n`` copies of ``sources`` (cycled) with fresh SOPInstanceUIDs; returns {uid: staged file}."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    from lungseg.atomic import fsync_file
-
     staging.mkdir(parents=True, exist_ok=True)
     burst = {}
     datasets = [pydicom.dcmread(source, force=True) for source in sources]

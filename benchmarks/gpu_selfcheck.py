@@ -20,8 +20,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from lungseg import cuda_memory as cm
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 3
 PROFILE_MAX_BATCH = 8
@@ -44,8 +49,6 @@ def _step(results: list[dict[str, Any]], name: str, fn: Callable[[], dict[str, A
 
 
 def _versions(rt: Any) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
     info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
     for package in ("cuda-python", "cuda-bindings"):
         try:
@@ -63,10 +66,6 @@ def _versions(rt: Any) -> dict[str, Any]:
 
 def run_checks() -> tuple[int, dict[str, Any]]:
     """All checks; returns ``(exit code, report)``."""
-    import numpy as np
-
-    from lungseg import cuda_memory as cm
-
     report: dict[str, Any] = {"tool": "lungseg.benchmarks.gpu_selfcheck", "checks": []}
     try:
         rt = cm.import_cudart()

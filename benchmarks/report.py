@@ -6,8 +6,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lungseg.metrics import METRIC_NAMES
 
+from .acceptance import BOUNDS, PARITY, PERFORMANCE, describe, row, verdict
 from .dicom_path import STAGES
 
 
@@ -79,14 +82,76 @@ def _dicom_sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, l
                      [*_table(["file", "native", "decoded", "level", "mask Dice"], rows, markdown), "",
                       f"mean Dice {_fmt(parity['dice_mean'], '.5f')}, min {_fmt(parity['dice_min'], '.5f')} "
                       f"({'pass' if parity['passed'] else 'FAIL'}, gate mean >= {parity.get('gate', 0.995)})"]))
-    rows = [[key, a.get("file") or "-", _fmt(a["value"], ".3f"), a["bound"], _fmt(a.get("legacy"), ".3f"),
-             "pass" if a["passed"] else "FAIL"] for key, a in dicom["acceptance"].items()]
-    sections.append((f"DICOM path acceptance (ratios from this run) {cpu}",
-                     _table(["figure", "file", "value", "bound", "0.1.0 path", "result"], rows, markdown)))
     return sections
 
 
+def _status(entry: dict[str, Any]) -> str:
+    return {True: "pass", False: "FAIL", None: "not measured"}[entry["passed"]]
+
+
+def _acceptance_section(result: dict[str, Any], markdown: bool) -> tuple[str, list[str]]:
+    rows = [[name, entry["kind"], entry.get("file") or "-", _fmt(entry["value"], ".3f"),
+             f"{entry['op']} {entry['bound']:g}", _fmt(entry.get("legacy"), ".3f"),
+             _status(entry) + (f" ({why})" if (why := entry.get("skipped") or entry.get("error")) else "")]
+            for name, entry in result["acceptance"].items()]
+    return (f"Acceptance (every figure from this run, with its bound) [CPU: {_features(result)}]",
+            _table(["row", "kind", "file", "value", "bound", "0.1.0 path", "result"], rows, markdown))
+
+
+def _result_lines(result: dict[str, Any]) -> list[str]:
+    """The verdict: PASSED only when no parity gate and no measured acceptance row failed."""
+    v, rows = result["verdict"], result["acceptance"]
+    reference = result["reference"]
+    lines = [f"reference: {reference['description']}", f"golden set: {reference['golden_set']}",
+             "parity: " + ("FAILED: " + ", ".join(v["parity_failed"]) if v["parity_failed"] else "passed")]
+    performance = [entry for entry in rows.values() if entry["kind"] != PARITY]
+    measured = sum(entry["passed"] is not None for entry in performance)
+    failed_rows = ", ".join(describe(name, rows[name]) for name in v["acceptance_failed"])
+    if failed_rows:
+        lines.append(f"acceptance: FAILED: {failed_rows}")
+    elif measured:
+        lines.append(f"acceptance: passed ({measured} of {len(performance)} performance rows measured)")
+    else:
+        lines.append(f"acceptance: not measured (none of the {len(performance)} performance rows)")
+    if v["not_measured"]:
+        lines.append("not measured: " + "; ".join(f"{name} ({why})" for name, why in v["not_measured"].items()))
+    failed = [*(["parity"] if v["parity_failed"] else []), *(["acceptance"] if v["acceptance_failed"] else [])]
+    unmeasured = f" ({len(v['not_measured'])} rows not measured)" if v["not_measured"] else ""
+    lines.append(f"verdict: FAILED ({' and '.join(failed)})" if failed else f"verdict: PASSED{unmeasured}")
+    return lines
+
+
+def upgraded(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` in this version's layout. A result written by an earlier lungseg-bench (its DICOM rows
+    under ``dicom_path``, no golden set, no verdict) gets its rows' kinds and bounds and a computed verdict."""
+    if "verdict" in result:
+        return result
+    out = dict(result)
+    rows = {name: {"kind": PERFORMANCE if name in BOUNDS else PARITY, "op": BOUNDS[name].op if name in BOUNDS else ">=",
+                   **entry}
+            for name, entry in (result.get("dicom_path") or {}).get("acceptance", {}).items()}
+    old = result.get("acceptance") or {}
+    ort_p50, torch_p50 = old.get("ort_cpu_p50_ms"), old.get("pytorch_p50_ms")
+    both = bool(ort_p50 and torch_p50)
+    rows["ort_cpu_vs_pytorch_p50"] = row(BOUNDS["ort_cpu_vs_pytorch_p50"], ort_p50 / torch_p50 if both else None,
+                                         skipped=None if both else "no PyTorch timing",
+                                         ort_cpu_p50_ms=ort_p50, pytorch_p50_ms=torch_p50)
+    out["acceptance"] = rows
+    reference = result["parity"]["reference"]
+    out["reference"] = {"backend": reference, "description": reference,
+                        "golden_set": "not checked (a result of an earlier lungseg-bench)"}
+    out["verdict"] = verdict(out)
+    return out
+
+
+def _parity_cells(r: dict[str, Any]) -> list[str]:
+    return [r["precision"], f"{r['dice_mean']:.5f}", f"{r['dice_min']:.5f}", f"{100 * r['flip_fraction']:.4f}",
+            f"{r['abs_diff_max']:.2e}", f"{r['abs_diff_median']:.2e}", f"{r['abs_diff_p99']:.2e}",
+            f"{r['required_dice']} {'pass' if r['passed'] else 'FAIL'}"]
+
+
 def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[str]]]:
+    result = upgraded(result)
     sections = []
     m = result["machine"]
     gpu = m["gpu"]
@@ -109,13 +174,25 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
         if r.get("is_reference"):
             rows.append([name, "reference", "-", "-", "-", "-", "-", "-", "-"])
             continue
-        rows.append([name, r["precision"], f"{r['dice_mean']:.5f}", f"{r['dice_min']:.5f}",
-                     f"{100 * r['flip_fraction']:.4f}", f"{r['abs_diff_max']:.2e}", f"{r['abs_diff_median']:.2e}",
-                     f"{r['abs_diff_p99']:.2e}", f"{r['required_dice']} {'pass' if r['passed'] else 'FAIL'}"])
+        rows.append([name, *_parity_cells(r)])
+    header = ["backend", "precision", "Dice mean", "Dice min", "flip %", "abs Δp max", "abs Δp p50", "abs Δp p99",
+              "gate (mean Dice)"]
     sections.append((f"Parity vs {parity['reference']} ({parity['n_images']} images, threshold {parity['threshold']}) "
                      f"[CPU: {_features(result)}]",
-                     _table(["backend", "precision", "Dice mean", "Dice min", "flip %", "abs Δp max", "abs Δp p50",
-                             "abs Δp p99", "gate (mean Dice)"], rows, markdown)))
+                     [f"reference: {result['reference']['description']}",
+                      *([f"FAILED: {parity['error']}"] if parity.get("error") else []), "",
+                      *_table(header, rows, markdown)]))
+    golden = parity.get("golden")
+    if golden is not None:
+        if "results" in golden:
+            rows = [[name, *_parity_cells(r)] for name, r in golden["results"].items()]
+            title = (f"Parity vs the bundle's golden set ({golden['source']}: {golden['reference']}, "
+                     f"{golden['n_images']} images) [CPU: {_features(result)}]")
+            sections.append((title, _table(header, rows, markdown)))
+        else:
+            sections.append(("Parity vs the bundle's golden set",
+                             [f"{'FAILED' if golden.get('error') else 'skipped'}: "
+                              f"{golden.get('error') or golden.get('skipped')}"]))
     if parity["with_truth"]:
         rows = []
         for name, r in parity["results"].items():
@@ -145,13 +222,9 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
                      f"{compute['init_features']}, {compute['parameters']:,} parameters); float32 GEMM "
                      f"{_fmt(gemm['numpy'], '.0f')} GFLOP/s numpy, {_fmt(gemm.get('torch'), '.0f')} GFLOP/s torch; "
                      f"floor {compute['floor_ms_per_image']:.1f} ms per image")
-    acceptance = result["acceptance"]
-    lines.append("onnxruntime CPU p50 <= PyTorch eager p50 (batch 1): "
-                 f"{_fmt(acceptance.get('ort_cpu_p50_ms'))} vs {_fmt(acceptance.get('pytorch_p50_ms'))} ms -> "
-                 f"{acceptance.get('ort_not_slower_than_pytorch', 'n/a')}")
     sections.append(("Compute", lines))
-    sections.append(("Result", ["parity (backends, and the DICOM path's native-size mask): "
-                                + ("PASSED" if result["passed"] else "FAILED")]))
+    sections.append(_acceptance_section(result, markdown))
+    sections.append(("Result", _result_lines(result)))
     return sections
 
 
@@ -173,11 +246,10 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 def latency_plot(result: dict[str, Any], path: Path) -> Path:
     """Two panels: DICOM stages per file (default vs 0.1.0 path) and inference time by backend and batch size."""
-    import matplotlib
+    import matplotlib  # the [train] extra; only the plot needs it (the CLI checks for it up front)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     latency = result["latency"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))

@@ -8,6 +8,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lungseg.predictors import BackendUnavailableError
+from lungseg.tensorrt_runtime import cuda_device
+
 PACKAGES = ("lungseg", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt", "cuda-python",
             "opencv-python-headless", "pydicom", "pylibjpeg", "pylibjpeg-openjpeg", "glymur", "highdicom",
             "onnxconverter-common")
@@ -53,9 +56,6 @@ def cpu_features() -> list[str]:
 
 def gpu() -> dict[str, Any]:
     """The CUDA GPU, or why there is none."""
-    from lungseg.predictors import BackendUnavailableError
-    from lungseg.tensorrt_runtime import cuda_device
-
     try:
         name, capability = cuda_device()
     except BackendUnavailableError as exc:

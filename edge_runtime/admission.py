@@ -36,13 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
+from lungseg.edge_runtime import service_metrics
+from lungseg.edge_runtime.codes import DuplicateReason, QuarantineReason, RetryReason, SkipReason, Status
 from lungseg.edge_runtime.config import EdgeConfig
 from lungseg.edge_runtime.fsio import InputTooLargeError, NotRegularFileError, lstat_input, read_input, sha256_of
 from lungseg.edge_runtime.isolate import DecodeFailure, DecodeWorker, WorkerUnavailableError, decode_in_process
 from lungseg.edge_runtime.ledger import Ledger
-from lungseg.edge_runtime.logs import valid_uid
+from lungseg.edge_runtime.logs import uid_ref, valid_uid
 from lungseg.edge_runtime.names import FileNamer
 from lungseg.edge_runtime.quarantine import Quarantine
+from lungseg.errors import LungsegError
+from lungseg.imaging import Radiograph
 
 log = logging.getLogger("lungseg.edge")
 
@@ -55,8 +61,8 @@ class Outcome:
     """What happened to one candidate file."""
 
     name: str
-    status: str  # done | duplicate | seen | quarantined | retry | abandoned | vanished | skipped
-    code: str | None = None
+    status: Status
+    code: str | None = None  # a reason code (codes.QuarantineReason, RetryReason, ...; a decoder's own as text)
     outputs: list[str] = field(default_factory=list)
     retry_after: float = 0.0
     path: Path | None = None
@@ -71,11 +77,19 @@ class Admitted:
     name: str  # what logs, sidecars and quarantine call it
     size: int
     sha256: str
-    radiograph: Any
+    radiograph: Radiograph
     decode_ms: float
     key: str = ""  # the ledger's reference
     data: bytes | None = field(default=None, repr=False)
     suspect: bool = False  # an earlier run died while this content was in progress: it goes alone
+
+    @property
+    def dataset(self) -> Dataset:
+        """The decoded data set (never missing: :meth:`Admission.admit` quarantines a file without one)."""
+        ds = self.radiograph.dataset
+        if ds is None:
+            raise LungsegError(f"{self.name}: decoded without a data set")
+        return ds
 
 
 def describe(exc: BaseException) -> str:
@@ -118,11 +132,11 @@ class Admission:
         log.error("%s (%s); %s", what, describe(exc) if exc is not None else code,
                   "left undone by this --once run" if self.config.once else f"will retry in {delay:.0f} s",
                   extra={"event": code, "file": name, "attempt": failures})
-        return Outcome(name, "retry", code=code, retry_after=delay, path=path, transient=True)
+        return Outcome(name, Status.RETRY, code=code, retry_after=delay, path=path, transient=True)
 
     def again(self, path: Path, code: str, delay: float) -> Outcome:
         """Not decided yet (still changing, a twin in the same batch): look again after ``delay``."""
-        return Outcome(self.label(path), "retry", code=code, retry_after=delay, path=path)
+        return Outcome(self.label(path), Status.RETRY, code=code, retry_after=delay, path=path)
 
     def settled(self, key: str) -> None:
         self._failures.pop(key, None)
@@ -133,16 +147,14 @@ class Admission:
         try:
             self.quarantine_store.put(path, key, sha, size, code, message, data=data, label=name)
         except (OSError, sqlite3.Error) as exc:  # e.g. disk full: the input is fine, try again later
-            return self.retry(path, "quarantine_failed", "could not quarantine", exc)
+            return self.retry(path, RetryReason.QUARANTINE_FAILED, "could not quarantine", exc)
         self.settled(key)
         log.warning("quarantined: %s", message, extra={"event": "quarantined", "file": name, "code": code})
         try:
-            from lungseg.edge_runtime import metrics
-
-            metrics.count("quarantined", reason=code)
+            service_metrics.count("quarantined", reason=code)
         except Exception:  # metrics must never decide an outcome
             log.debug("metrics unavailable", exc_info=True)
-        return Outcome(name, "quarantined", code=code, path=path)
+        return Outcome(name, Status.QUARANTINED, code=code, path=path)
 
     def input_fault(self, path: Path, key: str, sha: str, size: int, code: str, message: str,
                     data: bytes | None, st: Any = None) -> Outcome:
@@ -153,58 +165,57 @@ class Admission:
                 self.ledger.end_attempt(sha)
                 log.info("unusable now (%s) but changed %.1f s ago: waiting before quarantining it", code, age,
                          extra={"event": "unsettled", "file": self.label(path), "code": code})
-                return self.again(path, "unsettled", self.config.quarantine_grace_seconds - age + 0.1)
+                return self.again(path, RetryReason.UNSETTLED, self.config.quarantine_grace_seconds - age + 0.1)
         return self.quarantine(path, key, sha, size, code, message, data)
 
     # --- admission -----------------------------------------------------------------
     def admit(self, path: Path, batch_uids: set[str], batch_shas: set[str],
               first: bool = True) -> tuple[Admitted | None, Outcome | None]:
         """``first``: nothing is admitted to this batch yet (a suspect is only admitted first, and alone)."""
-        from lungseg.edge_runtime.logs import uid_ref
-
         name, key = self.label(path), self.names.key_for(path)
         try:
             st = lstat_input(path, self.watch)
         except (FileNotFoundError, NotADirectoryError):
-            return None, Outcome(name, "vanished", path=path)
+            return None, Outcome(name, Status.VANISHED, path=path)
         except NotRegularFileError as exc:
             log.warning("not read: %s", exc.strerror, extra={"event": "skipped", "file": name})
-            return None, Outcome(name, "skipped", code="not_regular_file", path=path)
+            return None, Outcome(name, Status.SKIPPED, code=SkipReason.NOT_REGULAR_FILE, path=path)
         sha = self.ledger.sha_for_path(key, st)
         if sha is not None and self.ledger.file_status(sha, key) is not None:
             return None, self._seen(path, name, key, sha)
         try:
             data, fst = read_input(path, self.limits.max_file_bytes)
         except (FileNotFoundError, NotADirectoryError):
-            return None, Outcome(name, "vanished", path=path)
+            return None, Outcome(name, Status.VANISHED, path=path)
         except NotRegularFileError as exc:
             log.warning("not read: %s", exc.strerror, extra={"event": "skipped", "file": name})
-            return None, Outcome(name, "skipped", code="not_regular_file", path=path)
+            return None, Outcome(name, Status.SKIPPED, code=SkipReason.NOT_REGULAR_FILE, path=path)
         except InputTooLargeError as exc:
             sha = sha256_of(path) if exc.errno == errno.EFBIG and st.st_size < (64 << 30) else "0" * 64
             self.ledger.remember_path(key, st, sha)  # a rescan or restart must not hash it again
             if self.ledger.file_status(sha, key) is not None:
                 return None, self._seen(path, name, key, sha)
             message = f"file too large: {exc.strerror}; not copied"
-            return None, self.input_fault(path, key, sha, st.st_size, "file_too_large", message, None, st)
+            return None, self.input_fault(path, key, sha, st.st_size, QuarantineReason.FILE_TOO_LARGE, message, None,
+                                          st)
         if (fst.st_size, fst.st_mtime_ns, fst.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
-            return None, self.again(path, "changed", self.config.settle_seconds)
+            return None, self.again(path, RetryReason.CHANGED, self.config.settle_seconds)
         size = len(data)
         sha = hashlib.sha256(data).hexdigest()
         self.ledger.remember_path(key, fst, sha)
         if self.ledger.file_status(sha, key) is not None:
             return None, self._seen(path, name, key, sha)
         known = self.ledger.file_status(sha)
-        if known is not None and known["status"] in ("done", "duplicate"):
+        if known is not None and known["status"] in (Status.DONE, Status.DUPLICATE):
             self.ledger.record_duplicate(sha256=sha, sop_uid=known["sop_uid"], name=key, size=size,
-                                         code="same_content")
+                                         code=DuplicateReason.SAME_CONTENT)
             self.settled(key)
             log.info("identical content already handled; no new output",
                      extra={"event": "duplicate", "file": name, "first_file": known["name"],
                             "status": known["status"]})
-            return None, Outcome(name, "duplicate", code="same_content", path=path)
+            return None, Outcome(name, Status.DUPLICATE, code=DuplicateReason.SAME_CONTENT, path=path)
         if sha in batch_shas:  # a twin earlier in this batch: decide once that one is recorded
-            return None, self.again(path, "same_content_in_batch", 0.0)
+            return None, self.again(path, RetryReason.SAME_CONTENT_IN_BATCH, 0.0)
         if known is not None:
             log.info("content quarantined before under another name (%s): trying it again", known["code"],
                      extra={"event": "requarantine_check", "file": name})
@@ -212,10 +223,10 @@ class Admission:
         if prior is not None and (prior["crashes"] >= 1 or prior["deaths"] >= UNEXPLAINED_DEATHS):
             how = (f"{prior['crashes']} fatal crash(es)" if prior["crashes"] else
                    f"{prior['deaths']} abnormal stops")
-            return None, self.quarantine(path, key, sha, size, "processing_crash",
+            return None, self.quarantine(path, key, sha, size, QuarantineReason.PROCESSING_CRASH,
                                          f"the daemon died while processing this content alone ({how})", data)
         if prior is not None and not first:
-            return None, self.again(path, "suspect_waits_to_go_alone", 0.0)
+            return None, self.again(path, RetryReason.SUSPECT_WAITS_TO_GO_ALONE, 0.0)
         self.ledger.begin_attempt(sha, key)  # before any untrusted byte is decoded
         batch_shas.add(sha)
         t0 = time.perf_counter()
@@ -230,18 +241,18 @@ class Admission:
         ds = result.dataset
         missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
                    if ds is None or not ds.get(k)]
-        if missing:
-            return None, self.input_fault(path, key, sha, size, "missing_uid",
+        if ds is None or missing:  # no data set: every UID is missing
+            return None, self.input_fault(path, key, sha, size, QuarantineReason.MISSING_UID,
                                           f"no {', '.join(missing)} in the data set", data, fst)
         bad = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not valid_uid(ds.get(k))]
         if bad:  # they name output files and folders: never let them be paths
-            return None, self.input_fault(path, key, sha, size, "invalid_uid",
+            return None, self.input_fault(path, key, sha, size, QuarantineReason.INVALID_UID,
                                           f"{', '.join(bad)} not a valid DICOM UID", data, fst)
         sop_uid = str(ds.SOPInstanceUID)
         if sop_uid in batch_uids:  # decide after the first copy is committed
             self.ledger.end_attempt(sha)
             batch_shas.discard(sha)
-            return None, self.again(path, "same_uid_in_batch", 0.0)
+            return None, self.again(path, RetryReason.SAME_UID_IN_BATCH, 0.0)
         previous = self.ledger.instance(sop_uid)
         if previous is not None:
             self.ledger.record_duplicate(sha256=sha, sop_uid=sop_uid, name=key, size=size)
@@ -249,7 +260,7 @@ class Admission:
             log.info("duplicate of an instance already processed; no new output",
                      extra={"event": "duplicate", "file": name, "sop": uid_ref(sop_uid),
                             "first_file": previous["source_name"]})
-            return None, Outcome(name, "duplicate", path=path)
+            return None, Outcome(name, Status.DUPLICATE, path=path)
         batch_uids.add(sop_uid)
         return Admitted(path, name, size, sha, result, decode_ms, key=key, data=data, suspect=prior is not None), None
 
@@ -266,17 +277,17 @@ class Admission:
         status = self.ledger.file_status(sha, key) or {}
         self.settled(key)
         log.debug("already handled", extra={"event": "seen", "file": name, "status": status.get("status")})
-        return Outcome(name, "seen", code=status.get("status"), path=path)
+        return Outcome(name, Status.SEEN, code=status.get("status"), path=path)
 
-    def _decode(self, data: bytes, name: str) -> Any:
+    def _decode(self, data: bytes, name: str) -> Radiograph | DecodeFailure:
         min_side = int(getattr(self.config, "decode_min_side", 0) or 0)
         if self.decoder is None:
             try:
                 return decode_in_process(data, name, self.limits, min_side)
             except MemoryError:
-                return DecodeFailure("out_of_memory", "no memory to decode now", transient=True)
+                return DecodeFailure(RetryReason.OUT_OF_MEMORY, "no memory to decode now", transient=True)
         try:
             return self.decoder.decode(data, name, min_side)
         except WorkerUnavailableError as exc:
-            return DecodeFailure("decoder_unavailable", str(exc), transient=True)
+            return DecodeFailure(RetryReason.DECODER_UNAVAILABLE, str(exc), transient=True)
 

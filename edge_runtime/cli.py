@@ -359,7 +359,10 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
         return 3
     from lungseg.tensorrt_runtime import ensure_engine
 
-    options = BackendOptions(engine_cache=args.state / "engines", dla_core=args.dla_core)
+    from .sdnotify import extend_start_timeout
+
+    options = BackendOptions(engine_cache=args.state / "engines", dla_core=args.dla_core,
+                             build_keepalive=extend_start_timeout)
     try:
         path, manifest, where = ensure_engine(bundle, options, force=args.force)
     except BackendUnavailableError as exc:

@@ -1,9 +1,10 @@
 """``lungseg-edge run``: the service loop.
 
-Start-up: lock the state folder, open the ledger, remove temp files a killed run
-left behind, load the model and choose the backend (logged, with the reason for
-every fallback), start watching, queue the files already in the folder, then tell
-systemd READY=1. The loop hands batches of complete files to the
+Start-up: lock the state and output folders, remove temp files a killed run left
+behind, open the ledger, start the metrics endpoint, load the model and choose the
+backend (logged, with the reason for every fallback), start forwarding, watching
+and the receiver, queue the files already in the folder, then tell systemd READY=1.
+The loop hands batches of complete files to the
 :class:`~lungseg.edge_runtime.pipeline.Processor` and pings the systemd watchdog.
 
 Stopping: the first SIGTERM/SIGINT lets the file being written finish (its
@@ -11,11 +12,18 @@ outputs are complete or absent, never partial) and abandons the rest of the
 batch, which stays unrecorded and is processed after the next start. If the
 current file is not done within ``STOP_GRACE_SECONDS`` (or on a second signal)
 it is abandoned too: its temp files are removed and nothing is recorded.
+
+Every resource taken at start-up (locks, ledger, crash log, metrics endpoint,
+forwarder, decode worker, observer, receiver) is registered in one
+:class:`contextlib.ExitStack` as it is taken, and released in reverse order
+however the run ends; the signal handlers are restored, and systemd told
+STOPPING, before anything else is released.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import dataclasses
 import faulthandler
 import logging
@@ -24,9 +32,29 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from lungseg.bundle import Bundle, ModelNotFoundError, resolve_bundle
+from lungseg.dicom_decode import value_validation_off
+from lungseg.edge_runtime import service_metrics, services
+from lungseg.edge_runtime.admission import UNEXPLAINED_DEATHS, Outcome
+from lungseg.edge_runtime.backend_status import backend_options
+from lungseg.edge_runtime.codes import Status
 from lungseg.edge_runtime.config import EdgeConfig
+from lungseg.edge_runtime.decoding import keep_freed_memory
+from lungseg.edge_runtime.forward import Forwarder, ForwardUnavailableError
+from lungseg.edge_runtime.fsio import remove_stale_temps
+from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, OutputLock, StateLock
+from lungseg.edge_runtime.pipeline import Processor
+from lungseg.edge_runtime.sdnotify import Notifier
+from lungseg.edge_runtime.watcher import ReadyTracker, make_observer
+from lungseg.errors import LungsegError
+from lungseg.predictors import BackendUnavailableError, Selection, select_predictor
+
+if TYPE_CHECKING:  # for annotations only: --once never starts an observer, so never loads watchdog
+    from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("lungseg.edge")
 
@@ -44,6 +72,9 @@ TICK_SECONDS = 0.2
 WATCH_CHECK_SECONDS = 1.0
 ONCE_RETRIES = 2  # --once: short retries of a transient fault (memory, disk) before leaving the file undone
 CRASH_LOG = "crash.log"
+UNDONE = "undone"  # files a --once run leaves for the next run (a total, not an outcome status)
+
+_T = TypeVar("_T")
 
 
 class _Signals:
@@ -51,7 +82,7 @@ class _Signals:
 
     def __init__(self, stop: threading.Event):
         self.stop = stop
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Any] = {}  # the handlers replaced (functions, SIG_DFL, SIG_IGN or None)
         self.timer: threading.Timer | None = None
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -76,169 +107,182 @@ class _Signals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def __enter__(self) -> _Signals:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
 
 def run(config: EdgeConfig, stop: threading.Event | None = None) -> int:
     """Run the watcher until stopped (or, with ``once``, until the folder is done). Returns an exit code."""
-    from lungseg.dicom_decode import value_validation_off
-
     with value_validation_off():  # pydicom's messages are silenced here: its value checks only cost time
         return _run(config, stop)
 
 
+class StartupError(LungsegError):
+    """The service cannot start; ``code`` is its exit code (the reason is logged already)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 def _run(config: EdgeConfig, stop: threading.Event | None) -> int:
-    from lungseg.edge_runtime.fsio import remove_stale_temps
-    from lungseg.edge_runtime.isolate import keep_freed_memory
-    from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, OutputLock, StateLock
-    from lungseg.edge_runtime.sdnotify import Notifier
-
     keep_freed_memory(32 << 20, 64 << 20)  # file bytes and pixel arrays: reuse, don't re-fault, per file
+    config = _resolved(config)
+    if not Path(config.watch).is_dir():
+        log.error("watch folder %s does not exist or is not a folder", config.watch)
+        return EXIT_USAGE
+    stop = stop or threading.Event()
+    # Everything acquired is released in reverse order when this block ends, however it ends; the signal
+    # handlers are restored and systemd is told STOPPING first (``first_out`` is left before ``resources``).
+    with contextlib.ExitStack() as resources, contextlib.ExitStack() as first_out:
+        try:
+            _lock_folders(config, resources)
+        except StartupError as exc:
+            return exc.code
+        notifier = Notifier()
+        first_out.callback(notifier.stopping)
+        first_out.enter_context(_Signals(stop))
+        try:
+            return _serve(config, stop, notifier, resources)
+        except StartupError as exc:
+            return exc.code
+        except KeyboardInterrupt:
+            if stop.is_set():
+                log.warning("stop: abandoned the file in progress (it will be processed after the next start)",
+                            extra={"event": "abandoned"})
+                return EXIT_UNDONE if config.once else EXIT_OK
+            raise
 
-    # every path is resolved once, here: a relative or ``..`` path means the same folder everywhere
-    config = dataclasses.replace(
+
+def _resolved(config: EdgeConfig) -> EdgeConfig:
+    """Every path resolved once, here: a relative or ``..`` path means the same folder everywhere."""
+    return dataclasses.replace(
         config, watch=Path(config.watch).resolve(), out=Path(config.out).resolve(),
         state=Path(config.state).resolve() if config.state is not None else None)
-    watch, out, state = Path(config.watch), Path(config.out), config.state_dir
-    if not watch.is_dir():
-        log.error("watch folder %s does not exist or is not a folder", watch)
-        return EXIT_USAGE
-    out_lock = None
+
+
+def _lock_folders(config: EdgeConfig, resources: contextlib.ExitStack) -> None:
+    """Create the output and state folders and hold both locks (another daemon using either: ``EXIT_STATE``)."""
+    out, state = Path(config.out), config.state_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
         state.mkdir(parents=True, exist_ok=True)
-        lock = StateLock(state).acquire()
-        try:
-            out_lock = OutputLock(out).acquire()
-        except BaseException:
-            lock.release()
-            raise
+        resources.callback(StateLock(state).acquire().release)
+        resources.callback(OutputLock(out).acquire().release)
     except LedgerLockedError as exc:
         log.error("%s", exc)
-        return EXIT_STATE
+        raise StartupError(EXIT_STATE) from exc
     except OSError as exc:
         log.error("cannot use the output/state folders: %s", exc)
-        return EXIT_STATE
-    stop = stop or threading.Event()
-    notifier = Notifier()
-    signals = _Signals(stop).install()
-    observer = None
-    ledger = None
-    closers: list = []
-    forwarder = None
-    receiver = None
-    from lungseg.edge_runtime import metrics, services
+        raise StartupError(EXIT_STATE) from exc
 
+
+def _serve(config: EdgeConfig, stop: threading.Event, notifier: Notifier, resources: contextlib.ExitStack) -> int:
+    """Start everything (each part registered in ``resources`` for its teardown), then run the loop."""
+    ledger = _open_ledger(config, resources)
+    resources.callback(service_metrics.disable)
+    _start_service(services.start_metrics, config)
+    bundle, selection = _load_model(config)
+    forwarder = _make_forwarder(config, resources)
+    service_metrics.set_backend(selection.predictor.backend, selection.predictor.precision)  # the Processor may refine
+    processor = Processor(config, selection.predictor, bundle, ledger, stop, selection.fallbacks)
+    resources.callback(processor.close)
+    _log_ready(config, processor, selection)
+    tracker = _make_tracker(config)
+    observer = _WatchGuard(config, tracker)
+    resources.callback(observer.stop)
+    if not config.once:
+        observer.start()
+    service_metrics.set_queue_probe(services.watch_queue_probe(tracker))
+    receiver = _start_service(services.start_receiver, config)
+    if receiver is not None:
+        resources.callback(receiver.stop)
+    found = tracker.scan()
+    log.info("%d file(s) already in the watch folder", found, extra={"event": "scan", "files": found})
+    notifier.ready(f"watching, {found} file(s) queued at start")
+    code = _loop(config, processor, tracker, notifier, stop, observer)
+    if forwarder is not None and config.once and not stop.is_set():
+        forwarder.send_due(ledger, limit=10_000)  # one attempt for everything queued
+    return code
+
+
+def _open_ledger(config: EdgeConfig, resources: contextlib.ExitStack) -> Ledger:
+    """Remove temp files a killed run left, open (or rebuild) the ledger, and record fatal signals."""
+    out, state = Path(config.out), config.state_dir
+    removed = remove_stale_temps(out) + remove_stale_temps(config.quarantine_dir)
+    if removed:
+        log.warning("removed %d temp file(s) left by an interrupted run", removed)
     try:
-        removed = remove_stale_temps(out) + remove_stale_temps(config.quarantine_dir)
-        if removed:
-            log.warning("removed %d temp file(s) left by an interrupted run", removed)
-        try:
-            ledger = Ledger.open_or_rebuild(state, out, config.quarantine_dir)
-        except sqlite3.Error as exc:
-            log.error("cannot open the ledger in %s: %s", state, exc)
-            return EXIT_STATE
-        closers.append(_watch_for_crashes(state, ledger))
-        try:
-            services.start_metrics(config)
-        except services.ServiceError as exc:
-            log.error("%s", exc)
-            return EXIT_USAGE
-        loaded = _load_model(config)
-        if isinstance(loaded, int):
-            return loaded
-        bundle, selection = loaded
-        if config.forward_host:
-            from lungseg.edge_runtime.forward import Forwarder, ForwardUnavailableError
-
-            try:
-                forwarder = Forwarder(out, state, config.forward_host, config.forward_port, config.forward_ae,
-                                      config.forward_calling_ae, config.forward_retry_seconds)
-            except ForwardUnavailableError as exc:
-                log.error("%s", exc)
-                return EXIT_USAGE
-            log.warning("forwarding outputs to %s@%s:%d", config.forward_ae, config.forward_host,
-                        config.forward_port, extra={"event": "forward_config"})
-            if not config.once:
-                forwarder.start()
-        from lungseg.edge_runtime.pipeline import Processor
-
-        metrics.set_backend(selection.predictor.backend, selection.predictor.precision)  # the Processor may refine
-        processor = Processor(config, selection.predictor, bundle, ledger, stop, selection.fallbacks)
-        closers.append(processor.close)
-        prov = processor.provenance
-        log.warning(
-            "lungseg-edge %s ready: backend %s (%s), model %s %s sha256 %s, watching %s (%s)%s",
-            prov.software_version, prov.backend, prov.precision, prov.model_name, prov.model_version,
-            prov.model_sha256[:16], watch, "once" if config.once else ("polling" if config.polling else "inotify"),
-            "; fallbacks: " + "; ".join(selection.fallbacks) if selection.fallbacks else "",
-            extra={"event": "startup", "backend": prov.backend, "precision": prov.precision,
-                   "fallbacks": selection.fallbacks, "model": prov.model_name, "model_version": prov.model_version,
-                   "seg": config.seg, "batch_size": config.batch_size},
-        )
-        tracker = _make_tracker(config)
-        observer = _WatchGuard(config, tracker)
-        if not config.once:
-            observer.start()
-        metrics.set_queue_probe(services.watch_queue_probe(tracker))
-        try:
-            receiver = services.start_receiver(config)
-        except services.ServiceError as exc:
-            log.error("%s", exc)
-            return EXIT_USAGE
-        found = tracker.scan()
-        log.info("%d file(s) already in the watch folder", found, extra={"event": "scan", "files": found})
-        notifier.ready(f"watching, {found} file(s) queued at start")
-        code = _loop(config, processor, tracker, notifier, stop, observer)
-        if forwarder is not None and config.once and not stop.is_set():
-            forwarder.send_due(ledger, limit=10_000)  # one attempt for everything queued
-        return code
-    except KeyboardInterrupt:
-        if stop.is_set():
-            log.warning("stop: abandoned the file in progress (it will be processed after the next start)",
-                        extra={"event": "abandoned"})
-            return EXIT_UNDONE if config.once else EXIT_OK
-        raise
-    finally:
-        signals.restore()
-        notifier.stopping()
-        services.stop(receiver)
-        if observer is not None:
-            observer.stop()
-        if forwarder is not None:
-            forwarder.stop()
-        for close in closers:
-            close()
-        if ledger is not None:
-            ledger.close()
-        if out_lock is not None:
-            out_lock.release()
-        lock.release()
+        ledger = Ledger.open_or_rebuild(state, out, config.quarantine_dir)
+    except sqlite3.Error as exc:
+        log.error("cannot open the ledger in %s: %s", state, exc)
+        raise StartupError(EXIT_STATE) from exc
+    resources.callback(ledger.close)
+    resources.callback(_watch_for_crashes(state, ledger))
+    return ledger
 
 
-def _load_model(config: EdgeConfig):
-    from lungseg.bundle import ModelNotFoundError, resolve_bundle
-    from lungseg.predictors import BackendUnavailableError, select_predictor
+def _start_service(start: Callable[[EdgeConfig], _T], config: EdgeConfig) -> _T:
+    """``start(config)``; a configured service that cannot start is a configuration error."""
+    try:
+        return start(config)
+    except services.ServiceError as exc:
+        log.error("%s", exc)
+        raise StartupError(EXIT_USAGE) from exc
 
+
+def _load_model(config: EdgeConfig) -> tuple[Bundle, Selection]:
     try:
         bundle = resolve_bundle(config.model)
     except ModelNotFoundError as exc:
         log.error("no usable model: %s", exc, extra={"event": "no_model"})
-        return EXIT_NO_MODEL
+        raise StartupError(EXIT_NO_MODEL) from exc
     try:
-        from lungseg.edge_runtime.backend_status import backend_options
-
         # engines are cached and parity-checked in <state>/engines, never in the (read-only) bundle
         selection = select_predictor(bundle, config.backend, config.threads, backend_options(config))
     except BackendUnavailableError as exc:
         log.error("backend %s unavailable: %s", config.backend, exc, extra={"event": "backend_unavailable"})
-        return EXIT_BACKEND
+        raise StartupError(EXIT_BACKEND) from exc
     for reason in selection.fallbacks:
         log.warning("fallback: %s", reason, extra={"event": "backend_fallback"})
     return bundle, selection
 
 
-def _make_tracker(config: EdgeConfig):
-    from lungseg.edge_runtime.watcher import ReadyTracker
+def _make_forwarder(config: EdgeConfig, resources: contextlib.ExitStack) -> Forwarder | None:
+    """The C-STORE forwarder when ``forward_host`` is set (started now unless ``once``: then one round at the end)."""
+    if not config.forward_host:
+        return None
+    try:
+        forwarder = Forwarder(Path(config.out), config.state_dir, config.forward_host, config.forward_port,
+                              config.forward_ae, config.forward_calling_ae, config.forward_retry_seconds)
+    except ForwardUnavailableError as exc:
+        log.error("%s", exc)
+        raise StartupError(EXIT_USAGE) from exc
+    resources.callback(forwarder.stop)
+    log.warning("forwarding outputs to %s@%s:%d", config.forward_ae, config.forward_host,
+                config.forward_port, extra={"event": "forward_config"})
+    if not config.once:
+        forwarder.start()
+    return forwarder
 
+
+def _log_ready(config: EdgeConfig, processor: Processor, selection: Selection) -> None:
+    prov = processor.provenance
+    log.warning(
+        "lungseg-edge %s ready: backend %s (%s), model %s %s sha256 %s, watching %s (%s)%s",
+        prov.software_version, prov.backend, prov.precision, prov.model_name, prov.model_version,
+        prov.model_sha256[:16], config.watch, "once" if config.once else ("polling" if config.polling else "inotify"),
+        "; fallbacks: " + "; ".join(selection.fallbacks) if selection.fallbacks else "",
+        extra={"event": "startup", "backend": prov.backend, "precision": prov.precision,
+               "fallbacks": selection.fallbacks, "model": prov.model_name, "model_version": prov.model_version,
+               "seg": config.seg, "batch_size": config.batch_size},
+    )
+
+
+def _make_tracker(config: EdgeConfig) -> ReadyTracker:
     excluded = [Path(config.out), config.state_dir, config.quarantine_dir]
     return ReadyTracker(
         root=Path(config.watch), inotify=not (config.polling or config.once),
@@ -255,10 +299,10 @@ class _WatchGuard:
     missing folder is logged (once), a new one gets a new observer and a full scan.
     """
 
-    def __init__(self, config: EdgeConfig, tracker):
+    def __init__(self, config: EdgeConfig, tracker: ReadyTracker):
         self.config = config
         self.tracker = tracker
-        self.observer = None
+        self.observer: BaseObserver | None = None
         self.identity = self._identity()
         self.missing = False
         self.next_check = 0.0
@@ -271,8 +315,6 @@ class _WatchGuard:
         return (st.st_dev, st.st_ino) if os.path.isdir(self.config.watch) else None
 
     def start(self) -> None:
-        from lungseg.edge_runtime.watcher import make_observer
-
         self.observer = make_observer(self.tracker, self.config.polling, self.config.poll_interval)
         self.observer.start()
 
@@ -310,10 +352,10 @@ class _WatchGuard:
         self.tracker.scan()
 
 
-def _watch_for_crashes(state: Path, ledger):
-    """Record fatal signals in ``<state>/crash.log``; after one, blame the content that was in progress."""
-    from lungseg.edge_runtime.admission import UNEXPLAINED_DEATHS
+def _watch_for_crashes(state: Path, ledger: Ledger) -> Callable[[], None]:
+    """Record fatal signals in ``<state>/crash.log``; after one, blame the content that was in progress.
 
+    Returns what stops recording them."""
     path = Path(state) / CRASH_LOG
     try:
         crashed = path.is_file() and path.stat().st_size > 0
@@ -343,8 +385,11 @@ def _watch_for_crashes(state: Path, ledger):
     return close
 
 
-def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Event, guard=None) -> int:
-    totals = {"done": 0, "duplicate": 0, "quarantined": 0, "seen": 0, "skipped": 0, "undone": 0, "abandoned": 0}
+def _loop(config: EdgeConfig, processor: Processor, tracker: ReadyTracker, notifier: Notifier,
+          stop: threading.Event, guard: _WatchGuard | None = None) -> int:
+    totals = {str(status): 0 for status in (Status.DONE, Status.DUPLICATE, Status.QUARANTINED, Status.SEEN,
+                                            Status.SKIPPED)}
+    totals.update({UNDONE: 0, str(Status.ABANDONED): 0})
     next_rescan = time.monotonic() + config.rescan_seconds
     once_retries: dict[Path, int] = {}
     while not stop.is_set():
@@ -354,17 +399,7 @@ def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Even
         batch = tracker.take_ready(limit=config.batch_size)
         if batch:
             for outcome in processor.process(batch):
-                if outcome.status in totals:
-                    totals[outcome.status] += 1
-                elif outcome.status == "retry" and outcome.path is not None:
-                    if not (config.once and outcome.transient):  # the service just retries; nothing to count
-                        tracker.seen(outcome.path, delay=outcome.retry_after)
-                        continue
-                    tries = once_retries[outcome.path] = once_retries.get(outcome.path, 0) + 1
-                    if tries > ONCE_RETRIES:
-                        totals["undone"] += 1  # a lasting fault of the box: the next run tries again
-                    else:
-                        tracker.seen(outcome.path, delay=min(outcome.retry_after, 1.0 * tries))
+                _tally(config, outcome, totals, once_retries, tracker)
             notifier.status("processed {done}, duplicates {duplicate}, quarantined {quarantined}; "
                             "{pending} pending".format(pending=tracker.pending(), **totals))
             continue
@@ -374,13 +409,34 @@ def _loop(config: EdgeConfig, processor, tracker, notifier, stop: threading.Even
             tracker.scan()  # safety net for events lost (inotify queue overflow, network shares)
             next_rescan = time.monotonic() + config.rescan_seconds
         stop.wait(TICK_SECONDS)
+    return _finish(config, totals, tracker)
+
+
+def _tally(config: EdgeConfig, outcome: Outcome, totals: dict[str, int], once_retries: dict[Path, int],
+           tracker: ReadyTracker) -> None:
+    """Count one outcome; a retry is queued again (with ``--once``, a fault of the box only a few times)."""
+    if outcome.status in totals:
+        totals[outcome.status] += 1
+    elif outcome.status == Status.RETRY and outcome.path is not None:
+        if not (config.once and outcome.transient):  # the service just retries; nothing to count
+            tracker.seen(outcome.path, delay=outcome.retry_after)
+            return
+        tries = once_retries[outcome.path] = once_retries.get(outcome.path, 0) + 1
+        if tries > ONCE_RETRIES:
+            totals[UNDONE] += 1  # a lasting fault of the box: the next run tries again
+        else:
+            tracker.seen(outcome.path, delay=min(outcome.retry_after, 1.0 * tries))
+
+
+def _finish(config: EdgeConfig, totals: dict[str, int], tracker: ReadyTracker) -> int:
+    """Log the totals; the exit code (``--once``: undone files first, then quarantined ones)."""
     if config.once:  # stopped early: what was still waiting is undone too
-        totals["undone"] += totals["abandoned"] + tracker.pending()
+        totals[UNDONE] += totals[Status.ABANDONED] + tracker.pending()
     log.info("stopped", extra={"event": "stopped", **totals})
-    if config.once and totals["undone"]:
-        log.error("%d file(s) left undone (output or system fault); run again once it is fixed", totals["undone"],
-                  extra={"event": "undone", "files": totals["undone"]})
+    if config.once and totals[UNDONE]:
+        log.error("%d file(s) left undone (output or system fault); run again once it is fixed", totals[UNDONE],
+                  extra={"event": "undone", "files": totals[UNDONE]})
         return EXIT_UNDONE
-    if config.once and totals["quarantined"]:
+    if config.once and totals[Status.QUARANTINED]:
         return EXIT_QUARANTINED
     return EXIT_OK

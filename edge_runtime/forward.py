@@ -1,11 +1,12 @@
-"""Optional C-STORE forwarding of the DICOM outputs to a PACS (pynetdicom).
+"""C-STORE forwarding of the DICOM outputs to a PACS, when ``forward_host`` is configured.
 
 The queue is durable: forwarding rows are added to the ledger in the same
 transaction that marks a file done, and a background thread sends what is due,
 one association per round, retrying with exponential backoff. Outputs are sent
 as written (an RLE or JPEG-LS Lossless SC) when the peer accepts that transfer
-syntax, otherwise decompressed to Explicit VR Little Endian. ``pynetdicom`` is imported only when forwarding is
-configured.
+syntax, otherwise decompressed to Explicit VR Little Endian. ``pynetdicom`` is a
+base dependency of lungseg; it is imported only when forwarding is configured
+(:func:`check_available`, at start-up), so a service that does not forward never loads it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lungseg.edge_runtime import metrics
+from lungseg.edge_runtime import service_metrics as metrics
 from lungseg.edge_runtime.ledger import Ledger
 from lungseg.edge_runtime.logs import uid_ref
 
@@ -30,7 +31,7 @@ SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 class ForwardUnavailableError(RuntimeError):
-    """Forwarding is configured but pynetdicom is not installed."""
+    """Forwarding is configured but pynetdicom (a base dependency) cannot be imported: a broken installation."""
 
 
 def check_available() -> None:

@@ -20,10 +20,16 @@ images larger than the buffers, and systems without ``memfd``, use the pipe. The
 never reads the input buffer back (it keeps its own copy of the file) and checks the shape
 of what the output buffer holds. A dead or killed worker is
 respawned for the next file, so one poison file costs one respawn, not the batch.
-The worker loads every decoder library before it takes input and before its limit is set
+The worker limits its libraries to one thread before any of them loads
+(:mod:`~lungseg.edge_runtime.worker_entry`, its import-free entry point), then loads every
+decoder library before it takes input and before its limit is set
 (:func:`lungseg.pixel_render.warm_up_decoders`). It ignores SIGINT/SIGTERM (the daemon
 decides when to stop) and dies with its parent. Its logging and warnings are silenced:
 library messages can quote patient data.
+
+This module is the daemon's side (:class:`DecodeWorker`); the worker's side, and decoding in
+this process, is :mod:`~lungseg.edge_runtime.decoding` (:class:`DecodeFailure`,
+:func:`decode_in_process`, :func:`prepare_worker` are imported from there).
 """
 
 from __future__ import annotations
@@ -32,122 +38,25 @@ import contextlib
 import logging
 import os
 import signal
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Any
 
 from lungseg.dicom_decode import DEFAULT_LIMITS, DecodeLimits
+from lungseg.edge_runtime import worker_entry
+from lungseg.edge_runtime.codes import QuarantineReason
+from lungseg.edge_runtime.decoding import DecodeFailure, decode_in_process, keep_freed_memory, prepare_worker
+from lungseg.errors import LungsegError
+from lungseg.imaging import Radiograph
 
 log = logging.getLogger("lungseg.edge")
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 INPUT_BUFFER_BYTES = 32 << 20  # a 4,000 x 4,000 16-bit uncompressed file
 OUTPUT_BUFFER_BYTES = 16 << 20  # 4 M float32 pixels
-_PASSTHROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
-@dataclass(frozen=True)
-class DecodeFailure:
-    """Why a file could not be decoded; ``transient`` failures are retried, the rest quarantined."""
-
-    code: str
-    reason: str
-    transient: bool = False
-
-
-class WorkerUnavailableError(RuntimeError):
+class WorkerUnavailableError(LungsegError, RuntimeError):
     """The decode worker could not be started (not the input's fault)."""
-
-
-def decode_in_process(data: bytes, ref: str, limits: DecodeLimits = DEFAULT_LIMITS, min_side: int = 0) -> Any:
-    """Decode ``data`` here; returns a Radiograph or a :class:`DecodeFailure` (never raises for bad input)."""
-    from lungseg.dicom_decode import read_dicom
-    from lungseg.imaging import UnreadableImageError
-
-    try:
-        return read_dicom(ref, data=data, limits=limits, min_side=min_side)
-    except UnreadableImageError as exc:
-        if _caused_by(exc, MemoryError):  # wrapped by pydicom / read_dicom
-            return DecodeFailure("decoder_oom", "decoding ran out of memory (the image is too large for the limit)")
-        return DecodeFailure(getattr(exc, "code", None) or "unreadable", exc.reason)
-    except MemoryError:
-        return DecodeFailure("decoder_oom", "decoding ran out of memory")
-    except _PASSTHROUGH:
-        raise
-    except BaseException as exc:  # native extensions raise BaseException subclasses (pyo3 panics)
-        if _out_of_address_space(exc):
-            return DecodeFailure("decoder_oom", "decoding ran out of memory (a library could not be mapped)")
-        return DecodeFailure("decode_error", f"decoder failed ({type(exc).__name__})")
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what caused it (``__cause__``, else ``__context__``), at most ten deep."""
-    current: BaseException | None = exc
-    for _ in range(10):
-        if current is None:
-            return
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _out_of_address_space(exc: BaseException) -> bool:
-    """An import that failed because the memory limit left no room to map its shared library."""
-    return any(isinstance(e, (ImportError, OSError)) and any(
-        text in str(e) for text in ("failed to map segment", "Cannot allocate memory")) for e in _chain(exc))
-
-
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
-    return any(isinstance(e, kind) for e in _chain(exc))
-
-
-def _strip(radiograph: Any) -> Any:
-    """Drop what the daemon does not need (the encoded pixels, the file buffer) before sending it back."""
-    ds = radiograph.dataset
-    if ds is not None:
-        with contextlib.suppress(Exception):
-            del ds.PixelData
-        for name in ("buffer", "filename", "fileobj_type"):
-            with contextlib.suppress(Exception):
-                setattr(ds, name, None)
-        with contextlib.suppress(Exception):
-            ds._pixel_array = None
-    return radiograph
-
-
-def _limit_memory(memory_bytes: int) -> None:
-    import resource
-
-    if memory_bytes <= 0:
-        return
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Let glibc reuse freed large blocks instead of unmapping them (a no-op elsewhere).
-
-    Every file allocates and frees a few buffers of the same sizes (file bytes, pixel arrays);
-    glibc maps each block above 128 KiB afresh, and a fresh mapping costs a page fault per
-    4 KiB touched: several milliseconds per radiograph. Blocks below ``mmap_threshold`` come
-    from the heap instead, and up to ``trim_threshold`` of freed heap stays mapped for reuse.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(-3, int(mmap_threshold))) and bool(mallopt(-1, int(trim_threshold)))  # M_MMAP/M_TRIM_THRESHOLD
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class SharedBuffers:
@@ -193,97 +102,6 @@ class SharedBuffers:
         self.maps, self.fds = [], []
 
 
-def _attach(conn: Any) -> tuple[Any, Any] | None:  # pragma: no cover - runs in the worker
-    """The worker's view of the shared buffers, if the daemon sends them."""
-    import mmap
-    from multiprocessing.reduction import recv_handle
-
-    if conn.recv() != ("buffers",):
-        return None
-    maps = []
-    for prot in (mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE):  # the input is read-only here
-        fd = recv_handle(conn)
-        maps.append(mmap.mmap(fd, os.fstat(fd).st_size, prot=prot))
-        os.close(fd)
-    return maps[0], maps[1]
-
-
-def _send_result(conn: Any, result: Any, ms: float, output: Any) -> None:  # pragma: no cover - in the worker
-    """Pixels through the output buffer where they fit, the rest (or everything) pickled."""
-    import numpy as np
-
-    radiograph = _strip(result)
-    pixels = radiograph.pixels
-    if (output is not None and isinstance(pixels, np.ndarray) and pixels.dtype == np.float32 and pixels.ndim == 2
-            and pixels.nbytes <= len(output)):
-        np.frombuffer(output, dtype=np.float32, count=pixels.size).reshape(pixels.shape)[...] = pixels
-        radiograph.pixels = None
-        conn.send(("ok", radiograph, ms, tuple(int(n) for n in pixels.shape)))
-    else:
-        conn.send(("ok", radiograph, ms, None))
-
-
-def prepare_worker(memory_bytes: int) -> None:
-    """Load every decoder library, then set the memory limit: the worker's last step before input.
-
-    An import that first happens under the limit, while a large file fills the memory, can
-    fail ("failed to map segment") and be mistaken for a bad file.
-    """
-    from lungseg.pixel_render import warm_up_decoders
-
-    keep_freed_memory()
-    warm_up_decoders()
-    _limit_memory(memory_bytes)
-
-
-def _serve(conn: Any, memory_bytes: int, limits: DecodeLimits) -> None:  # pragma: no cover - runs in the worker
-    """The worker's loop: receive ``(ref, min_side, size)`` (``size`` bytes in the input buffer, or -1
-    and the bytes through the pipe); answer ``("ok", radiograph, ms, shape)`` or ``("error", why)``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-    with contextlib.suppress(OSError):  # native decoders print (panic backtraces...) straight to fd 1/2
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
-    logging.disable(logging.CRITICAL)
-    import warnings
-
-    warnings.simplefilter("ignore")
-    shared = _attach(conn)
-    source, output = shared if shared is not None else (None, None)
-    prepare_worker(memory_bytes)
-    from lungseg.dicom_decode import value_validation_off
-
-    conn.send(("ready",))
-    with value_validation_off():  # for the worker's life: its warnings and logs go nowhere
-        _answer(conn, source, output, limits)
-
-
-def _answer(conn: Any, source: Any, output: Any, limits: DecodeLimits) -> None:  # pragma: no cover - in the worker
-    """Decode requests until the daemon hangs up."""
-    while True:
-        try:
-            ref, min_side, size = conn.recv()
-            data = conn.recv_bytes() if size < 0 or source is None else source[:size]
-        except (EOFError, OSError):
-            return
-        t0 = time.perf_counter()
-        result = decode_in_process(data, ref, limits, min_side)
-        del data
-        try:
-            if isinstance(result, DecodeFailure):
-                conn.send(("error", result))
-            else:
-                _send_result(conn, result, (time.perf_counter() - t0) * 1000, output)
-        except MemoryError:
-            conn.send(("error", DecodeFailure("decoder_oom", "the decoded image did not fit the memory limit")))
-        except (EOFError, OSError):
-            return
-
-
 class DecodeWorker:
     """One persistent decode process, respawned after a crash, kill or timeout."""
 
@@ -310,8 +128,8 @@ class DecodeWorker:
             return self
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_serve, args=(child, self.memory_bytes, self.limits), daemon=True,
-                           name="lungseg-decode")
+        proc = ctx.Process(target=worker_entry.main, args=(child, self.memory_bytes, asdict(self.limits)),
+                           daemon=True, name="lungseg-decode")
         proc.start()
         child.close()
         self._proc, self._conn, self._ready = proc, parent, False
@@ -378,7 +196,7 @@ class DecodeWorker:
         return self._proc.pid if self._proc is not None else None
 
     # --- work ---------------------------------------------------------------------
-    def decode(self, data: bytes, ref: str, min_side: int = 0) -> Any:
+    def decode(self, data: bytes, ref: str, min_side: int = 0) -> Radiograph | DecodeFailure:
         """A Radiograph, or a :class:`DecodeFailure`. Raises :class:`WorkerUnavailableError` when no worker runs."""
         self.start()
         self._wait_ready()
@@ -393,19 +211,22 @@ class DecodeWorker:
         except (OSError, EOFError, ValueError):
             return self._died()
         if not self._conn.poll(self.timeout_seconds):
-            return self._replaced("decoder_timeout", f"no result within {self.timeout_seconds:g} s; decoder killed")
+            return self._replaced(QuarantineReason.DECODER_TIMEOUT,
+                                  f"no result within {self.timeout_seconds:g} s; decoder killed")
         try:
             message = self._conn.recv()
         except (EOFError, OSError):
             return self._died()
         except Exception as exc:  # an answer that cannot be unpickled: treat like a crash
-            return self._replaced("decoder_crash", f"unreadable answer from the decoder ({type(exc).__name__})")
+            return self._replaced(QuarantineReason.DECODER_CRASH,
+                                  f"unreadable answer from the decoder ({type(exc).__name__})")
         if message[0] == "ok":
             radiograph, decode_ms, shape = message[1], message[2], message[3]
             if shape is not None:
                 radiograph.pixels = self._pixels_from_buffer(shape)
                 if radiograph.pixels is None:
-                    return self._replaced("decoder_crash", "the decoder answered an impossible image size")
+                    return self._replaced(QuarantineReason.DECODER_CRASH,
+                                          "the decoder answered an impossible image size")
             radiograph.facts["decode_ms_worker"] = round(decode_ms, 2)
             return radiograph
         return message[1]
@@ -437,6 +258,10 @@ class DecodeWorker:
         self.respawns += 1
         self.start()
         if code == -signal.SIGKILL:
-            return DecodeFailure("decoder_oom", "the decoder was killed (out of memory)")
+            return DecodeFailure(QuarantineReason.DECODER_OOM, "the decoder was killed (out of memory)")
         what = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        return DecodeFailure("decoder_crash", f"the decoder died ({what})")
+        return DecodeFailure(QuarantineReason.DECODER_CRASH, f"the decoder died ({what})")
+
+
+__all__ = ["DecodeFailure", "DecodeWorker", "SharedBuffers", "WorkerUnavailableError", "decode_in_process",
+           "keep_freed_memory", "prepare_worker"]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lungseg.atomic import atomic_write
-from lungseg.edge_runtime import metrics
+from lungseg.edge_runtime import service_metrics as metrics
 from lungseg.edge_runtime.fsio import TEMP_SUFFIX
 from lungseg.edge_runtime.logs import uid_ref, valid_uid
 

@@ -29,6 +29,14 @@ def notify(message: str) -> bool:
     return True
 
 
+def extend_start_timeout(status: str, seconds: float = 60.0) -> bool:
+    """Ask systemd for ``seconds`` more to finish starting (``EXTEND_TIMEOUT_USEC``), with a status line.
+
+    The TensorRT engine build calls this every 20 s through ``BackendOptions.build_keepalive``.
+    """
+    return notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}\nSTATUS={status}")
+
+
 def watchdog_period() -> float | None:
     """Seconds between ``WATCHDOG=1`` pings (half of ``WatchdogSec``), or ``None`` if not asked for."""
     usec = os.environ.get("WATCHDOG_USEC")

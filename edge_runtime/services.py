@@ -9,47 +9,52 @@ of running half-configured.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from lungseg.edge_runtime import metrics
+from lungseg.edge_runtime import service_metrics
 from lungseg.edge_runtime.config import EdgeConfig
+from lungseg.edge_runtime.receiver import ReceiverUnavailableError, StorageReceiver
+from lungseg.edge_runtime.watcher import ReadyTracker
+from lungseg.errors import LungsegError
 
 log = logging.getLogger("lungseg.edge")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(LungsegError, RuntimeError):
     """A configured service could not start."""
 
 
 def start_metrics(config: EdgeConfig) -> None:
-    """Enable the metrics and serve ``/metrics`` + ``/healthz`` when ``metrics_port`` is set."""
+    """Enable the metrics and serve ``/metrics`` + ``/healthz`` when ``metrics_port`` is set.
+
+    The caller stops them with :func:`service_metrics.disable` (a no-op when they never started)."""
     if config.metrics_port is None:
         return
     try:
-        metrics.enable(config.health_stale_seconds)
-        host, port = metrics.serve(config.metrics_port, config.metrics_bind)
-    except metrics.MetricsUnavailableError as exc:
+        service_metrics.enable(config.health_stale_seconds)
+        host, port = service_metrics.serve(config.metrics_port, config.metrics_bind)
+    except service_metrics.MetricsUnavailableError as exc:
         raise ServiceError(str(exc)) from exc
     except OSError as exc:
-        metrics.disable()
+        service_metrics.disable()
         raise ServiceError(f"metrics: cannot listen on {config.metrics_bind}:{config.metrics_port}: "
                            f"{exc.strerror or exc}") from exc
     log.warning("metrics on http://%s:%d/metrics, health on /healthz", host, port,
                 extra={"event": "metrics_config", "port": port})
 
 
-def watch_queue_probe(tracker: Any):
-    """A probe for :func:`metrics.set_queue_probe`: files waiting and the age of the oldest."""
+def watch_queue_probe(tracker: ReadyTracker) -> Callable[[], tuple[int, float]]:
+    """A probe for :func:`service_metrics.set_queue_probe`: files waiting and the age of the oldest."""
     return lambda: (tracker.pending(), tracker.oldest_wait())
 
 
-def start_receiver(config: EdgeConfig) -> Any:
-    """Start the DICOM Storage SCP into the watch folder when ``scp_port`` is set; returns it (or ``None``)."""
+def start_receiver(config: EdgeConfig) -> StorageReceiver | None:
+    """Start the DICOM Storage SCP into the watch folder when ``scp_port`` is set; returns it (or ``None``).
+
+    The caller stops it (:meth:`StorageReceiver.stop`)."""
     if config.scp_port is None:
         return None
-    from lungseg.edge_runtime.receiver import ReceiverUnavailableError, StorageReceiver
-
     try:
         receiver = StorageReceiver(Path(config.watch), config.scp_port, config.scp_ae, config.scp_bind,
                                    config.scp_allow)
@@ -58,10 +63,3 @@ def start_receiver(config: EdgeConfig) -> Any:
     except ReceiverUnavailableError as exc:
         raise ServiceError(str(exc)) from exc
     return receiver
-
-
-def stop(receiver: Any) -> None:
-    """Stop the receiver (if any) and the metrics endpoint."""
-    if receiver is not None:
-        receiver.stop()
-    metrics.disable()

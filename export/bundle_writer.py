@@ -31,7 +31,21 @@ from lungseg.bundle import (
     resolve_bundle,
     write_bundle_manifest,
 )
-from lungseg.predictors import BackendUnavailableError, OnnxRuntimePredictor, Predictor
+from lungseg.engine_cache import EngineCache
+from lungseg.export.int8 import measure_speedup, quantize_int8
+from lungseg.export.samples import SampleSourceError, default_source, load_samples, model_batch
+from lungseg.predictors import BackendOptions, BackendUnavailableError, OnnxRuntimePredictor, Predictor
+from lungseg.selftest import write_golden
+from lungseg.tensorrt_build import EngineBuildError, EngineSettings
+from lungseg.tensorrt_runtime import (
+    TensorRTPredictor,
+    build_checked_engine,
+    cuda_device_identity,
+    engine_key,
+    ensure_engine,
+    import_tensorrt,
+    tensorrt_unavailable_reason,
+)
 
 from .int8 import SPEED_BATCH, QuantOptions
 from .parity import (
@@ -45,7 +59,6 @@ from .parity import (
     required_dice,
     write_json,
 )
-from .tensorrt_build import EngineBuildError, EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +130,6 @@ def _finish(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
 
 def write_golden_set(out: Path, predict: Any, fallback: np.ndarray, fallback_ids: list[str]) -> dict[str, Any]:
     """``golden.npz`` from the committed fixtures :data:`GOLDEN_IDS` (else the first parity images)."""
-    from lungseg.selftest import write_golden
-
-    from .samples import SampleSourceError, default_source, load_samples, model_batch
-
     try:
         samples = {s.id: s for s in load_samples(default_source(), with_masks=False)}
         chosen = [samples[i] for i in GOLDEN_IDS]
@@ -139,9 +148,6 @@ def build_engine_into_bundle(bundle: Path, settings: EngineSettings) -> dict[str
     import shutil
     import tempfile
 
-    from lungseg.engine_cache import EngineCache
-    from lungseg.tensorrt_runtime import build_checked_engine, cuda_device_identity, engine_key, import_tensorrt
-
     trt = import_tensorrt()
     key, onnx_path, typing = engine_key(trt, bundle, settings, cuda_device_identity())
     with tempfile.TemporaryDirectory(prefix="lungseg-engine-") as tmp:
@@ -154,8 +160,6 @@ def build_engine_into_bundle(bundle: Path, settings: EngineSettings) -> dict[str
 
 def _try_engine(bundle: Path, checker: _Checker,
                 settings: EngineSettings) -> tuple[dict[str, Any], ParityResult | None]:
-    from lungseg.tensorrt_runtime import TensorRTPredictor, import_tensorrt, tensorrt_unavailable_reason
-
     reason = tensorrt_unavailable_reason()
     if reason:
         return {"requested": True, "built": False, "reason": reason}, None
@@ -174,10 +178,10 @@ def _try_engine(bundle: Path, checker: _Checker,
 def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str, Any], options: ExportOptions,
                   calibration: np.ndarray | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` into ``out`` and check every model; returns (and writes) the parity report."""
-    from .checkpoint import TorchPredictor
-    from .fp16 import convert_fp16
-    from .int8 import measure_speedup, quantize_int8
-    from .onnx_export import bundle_metadata, export_fp32
+    # torch and onnx (the [train] extra) load here: the engine path of this module runs on the device without them
+    from lungseg.export.fp16 import convert_fp16
+    from lungseg.export.onnx_export import bundle_metadata, export_fp32
+    from lungseg.nn.checkpoint import TorchPredictor
 
     out.mkdir(parents=True, exist_ok=True)
     for name in VARIANTS:
@@ -225,7 +229,7 @@ def _engine_reference(bundle: Path, checkpoint: Path | None, threads: int | None
     path = checkpoint or bundle / "checkpoint.pt"
     if path.is_file():
         try:
-            from .checkpoint import TorchPredictor, load_checkpoint
+            from lungseg.nn.checkpoint import TorchPredictor, load_checkpoint  # torch: optional on the device
 
             return TorchPredictor(load_checkpoint(path), threads), "pytorch"
         except ImportError as exc:
@@ -238,9 +242,6 @@ def engine_with_parity(bundle: Path, options: ExportOptions, *, engine_cache: Pa
                        checkpoint: Path | None = None) -> dict[str, Any]:
     """On the device: find or build the bundle's engine in the engine cache (never in the bundle), gated on the
     bundle's own golden set; with ``batch`` also compare it with a reference on those images. Returns a report."""
-    from lungseg.predictors import BackendOptions
-    from lungseg.tensorrt_runtime import TensorRTPredictor, ensure_engine, import_tensorrt
-
     backend_options = BackendOptions(threads=options.threads, engine_cache=engine_cache,
                                      dla_core=options.engine.dla_core)
     bundle_obj = resolve_bundle(bundle)

@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--engine-only works on an existing bundle: drop --out/--fp16/--int8")
     if args.max_images < 1:
         parser.error("--max-images must be >= 1")
+    from lungseg.tensorrt_build import EngineSettings, parse_profile
+
     from .parity import DEFAULT_MIN_DICE_FP32, DEFAULT_MIN_DICE_REDUCED
-    from .tensorrt_build import EngineSettings, parse_profile
 
     try:
         settings = EngineSettings(parse_profile(args.profile), args.workspace_mb, args.timing_cache, args.dla_core)
@@ -182,7 +183,7 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
         if reason:
             return _fail(EXIT_ENGINE_IMPOSSIBLE, _engine_line(reason, out))
     try:
-        from .checkpoint import CheckpointError, default_checkpoint, load_checkpoint
+        from lungseg.nn.checkpoint import CheckpointError, default_checkpoint, load_checkpoint
     except ImportError as exc:
         return _fail(EXIT_USAGE, f"exporting needs the [train] extra: pip install 'lungseg[train]' ({exc})")
     from .samples import SampleSourceError
@@ -301,8 +302,9 @@ def _engine_only(args: argparse.Namespace, settings: Any) -> int:
             parity_batch, data = _parity_batch(args)
         except (SampleSourceError, ValueError) as exc:
             return _fail(EXIT_USAGE, str(exc))
+    from lungseg.tensorrt_build import EngineBuildError
+
     from .bundle_writer import engine_with_parity
-    from .tensorrt_build import EngineBuildError
 
     cache = args.state / "engines" if args.state is not None else None
     try:

@@ -34,6 +34,10 @@ from typing import Any
 import numpy as np
 
 from lungseg.bundle import INPUT_NAME
+from lungseg.data import load_manifest
+from lungseg.imaging import read_image
+from lungseg.predictors import OnnxRuntimePredictor
+from lungseg.preprocess import preprocess_batch
 
 from .timing import summary_ms, time_calls
 
@@ -88,10 +92,6 @@ def stratified_calibration(manifest: Path, held_out: set[str], limit: int) -> tu
     """
     import hashlib
 
-    from lungseg.data import load_manifest
-    from lungseg.imaging import read_image
-    from lungseg.preprocess import preprocess_batch
-
     groups: dict[tuple[str, bool], list[Any]] = {}
     for record in load_manifest(manifest):
         if record.id not in held_out:
@@ -126,7 +126,7 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray, metadata:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .onnx_export import set_metadata, validate
+    from lungseg.export.onnx_export import set_metadata, validate  # torch: the device's engine path runs without it
 
     options = options or QuantOptions()
     if options.quant_format not in FORMATS or options.method not in METHODS or options.types not in TYPES:
@@ -163,8 +163,6 @@ def measure_speedup(fp32_model: Path, int8_model: Path, image: np.ndarray, *, th
 
     Runs alternate between the two models, so a machine busy with other work slows both alike.
     """
-    from lungseg.predictors import OnnxRuntimePredictor
-
     predictors = {name: OnnxRuntimePredictor(str(path), device="cpu", threads=threads)
                   for name, path in (("fp32", fp32_model), ("int8", int8_model))}
     times: dict[str, list[float]] = {name: [] for name in predictors}

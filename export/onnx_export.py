@@ -23,9 +23,9 @@ import torch
 
 import lungseg
 from lungseg.bundle import INPUT_NAME, OUTPUT_NAME
+from lungseg.nn.checkpoint import Checkpoint
 from lungseg.preprocess import CHANNELS, INPUT_SIZE, PREPROCESSING_PARAMS
 
-from .checkpoint import Checkpoint
 from .parity import DEFAULT_THRESHOLD
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.atomic import atomic_write
 from lungseg.metrics import dice
 
 DEFAULT_THRESHOLD = 0.5
@@ -112,6 +113,4 @@ def format_table(results: Mapping[str, ParityResult]) -> str:
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` as indented JSON, replacing ``path`` atomically."""
-    from lungseg.atomic import atomic_write
-
     atomic_write(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lungseg.models
+from lungseg.atomic import TEMP_SUFFIX, atomic_write
+
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
 ONNX_INT8 = "model.int8.onnx"
@@ -45,8 +48,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 def default_bundle_dir() -> Path:
     """The shipped default model bundle (inside the installed package)."""
-    import lungseg.models
-
     return Path(lungseg.models.__file__).resolve().parent / "default"
 
 
@@ -87,8 +88,6 @@ class Bundle:
 
 def write_bundle_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``bundle.json``: the sha256 and size of every file in ``root`` (and ``extra`` fields)."""
-    from lungseg.atomic import TEMP_SUFFIX, atomic_write
-
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_MANIFEST
              and not p.name.endswith((".tmp", TEMP_SUFFIX))}

@@ -36,7 +36,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from lungseg.imaging import Radiograph, UnreadableImageError, to_unit_range
+from lungseg.pixel_render import block_means, reduction_level, render_with_lut, stored_values
+from lungseg.radiograph import Radiograph, UnreadableImageError, to_unit_range
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +258,6 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0)
     short side stays ``>= min_side`` (see :mod:`lungseg.pixel_render`); ``native_shape`` and
     the pixel spacing still describe the source grid.
     """
-    from lungseg.pixel_render import block_means, render_with_lut, stored_values
-
     _ensure_transfer_syntax(ds)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
     try:
@@ -288,8 +287,6 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0)
     if not np.all(np.isfinite(pixels)):
         raise UnreadableImageError(path, "rendering produced non-finite values")
     if level == 0 and min_side > 0:
-        from lungseg.pixel_render import reduction_level
-
         level = reduction_level(native_shape[0], native_shape[1], min_side)
         pixels = block_means(pixels, level)
 

@@ -38,8 +38,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lungseg.bundle import GATE_ONNX, verified_file
-from lungseg.preprocess import INPUT_SIZE, preprocess
+from lungseg.backend_api import Predictor
+from lungseg.bundle import GATE_MANIFEST, GATE_ONNX, verified_file
+from lungseg.inference import Segmentation, segment_batch
+from lungseg.plausibility import ShapeModel, mask_qa
+from lungseg.postprocess import PostprocessConfig
+from lungseg.preprocess import INPUT_SIZE, Geometry, preprocess
+from lungseg.radiograph import Radiograph
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,15 @@ NON_CHEST_BODY_PARTS = frozenset({
 })
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "PORT CHEST", "CHEST_LAT", "RIBS", "ABDCHEST"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LATERAL LEFT", "LATERAL RIGHT"})
+
+
+def dihedral(x: np.ndarray, quarter_turns: int, mirrored: bool) -> np.ndarray:
+    """The gate's view of a transformed image: mirror left-right, then ``np.rot90`` by ``quarter_turns``.
+
+    Exact on letterboxed square inputs (up to a one-pixel centring difference).
+    """
+    out = x[..., :, ::-1] if mirrored else x
+    return np.ascontiguousarray(np.rot90(out, quarter_turns, axes=(-2, -1)))
 
 
 def gate_input(model_input: np.ndarray) -> np.ndarray:
@@ -171,8 +185,6 @@ class GateModel:
 def calibrated_mirror_threshold(bundle_root: Path) -> float | None:
     """``policy.mirrored_threshold`` of the bundle's ``gate.json`` (checked against ``bundle.json``), if any."""
     import json
-
-    from lungseg.bundle import GATE_MANIFEST
 
     if not (bundle_root / GATE_MANIFEST).is_file():
         return None
@@ -342,16 +354,14 @@ class Refused:
     decision: GateDecision
 
 
-def gated_segment(predictor: Any, gate: GateModel | None, radiographs: Sequence[Any], config: Any = None,
-                  policy: GatePolicy | None = None, shape_model: Any = None) -> list[Any]:
+def gated_segment(predictor: Predictor, gate: GateModel | None, radiographs: Sequence[Radiograph],
+                  config: PostprocessConfig | None = None, policy: GatePolicy | None = None,
+                  shape_model: ShapeModel | None = None) -> list[Segmentation | Refused]:
     """Gate, correct, segment (one batch), QA and map back: a ``Segmentation`` or :class:`Refused` each.
 
     ``Segmentation.qa`` holds ``flags`` (all), ``review`` (those that need a human), ``gate`` (scores,
     decision) and the mask checks; the mask is on the stored pixel grid.
     """
-    from lungseg.inference import segment_batch
-    from lungseg.plausibility import mask_qa
-
     policy = policy or GatePolicy()
     if gate is not None:
         policy = gate.policy(policy)
@@ -396,9 +406,6 @@ def _corrected(radiograph: Any, correction: Correction) -> Any:
 
 def _turned_back(seg: Any, radiograph: Any, correction: Correction) -> Any:
     """The segmentation of an upright-turned image, expressed on the stored image's grid."""
-    from lungseg.inference import Segmentation
-    from lungseg.preprocess import Geometry
-
     rows, columns = radiograph.source_shape
     return Segmentation(final_mask=correction.undo_mask(seg.final_mask),
                         probability=correction.undo_mask(seg.probability),

@@ -19,11 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from lungseg.backend_api import BackendOptions, BackendRuntimeError, BackendUnavailableError, Predictor
 from lungseg.bundle import INPUT_NAME, ONNX_FP32, ONNX_INT8, Bundle
+from lungseg.preprocess import CHANNELS, INPUT_SIZE
+from lungseg.selftest import GoldenSetError, load_golden, run_selftest
+from lungseg.tensorrt_runtime import load_engine_predictor
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +44,6 @@ CUDNN_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 # (u8u8 kernels on x64 without VNNI) measured slower without changing the masks; an int8 model
 # that does saturate on some CPU fails its start-up self-test there and fp32 serves instead.
 INT8_SESSION_CONFIG: dict[str, str] = {}
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here; the message says why."""
-
-
-class BackendRuntimeError(RuntimeError):
-    """A backend failed while running (e.g. a CUDA error): the caller should demote, not blame the input."""
-
-
-class Predictor(Protocol):
-    """``predict`` maps ``(N, 3, S, S)`` float32 model input to ``(N, S, S)`` probabilities."""
-
-    backend: str
-    precision: str
-    model_path: str
-
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """Settings of the GPU backends (the CPU ones need only ``threads``)."""
-
-    threads: int | None = None
-    gpu_mem_limit_mb: int | None = None
-    cudnn_conv_algo_search: str = "HEURISTIC"
-    engine_cache: Path | None = None
-    dla_core: int | None = None
-    cuda_graph: bool = False
-    selftest: bool = True
 
 
 def _installed(name: str) -> str | None:
@@ -157,12 +130,7 @@ def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tu
     chain: list[tuple[str, Factory]] = []
     for name in CHAINS[backend]:
         if name == "tensorrt":
-            def make_trt() -> Predictor:
-                from lungseg.tensorrt_runtime import load_engine_predictor
-
-                return load_engine_predictor(bundle, options)
-
-            chain.append((name, make_trt))
+            chain.append((name, lambda: load_engine_predictor(bundle, options)))
         elif name == "cuda":
             chain.append((name, lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cuda", options=options)))
         elif name == "cpu-int8":
@@ -202,8 +170,6 @@ class FallbackPredictor:
     # --- choosing ------------------------------------------------------------
     def _golden_set(self) -> Any:
         if self._golden is None and self._golden_problem is None:
-            from lungseg.selftest import GoldenSetError, load_golden
-
             try:
                 self._golden = load_golden(self._root)
             except GoldenSetError as exc:
@@ -211,8 +177,6 @@ class FallbackPredictor:
         return self._golden
 
     def _check(self, name: str, predictor: Predictor) -> tuple[bool, str, dict[str, Any]]:
-        from lungseg.selftest import run_selftest
-
         if not self._selftest:
             return True, "", {"backend": predictor.backend, "precision": predictor.precision, "passed": None,
                               "reason": "self-test disabled"}
@@ -289,8 +253,6 @@ class FallbackPredictor:
         self._listeners.append(listener)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        from lungseg.preprocess import CHANNELS, INPUT_SIZE
-
         shape = getattr(batch, "shape", ())
         if len(shape) != 4 or tuple(shape[1:]) != (CHANNELS, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"model input must be (N, {CHANNELS}, {INPUT_SIZE}, {INPUT_SIZE}), got {shape}")

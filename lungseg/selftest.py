@@ -71,7 +71,7 @@ class SelfTestResult:
         return asdict(self)
 
     def summary(self) -> str:
-        if self.dice_mean is None:
+        if self.dice_mean is None or self.required is None:
             return f"{self.backend}/{self.precision}: {'pass' if self.passed else 'FAIL'} ({self.reason})"
         return (f"{self.backend}/{self.precision}: mean Dice {self.dice_mean:.4f}, min {self.dice_min:.4f} "
                 f"(need {self.required[0]}/{self.required[1]}) on {self.n_images} images in "

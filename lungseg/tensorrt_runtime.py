@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -38,10 +39,27 @@ from typing import Any
 import numpy as np
 
 import lungseg
+from lungseg.backend_api import BackendOptions, BackendRuntimeError, BackendUnavailableError
 from lungseg.bundle import ENGINE_MANIFEST, INPUT_NAME, OUTPUT_NAME, Bundle, sha256_file
-from lungseg.cuda_memory import CudaError, CudaUnavailableError, DeviceIdentity, IOBuffers, check, device_identity
+from lungseg.cuda_memory import (
+    CudaError,
+    CudaUnavailableError,
+    DeviceIdentity,
+    IOBuffers,
+    check,
+    device_identity,
+    import_cudart,
+)
 from lungseg.engine_cache import EngineCache, EngineKey, usable_engine
-from lungseg.predictors import BackendOptions, BackendRuntimeError, BackendUnavailableError
+from lungseg.selftest import GoldenSetError, load_golden, run_selftest
+from lungseg.tensorrt_build import (
+    EngineBuildError,
+    EngineSettings,
+    build_serialized,
+    choose_source,
+    make_logger,
+    supported_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +72,6 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except ImportError as exc:
         raise BackendUnavailableError(f"the tensorrt Python package is not installed ({exc})") from exc
-    from lungseg.export.tensorrt_build import supported_reason
-
     reason = supported_reason(tensorrt)
     if reason:
         raise BackendUnavailableError(reason)
@@ -98,9 +114,6 @@ class TensorRTPredictor:
 
     def __init__(self, trt: ModuleType, engine_bytes: bytes, *, model_path: str, dla_core: int | None = None,
                  cuda_graph: bool = False, cudart: ModuleType | None = None):
-        from lungseg.cuda_memory import import_cudart
-        from lungseg.export.tensorrt_build import make_logger
-
         self.model_path = model_path
         self._io: IOBuffers | None = None
         self._graph: Any = None
@@ -248,8 +261,6 @@ class TensorRTPredictor:
 # --- finding, building and checking engines ----------------------------------------------------------------------
 def engine_key(trt: ModuleType, bundle_dir: Path, settings: Any, device: DeviceIdentity) -> tuple[EngineKey, Path, str]:
     """``(key, ONNX source, typing)`` of the engine this bundle needs on this device."""
-    from lungseg.export.tensorrt_build import choose_source
-
     onnx_path, typing = choose_source(trt, bundle_dir, settings)
     key = EngineKey(device=device, tensorrt_version=str(trt.__version__), onnx_file=onnx_path.name,
                     onnx_sha256=sha256_file(onnx_path), settings={**settings.key_fields(), "typing": typing})
@@ -258,8 +269,6 @@ def engine_key(trt: ModuleType, bundle_dir: Path, settings: Any, device: DeviceI
 
 def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any]:
     """The engine's outputs on the bundle's golden set vs its reference fp32 outputs (``passed`` decides)."""
-    from lungseg.selftest import GoldenSetError, load_golden, run_selftest
-
     try:
         golden = load_golden(bundle_dir)
     except GoldenSetError as exc:
@@ -272,12 +281,11 @@ def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any
 
 
 def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
-                         onnx_path: Path, typing: str) -> tuple[Path, dict[str, Any]]:
+                         onnx_path: Path, typing: str,
+                         keepalive: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
     """Build the engine for ``key``, gate it on parity, store it in ``cache``; refuses (and records) on failure."""
-    from lungseg.export.tensorrt_build import EngineBuildError, build_serialized
-
     try:
-        engine_bytes, facts = build_serialized(trt, onnx_path, typing, settings)
+        engine_bytes, facts = build_serialized(trt, onnx_path, typing, settings, keepalive)
     except EngineBuildError as exc:
         raise BackendUnavailableError(f"TensorRT engine build failed: {exc}") from exc
     candidate = TensorRTPredictor(trt, engine_bytes, model_path=str(cache.folder(key) / "unchecked.engine"),
@@ -305,8 +313,6 @@ def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache
 def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = None, force: bool = False,
                   trt: ModuleType | None = None) -> tuple[Path, dict[str, Any], str]:
     """``(engine path, manifest, where)`` of a parity-passed engine for this device, building one if needed."""
-    from lungseg.export.tensorrt_build import EngineBuildError, EngineSettings
-
     trt = trt or import_tensorrt()
     device = cuda_device_identity()
     settings = settings or EngineSettings(dla_core=options.dla_core)
@@ -335,7 +341,8 @@ def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = No
             return found[0], found[1], "cache"
         if force:
             cache.forget_refusal(key)
-        path, manifest = build_checked_engine(trt, bundle.root, settings, cache, key, onnx_path, typing)
+        path, manifest = build_checked_engine(trt, bundle.root, settings, cache, key, onnx_path, typing,
+                                              options.build_keepalive)
     return path, manifest, "built"
 
 

@@ -29,7 +29,7 @@ def fixture_manifest() -> Path:
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random-weight U-Net exported to ONNX (needs torch; skipped without it)."""
     torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
-    from lungseg.model import UNet
+    from lungseg.nn.unet import UNet
 
     path = tmp_path_factory.mktemp("tiny") / "model.onnx"
     torch.manual_seed(0)

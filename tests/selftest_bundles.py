@@ -69,9 +69,9 @@ def break_int8(bundle: Path, dest: Path) -> Path:
 def build_tiny_bundle(dest: Path) -> Path:
     """A fast bundle for the TensorRT tests: an untrained UNet(init_features=4) whose logits are centred on the
     fixtures (large masks, most pixels far from 0.5), its fp16 variant and a golden set; no int8."""
-    from lungseg.export.checkpoint import load_checkpoint, random_checkpoint
     from lungseg.export.fp16 import convert_fp16
     from lungseg.export.onnx_export import bundle_metadata, export_fp32
+    from lungseg.nn.checkpoint import load_checkpoint, random_checkpoint
 
     dest.mkdir(parents=True, exist_ok=True)
     ids, batch = fixture_inputs()

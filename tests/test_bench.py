@@ -1,10 +1,11 @@
-"""lungseg-bench on a tiny bundle made by lungseg-export: JSON, Markdown, plot, parity gate, e2e."""
+"""lungseg-bench on a tiny bundle made by lungseg-export: JSON, Markdown, plot, verdict and exit codes, e2e."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +16,46 @@ import pytest
 pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 pytest.importorskip("onnx", reason="onnx (the [train] extra) is not installed")
 
-from lungseg.benchmarks import cli
+from lungseg.benchmarks import cli, progress, readme
+from lungseg.benchmarks.dicom_samples import synthetic_dicom
 from lungseg.export import cli as export_cli
-from lungseg.export.checkpoint import random_checkpoint
 from lungseg.export.samples import SHARED_DICOM_DIR, load_samples, model_batch
+from lungseg.nn.checkpoint import random_checkpoint
 
+# a random 4-feature model: parity of its DICOM masks means little, and its timings (one repeat on a shared
+# machine) decide nothing, so the one performance row measured without lungseg-edge gets a bound that holds
 FAST = ("-n", "4", "--threads", "1", "--batch-sizes", "1,2", "--repeats", "1", "--no-progress",
-        "--min-dice-dicom", "0")  # a random 4-feature model: parity of its DICOM masks means little
+        "--min-dice-dicom", "0", "--bound", "ort_cpu_vs_pytorch_p50=1000")
+# a runtime-only install: torch, tqdm and onnx cannot be imported, then lungseg-bench runs as its entry point does
+RUNTIME_ONLY = """
+import sys
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "tqdm", "onnx"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: runtime-only install)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NotInstalled())
+from lungseg.benchmarks.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-def run_bench(*argv: str | Path) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+def run_bench(*argv: str | Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main([str(a) for a in argv])
-    return code, out.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one small real-pixel DICOM: the DICOM path's mask parity in a second, not a minute."""
+    folder = tmp_path_factory.mktemp("bench-dicom")
+    pixels = load_samples(None, with_masks=False, limit=1)[0].pixels
+    synthetic_dicom(pixels, folder / "small.dcm", rows=440, columns=400)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +72,18 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_json_markdown_and_plot(bundle: Path, tmp_path: Path) -> None:
-    paths = {"json": tmp_path / "bench.json", "markdown": tmp_path / "bench.md", "plot": tmp_path / "bench.png",
-             "readme": tmp_path / "README.md"}
-    paths["readme"].write_text("# x\n\n<!-- performance:start -->\nstale figures\n<!-- performance:end -->\ntail\n")
-    code, stdout = run_bench("--model", bundle, *FAST, "--skip-e2e", "--min-dice-reduced", "0",
-                             *(arg for kind, path in paths.items() for arg in (f"--{kind}", path)))
-    assert code == cli.EXIT_OK, stdout
+    out = tmp_path / "bench-output"  # created by lungseg-bench
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md", "plot": out / "bench.png"}
+    code, stdout, stderr = run_bench("--model", bundle, *FAST, "--skip-e2e", "--min-dice-reduced", "0",
+                                     *(arg for kind, path in paths.items() for arg in (f"--{kind}", path)))
+    assert code == cli.EXIT_OK, stdout + stderr
     result = json.loads(paths["json"].read_text())
     parity = result["parity"]
     assert parity["reference"] == "pytorch" and parity["with_truth"] is True
+    assert result["reference"]["backend"] == "pytorch" and "eager PyTorch" in result["reference"]["description"]
+    golden = parity["golden"]
+    assert golden["source"] == "golden.npz" and golden["passed"] is True
+    assert {"pytorch", "onnxruntime-cpu", "onnxruntime-int8"} <= set(golden["results"])
     cpu = parity["results"]["onnxruntime-cpu"]
     assert cpu["dice_mean"] >= 0.999 and cpu["passed"] is True
     assert {"dice_min", "abs_diff_max", "abs_diff_median", "abs_diff_p99", "flip_fraction"} <= cpu.keys()
@@ -67,55 +97,135 @@ def test_json_markdown_and_plot(bundle: Path, tmp_path: Path) -> None:
     assert dicom["files"] and set(dicom["mask_parity"]["per_file"]) == set(dicom["files"])
     assert all(0.0 <= v["dice"] <= 1.0 for v in dicom["mask_parity"]["per_file"].values())
     assert dicom["stages"] == {"skipped": "--skip-e2e"}
-    assert set(dicom["acceptance"]) == {"j2k_ratio", "uncompressed_ratio", "burst_speedup", "daemon_peak_rss_mib",
-                                        "mask_dice_mean"}
+    rows = result["acceptance"]
+    assert set(rows) == {"j2k_ratio", "uncompressed_ratio", "burst_speedup", "daemon_peak_rss_mib", "mask_dice_mean",
+                         "ort_cpu_vs_pytorch_p50"}
+    assert rows["j2k_ratio"] == {**rows["j2k_ratio"], "passed": None, "skipped": "--skip-e2e"}
+    assert rows["ort_cpu_vs_pytorch_p50"]["passed"] is True and rows["ort_cpu_vs_pytorch_p50"]["bound"] == 1000
+    assert result["verdict"] == {"passed": True, "parity_failed": [], "acceptance_failed": [], "exit_code": 0,
+                                 "not_measured": dict.fromkeys(("j2k_ratio", "uncompressed_ratio", "burst_speedup",
+                                                                "daemon_peak_rss_mib"), "--skip-e2e")}
+    assert "verdict: PASSED" in stdout and "reference: pytorch: the checkpoint in eager PyTorch" in stdout
+    assert "PASSED (exit 0); not measured: j2k_ratio" in stderr
     assert isinstance(result["machine"]["cpu_features"], list)
     assert f"[CPU: {' '.join(result['machine']['cpu_features']) or 'unknown'}]" in stdout
-    readme = paths["readme"].read_text()
-    assert "stale figures" not in readme and "Native-size mask" in readme and readme.endswith("tail\n")
     assert result["latency"]["memory"]["max_rss_mib"] > 0
     assert result["backends"]["onnxruntime-fp16"] == {
         "available": False, "reason": "bundle has no model.fp16.onnx (export it with lungseg-export)"}
     assert result["compute"]["init_features"] == 4 and result["compute"]["floor_ms_per_image"] > 0
-    assert result["acceptance"]["ort_cpu_p50_ms"] > 0
+    assert rows["ort_cpu_vs_pytorch_p50"]["ort_cpu_p50_ms"] > 0
     assert result["machine"]["cpu"] and "onnxruntime" in result["versions"]
     assert "## Parity vs pytorch" in paths["markdown"].read_text()
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "== Parity vs pytorch" in stdout
+    assert "== Parity vs pytorch" in stdout and "== Parity vs the bundle's golden set" in stdout
+
+    # publishing is a separate step, from explicit paths: docs folder + README section citing the docs copy
+    docs, readme_md = tmp_path / "repo" / "docs" / "benchmarks", tmp_path / "repo" / "README.md"
+    readme_md.parent.mkdir()
+    readme_md.write_text(f"# x\n\n{readme.START}\nstale figures\n{readme.END}\ntail\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert readme.main(["--json", str(paths["json"]), "--docs", str(docs), "--readme", str(readme_md)]) == 0
+    text = readme_md.read_text()
+    assert "stale figures" not in text and "Native-size mask" in text and text.endswith("tail\n")
+    assert "Generated from `docs/benchmarks/cpu.json`" in text and "verdict: PASSED" in text
+    assert json.loads((docs / "cpu.json").read_text()) == result
+    assert (docs / "cpu.md").is_file() and (docs / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("gate", ["--min-dice-fp32", "--min-dice-dicom"])
-def test_missed_parity_gate_exits_1(bundle: Path, gate: str) -> None:
-    code, stdout = run_bench("--model", bundle, *FAST, "--skip-e2e", gate, "1.01")
+def test_missed_parity_gate_exits_1(bundle: Path, small_dicom: Path, gate: str) -> None:
+    code, stdout, stderr = run_bench("--model", bundle, *FAST, "--dicom", small_dicom, "--skip-e2e", gate, "1.01")
     assert code == cli.EXIT_PARITY_FAILED
-    assert "native-size mask): FAILED" in stdout
+    assert "verdict: FAILED (parity)" in stdout and "PASSED" not in stdout
+    assert "FAILED (exit 1); parity failed: " in stderr
 
 
-def test_runtime_only_install_uses_onnxruntime_as_reference(bundle: Path, tmp_path: Path) -> None:
-    """Without torch (an edge device), PyTorch is skipped with the reason and onnxruntime CPU is the reference."""
+def test_altered_golden_set_fails_parity(bundle: Path, small_dicom: Path, tmp_path: Path) -> None:
+    altered = tmp_path / "bundle"
+    shutil.copytree(bundle, altered)
+    with (altered / "golden.npz").open("ab") as golden:
+        golden.write(b"\0")  # no longer the file bundle.json records
+    code, stdout, stderr = run_bench("--model", altered, *FAST, "--dicom", small_dicom, "--skip-e2e",
+                                     "--min-dice-reduced", "0")
+    assert code == cli.EXIT_PARITY_FAILED, stdout + stderr
+    assert "golden set: FAILED: golden.npz: sha256 differs" in stdout and "verdict: FAILED (parity)" in stdout
+
+
+def test_failing_acceptance_row_exits_3_and_is_named(bundle: Path, small_dicom: Path, tmp_path: Path) -> None:
+    """A bound no run can meet (onnxruntime taking no time at all): parity holds, the row fails, exit 3."""
     report = tmp_path / "bench.json"
-    args = ["--model", str(bundle), *FAST, "--skip-e2e", "--min-dice-reduced", "0", "--json", str(report)]
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
-            f"from lungseg.benchmarks import cli; sys.exit(cli.main({args!r}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == cli.EXIT_OK, proc.stderr
+    code, stdout, stderr = run_bench("--model", bundle, *FAST, "--dicom", small_dicom, "--skip-e2e",
+                                     "--min-dice-reduced", "0", "--bound", "ort_cpu_vs_pytorch_p50=0",
+                                     "--json", report)
+    assert code == cli.EXIT_ACCEPTANCE_FAILED, stdout + stderr
+    assert "PASSED" not in stdout
+    assert "acceptance: FAILED: ort_cpu_vs_pytorch_p50 " in stdout and "(bound <= 0)" in stdout
+    assert "verdict: FAILED (acceptance)" in stdout and "parity: passed" in stdout
+    assert "FAILED (exit 3); acceptance rows failed: ort_cpu_vs_pytorch_p50" in stderr
+    result = json.loads(report.read_text())
+    assert result["passed"] is False and result["verdict"]["acceptance_failed"] == ["ort_cpu_vs_pytorch_p50"]
+    assert result["verdict"]["exit_code"] == cli.EXIT_ACCEPTANCE_FAILED
+    assert result["acceptance"]["ort_cpu_vs_pytorch_p50"]["passed"] is False
+
+
+@pytest.mark.parametrize("bound", ["j2k_ratio", "nonsense=1", "burst_speedup=fast"])
+def test_bad_bound_is_a_usage_error(bound: str) -> None:
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()):
+        cli.main(["--bound", bound])
+    assert exit_info.value.code == cli.EXIT_USAGE
+
+
+def test_crash_is_an_internal_error_not_a_verdict(bundle: Path, small_dicom: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A JSON path that is a folder: the run completes, writing its result crashes -> 70, never 0/1/3."""
+    code, _, stderr = run_bench("--model", bundle, *FAST, "--dicom", small_dicom, "--skip-e2e",
+                                "--min-dice-reduced", "0", "--json", tmp_path)
+    assert code == cli.EXIT_INTERNAL
+    assert "internal error (exit 70)" in stderr and "IsADirectoryError" in caplog.text
+
+
+def test_runtime_only_install_checks_against_the_fp32_onnx_and_the_golden_set(bundle: Path, small_dicom: Path,
+                                                                              tmp_path: Path) -> None:
+    """Without torch, tqdm and onnx (an edge device): a verdict, against the fp32 ONNX and the golden set."""
+    report = tmp_path / "bench.json"
+    args = ["--model", bundle, "-n", "2", "--threads", "1", "--batch-sizes", "1", "--repeats", "1",
+            "--dicom", small_dicom, "--skip-e2e", "--min-dice-dicom", "0", "--min-dice-reduced", "0", "--json", report]
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == cli.EXIT_OK, proc.stdout + proc.stderr
+    assert "reference: onnxruntime-cpu: the fp32 ONNX (model.onnx) on the CPU; no PyTorch reference" in proc.stdout
+    assert "verdict: PASSED" in proc.stdout and "PASSED (exit 0)" in proc.stderr
     result = json.loads(report.read_text())
     assert result["backends"]["pytorch"]["available"] is False
     assert "torch is not installed" in result["backends"]["pytorch"]["reason"]
-    assert result["parity"]["reference"] == "onnxruntime-cpu"
+    assert result["reference"]["backend"] == result["parity"]["reference"] == "onnxruntime-cpu"
+    assert "fp32 PyTorch probabilities" in result["reference"]["golden_set"]
+    golden = result["parity"]["golden"]
+    assert set(golden["results"]) == {"onnxruntime-cpu", "onnxruntime-int8"} and golden["passed"] is True
+    assert golden["results"]["onnxruntime-cpu"]["dice_mean"] >= 0.999  # the fp32 ONNX against PyTorch's numbers
     assert "onnxruntime-int8" in result["parity"]["results"]
     assert "torch" in result["compute"]["skipped"]
+    assert result["acceptance"]["ort_cpu_vs_pytorch_p50"]["passed"] is None
+    assert result["verdict"]["exit_code"] == cli.EXIT_OK
 
 
-def test_missing_model_exits_3(tmp_path: Path) -> None:
-    assert run_bench("--model", tmp_path / "nothing", *FAST, "--skip-e2e")[0] == cli.EXIT_NO_MODEL
+def test_plain_progress_stands_in_for_tqdm() -> None:
+    stream = io.StringIO()
+    assert list(progress.track(["a", "b"], "parity", "backend", enabled=True, stream=stream)) == ["a", "b"]
+    assert stream.getvalue() == "parity: 1/2 backend\nparity: 2/2 backend\n"
+    assert list(progress.track(["a"], "parity", "backend", enabled=False, stream=stream)) == ["a"]
+
+
+def test_missing_model_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, stderr = run_bench("--model", tmp_path / "nothing", *FAST, "--skip-e2e")
+    assert code == cli.EXIT_USAGE and "nothing" in stderr
 
 
 def test_unet_flops_match_the_published_architecture() -> None:
     import torch
 
     from lungseg.benchmarks.compute import count_conv_flops
-    from lungseg.model import UNet
+    from lungseg.nn.unet import UNet
 
     with torch.device("meta"):
         model = UNet()

@@ -221,7 +221,7 @@ def test_the_decode_worker_loads_every_decoder_before_its_first_input(tmp_path: 
 
 
 def test_an_import_that_cannot_map_its_library_is_out_of_memory_not_a_bad_file() -> None:
-    from lungseg.edge_runtime.isolate import _out_of_address_space
+    from lungseg.edge_runtime.decoding import _out_of_address_space
 
     try:
         try:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from lungseg.edge_runtime.pipeline import qa_report
+from lungseg.edge_runtime.stages import qa_report
 
 
 def _mask(left: int, right: int) -> np.ndarray:

@@ -17,8 +17,8 @@ pytest.importorskip("onnx", reason="onnx (the [train] extra) is not installed")
 
 from lungseg.bundle import ONNX_FP16, ONNX_FP32, ONNX_INT8, PARITY, sha256_file
 from lungseg.export import cli
-from lungseg.export.checkpoint import load_checkpoint, random_checkpoint
 from lungseg.export.samples import load_samples, model_batch
+from lungseg.nn.checkpoint import load_checkpoint, random_checkpoint
 from lungseg.predictors import OnnxRuntimePredictor
 from lungseg.preprocess import PREPROCESSING_PARAMS
 from lungseg.tensorrt_runtime import tensorrt_unavailable_reason
@@ -165,7 +165,7 @@ def test_corrupt_checkpoint_exits_3_naming_the_file(tmp_path: Path) -> None:
 def test_bare_state_dict_loads_and_init_features_is_inferred(tmp_path: Path) -> None:
     import torch
 
-    from lungseg.model import UNet
+    from lungseg.nn.unet import UNet
 
     path = tmp_path / "bare.pt"
     torch.save(UNet(init_features=2).state_dict(), path)

@@ -300,3 +300,21 @@ def test_real_tensorrt_build(selftest_bundle: Path, tmp_path: Path) -> None:
     golden = load_golden(selftest_bundle)
     assert np.mean((predictor.predict(golden.inputs) >= 0.5) == (golden.reference >= 0.5)) > 0.99
     predictor.close()
+
+
+def test_engine_build_calls_the_callers_keepalive(gpu: FakeTensorRT, bundle, tmp_path: Path) -> None:
+    """The builder reports progress through the caller's callback (the edge passes systemd's EXTEND_TIMEOUT_USEC):
+    the core's builder knows nothing of systemd."""
+    calls: list[str] = []
+    options = BackendOptions(engine_cache=tmp_path / "engines-keepalive", build_keepalive=calls.append)
+    _, _, where = ensure_engine(bundle, options)
+    assert where == "built"
+    assert calls and all("TensorRT" in c for c in calls)
+
+
+def test_a_failing_keepalive_never_fails_the_build(gpu: FakeTensorRT, bundle, tmp_path: Path) -> None:
+    def broken(status: str) -> None:
+        raise OSError("notify socket gone")
+
+    options = BackendOptions(engine_cache=tmp_path / "engines-broken", build_keepalive=broken)
+    assert ensure_engine(bundle, options)[2] == "built"

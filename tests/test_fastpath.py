@@ -201,31 +201,31 @@ def test_sc_verification_catches_a_changed_pixel(tmp_path: Path) -> None:
         dicom_out.verify_sc(path, rgb[:63])
 
 
-def test_non_inference_stays_below_inference_for_a_2000_pixel_dicom(tmp_path: Path, shipped_model: Path) -> None:
-    """Decode + preprocess + postprocess + QA + write of an uncompressed 2,000-pixel DICOM, against the
-    inference of the backend the shipped bundle's self-test picks (int8 where it passes).
+def test_a_2000_pixel_dicom_reports_every_stage_of_the_benchmark_ratio(tmp_path: Path, shipped_model: Path) -> None:
+    """Per file, the edge reports each stage lungseg-bench's non-inference / inference ratio is made of.
 
-    The acceptance bound is 0.5 (``lungseg-bench`` reports it; about 0.45 on a 2-core EPYC); this
-    test allows 1.0 so a loaded CI machine does not fail it, while 0.1.0's path (about 4x) would.
-    Measured as the benchmark measures it: each stage's median over the copies, so neither the
-    cold first file nor one slow fsync on a busy disk decides the result.
+    The ratio's bound is a timing, so it is checked by ``lungseg-bench``, not here: its acceptance row
+    ``uncompressed_ratio`` (<= 0.5; ``--bound uncompressed_ratio=1.0`` on a loaded machine), measured
+    as each stage's median over seven copies of a 2,000-pixel uncompressed DICOM.
     """
     from lungseg.benchmarks.dicom_path import NON_INFERENCE
 
     watch = tmp_path / "watch"
     watch.mkdir()
     source = synthetic_dicom(_image(2), tmp_path / "big.dcm", rows=2000, columns=1880)
-    copies = 6
+    copies = 2
     for i in range(copies):
         ds = pydicom.dcmread(source)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.10.1082.9.{i}"
         ds.save_as(watch / f"big{i}.dcm", enforce_file_format=True)
     assert run_once(watch, tmp_path / "out", shipped_model, batch_size=1) == 0
-    timings = [s["timings_ms"] for s in _processed(tmp_path / "out")]
-    assert len(timings) == copies
-    median = {stage: statistics.median(t[stage] for t in timings) for stage in (*NON_INFERENCE, "infer")}
-    ratio = sum(median[stage] for stage in NON_INFERENCE) / median["infer"]
-    assert ratio <= 1.0, json.dumps(timings)
+    processed = _processed(tmp_path / "out")
+    assert len(processed) == copies
+    for sidecar in processed:
+        timings = sidecar["timings_ms"]
+        assert set(timings) >= {*NON_INFERENCE, "infer"}, json.dumps(timings)
+        assert all(timings[stage] >= 0 for stage in NON_INFERENCE) and timings["infer"] > 0
+        assert (sidecar["source"]["rows"], sidecar["source"]["columns"]) == (2000, 1880)
 
 
 @pytest.mark.parametrize(("setting", "value"), [("sc_syntax", "jpeg"), ("sc_verify", "none"), ("sc_max_side", -1),

@@ -16,8 +16,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "cxr" / "images"
 def _gate_run(folder: Path, seed: int, manifest: dict | None = None) -> Path:
     """A gate run folder: an untrained gate checkpoint, a fitted shape model, optionally gate.json."""
     from lungseg.bundle import GATE_MANIFEST, SHAPE_MODEL
+    from lungseg.nn.gate_net import GateNet
     from lungseg.plausibility import ShapeModel
-    from lungseg.train.gate_model import GateNet
 
     folder.mkdir()
     torch.manual_seed(seed)
@@ -64,7 +64,7 @@ def test_add_gate_writes_verified_files_that_the_runtime_loads(tmp_path: Path):
 
 def test_missing_shape_model_is_a_clear_error(tmp_path: Path):
     from lungseg.export.gate_export import GateExportError, add_gate
-    from lungseg.train.gate_model import GateNet
+    from lungseg.nn.gate_net import GateNet
 
     torch.save({"state_dict": GateNet().state_dict()}, tmp_path / "gate.pt")
     with pytest.raises(GateExportError, match="no shape model"):

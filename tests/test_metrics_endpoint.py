@@ -128,7 +128,7 @@ def test_scrape_a_running_daemon(tmp_path: Path, tiny_onnx: Path) -> None:
 def test_metrics_calls_are_no_ops_without_prometheus_client() -> None:
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"
-        "from lungseg.edge_runtime import metrics\n"
+        "from lungseg.edge_runtime import service_metrics as metrics\n"
         "assert not metrics.available() and not metrics.enabled()\n"
         "metrics.count('processed'); metrics.count('quarantined', reason='x'); metrics.observe_stage('decode', 0.1)\n"
         "metrics.set_backend('cpu', 'fp32', True); metrics.processed_ok(); metrics.set_forward_queue(3)\n"
@@ -159,7 +159,7 @@ def test_alert_rules_and_dashboard_use_only_exported_series() -> None:
 
     import yaml
 
-    from lungseg.edge_runtime import metrics
+    from lungseg.edge_runtime import service_metrics as metrics
 
     metrics.enable()
     try:

@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
 
-from lungseg.model import DonorUnavailableError, UNet, load_donor  # noqa: E402
+from lungseg.nn.unet import DonorUnavailableError, UNet, load_donor  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "buda_unet_state_dict.txt"
 

@@ -57,7 +57,7 @@ def test_tiny_two_stage_run_writes_every_artefact(tmp_path, fixture_manifest):
 
 def test_training_loss_goes_down(tmp_path, fixture_manifest):
     from lungseg.data import load_manifest
-    from lungseg.model import UNet
+    from lungseg.nn.unet import UNet
     from lungseg.train.config import TrainConfig
     from lungseg.train.dataset import load_samples
     from lungseg.train.loop import train_stage
@@ -73,7 +73,7 @@ def test_training_loss_goes_down(tmp_path, fixture_manifest):
 def test_a_kill_after_the_first_log_line_but_before_last_pt_repeats_no_epoch(tmp_path, fixture_manifest):
     """The window the Ray kill test once hit: epoch 1 logged, its last.pt never written."""
     from lungseg.data import load_manifest
-    from lungseg.model import UNet
+    from lungseg.nn.unet import UNet
     from lungseg.train.config import TrainConfig
     from lungseg.train.dataset import load_samples
     from lungseg.train.loop import train_stage

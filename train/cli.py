@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("report: %s", path)
         return EXIT_OK
 
-    from lungseg.train.pipeline import Run, run_evaluation, run_stage
+    from lungseg.train.distributed import run_stage
+    from lungseg.train.pipeline import Run, run_evaluation
 
     config = None
     if args.data is not None:

@@ -1,4 +1,4 @@
-"""Repetitions as Ray tasks: the paper's 25 x 2 protocol on many machines.
+"""Running a stage's repetitions: one after another here, or as Ray tasks on many machines.
 
 Repetitions are independent, so each one is a Ray task that reopens the run folder and
 calls :func:`lungseg.train.pipeline.train_repetition`, the same code the local executor
@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lungseg.train.pipeline import Run
+import torch
+
+from lungseg.train.loop import DONE
+from lungseg.train.pipeline import Run, train_repetition
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,6 @@ WORKER_PID = "worker.pid"
 
 def _train_one(run_dir: str, stage: str, rep: int, threads: int) -> dict:
     """Body of one Ray task (runs in a Ray worker process)."""
-    import torch
-
-    from lungseg.train.loop import DONE
-    from lungseg.train.pipeline import Run, train_repetition
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, threads))
     run = Run.open(Path(run_dir))
@@ -72,3 +68,16 @@ def run_stage_on_ray(run: Run, stage: str, address: str | None = None, workers: 
     for result in results:
         log.info("%s rep %d finished on Ray", result["stage"], result["rep"])
     return results
+
+
+def run_stage(run: Run, stage: str, executor: str = "local", ray_address: str | None = None,
+              ray_workers: int | None = None, ray_retries: int = 3, ray_gpu_fraction: float = 1.0) -> None:
+    """Train every repetition of ``stage`` (skips completed ones, resumes a stopped one).
+
+    ``executor="ray"`` runs the repetitions as independent Ray tasks (see :mod:`lungseg.train.distributed`).
+    """
+    if executor == "ray":
+        run_stage_on_ray(run, stage, ray_address, ray_workers, ray_retries, ray_gpu_fraction)
+        return
+    for rep in range(run.n_reps(stage)):
+        train_repetition(run, stage, rep)

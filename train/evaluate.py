@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from lungseg.metrics import image_metrics, summarise, summarise_by
-from lungseg.model import UNet
+from lungseg.nn.unet import UNet
 from lungseg.postprocess import PostprocessConfig, artefacts, postprocess
 from lungseg.train.dataset import Sample
 

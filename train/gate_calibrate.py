@@ -27,8 +27,9 @@ from lungseg.atomic import atomic_write
 from lungseg.data import split_by_patient
 from lungseg.gate import consensus_logits, gate_input_from_pixels, mirror_evidence
 from lungseg.imaging import read_image
+from lungseg.nn.gate_net import torch_logits
 from lungseg.train.gate_data import NONCHEST_TRAIN, GateSamples, build_samples, find_nonchest, gate_split
-from lungseg.train.gate_train import MANIFEST, GateTrainConfig, _samples, _torch_logits, fit
+from lungseg.train.gate_train import MANIFEST, GateTrainConfig, _samples, fit
 
 log = logging.getLogger("lungseg.train.gate")
 
@@ -67,7 +68,7 @@ def calibrate(run: Path, config: GateTrainConfig, folds: int = 3, budget: float 
         model, _ = fit(subset, replace(config, seed=config.seed + index))
         x = np.stack([gate_input_from_pixels(read_image(r.image).pixels) for r in part])
         def logits_of(batch: np.ndarray, model: Any = model) -> np.ndarray:
-            return _torch_logits(model, batch)
+            return torch_logits(model, batch)
 
         fold_good = mirror_evidence(consensus_logits(logits_of, x))
         fold_mirrored = mirror_evidence(consensus_logits(logits_of, x[..., ::-1]))

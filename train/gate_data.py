@@ -26,7 +26,9 @@ import numpy as np
 
 from lungseg.data import Record, load_manifest
 from lungseg.gate import gate_input_from_pixels
-from lungseg.imaging import to_unit_range
+from lungseg.imaging import UnreadableImageError, read_image, to_unit_range
+from lungseg.train.config import TrainConfig
+from lungseg.train.protocol import plan_data, stage_split
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,6 @@ class GateSplit:
 
 def gate_split(manifest: str | Path, seed: int = 0) -> GateSplit:
     """Hold out what the segmenter never trained on: stage-1 test split (repetition 0) + independent half."""
-    from lungseg.train.config import TrainConfig
-    from lungseg.train.protocol import plan_data, stage_split
-
     records = load_manifest(manifest)
     config = TrainConfig(manifest=str(manifest), seed=seed)
     plan = plan_data(records, config)
@@ -88,8 +87,6 @@ def dicom_search_dirs() -> list[Path]:
 def read_any_dicom(path: Path) -> np.ndarray:
     """First frame of any DICOM as float32 [0, 1] gray (colour converted); for training data only."""
     import pydicom
-
-    from lungseg.imaging import UnreadableImageError, read_image
 
     try:
         return read_image(path).pixels
@@ -206,8 +203,6 @@ def build_samples(records: Sequence[Record], nonchest: Sequence[Path], *, varian
                   crops_per_record: int = 1, nonchest_variants: int = 40, synthetic: int = 300,
                   seed: int = 0) -> GateSamples:
     """Render chest variants (positive and negative), crops, real non-chest and synthetic images."""
-    from lungseg.imaging import read_image
-
     rng = np.random.default_rng(seed)
     items: list[tuple[np.ndarray, int, int, str]] = []
     for index, record in enumerate(records):
@@ -234,12 +229,3 @@ def build_samples(records: Sequence[Record], nonchest: Sequence[Path], *, varian
     for i in range(synthetic):
         items.append((gate_input_from_pixels(synthetic_image(rng)), 0, 0, f"synthetic-{i}"))
     return _stack(items)
-
-
-def dihedral(x: np.ndarray, quarter_turns: int, mirrored: bool) -> np.ndarray:
-    """The gate's view of a transformed image: mirror left-right, then ``np.rot90`` by ``quarter_turns``.
-
-    Exact on letterboxed square inputs (up to a one-pixel centring difference).
-    """
-    out = x[..., :, ::-1] if mirrored else x
-    return np.ascontiguousarray(np.rot90(out, quarter_turns, axes=(-2, -1)))

@@ -23,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.bundle import resolve_bundle
 from lungseg.data import read_label_mask
 from lungseg.gate import GatePolicy, Refused, gate_input_from_pixels, gated_segment, load_gate
 from lungseg.imaging import Radiograph, read_image
+from lungseg.inference import segment_batch
 from lungseg.metrics import dice
 from lungseg.plausibility import load_shape_model
+from lungseg.predictors import OnnxRuntimePredictor
 from lungseg.train.gate_data import NONCHEST_HELDOUT, find_nonchest, gate_split, read_any_dicom
 
 log = logging.getLogger("lungseg.train.gate_eval")
@@ -62,9 +65,6 @@ def _fault_images(heldout: list[Any], per_class: int, seed: int) -> list[tuple[s
 
 def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, threads: int = 2,
              policy: GatePolicy | None = None) -> dict[str, Any]:
-    from lungseg.bundle import resolve_bundle
-    from lungseg.predictors import OnnxRuntimePredictor
-
     policy = policy or GatePolicy()
     resolved = resolve_bundle(bundle)
     predictor = OnnxRuntimePredictor(str(resolved.onnx), threads=threads)
@@ -113,8 +113,6 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
 
 def cpu_timing(predictor: Any, gate: Any, records: list[Any]) -> dict[str, Any]:
     """Process CPU time per file: the gate (its input + ONNX) vs the segmenter (preprocess, infer, postprocess)."""
-    from lungseg.inference import segment_batch
-
     gate_s, seg_s = [], []
     for record in records:
         radiograph = read_image(record.image)

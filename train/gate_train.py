@@ -19,21 +19,21 @@ import torch
 from torch import nn
 
 from lungseg.atomic import atomic_write
-from lungseg.gate import GATE_INPUT_NAME, GATE_ONNX, GATE_OUTPUT_NAME, GATE_SIZE, HEADS, GateScores
+from lungseg.bundle import sha256_file
+from lungseg.export.gate_export import check_parity, export_onnx
+from lungseg.gate import GATE_INPUT_NAME, GATE_ONNX, GATE_OUTPUT_NAME, GATE_SIZE, HEADS, GateScores, dihedral
+from lungseg.nn.gate_net import GATE_VERSION, GateNet, torch_logits
 from lungseg.train.gate_data import (
     NONCHEST_HELDOUT,
     NONCHEST_TRAIN,
     GateSamples,
     build_samples,
-    dihedral,
     find_nonchest,
     gate_split,
 )
-from lungseg.train.gate_model import GateNet
 
 log = logging.getLogger("lungseg.train.gate")
 
-GATE_VERSION = "0.2.0"  # 0.2.0: 30 epochs, flip-consensus mirror score, out-of-fold mirror threshold
 CHECKPOINT = "gate.pt"
 MANIFEST = "gate.json"
 
@@ -103,10 +103,9 @@ def train(out: Path, config: GateTrainConfig) -> dict[str, Any]:
     model, history = fit(train_set, config)
     torch.save({"state_dict": model.state_dict(), "version": GATE_VERSION, "config": asdict(config)},
                out / CHECKPOINT)
-    accuracy = heldout_accuracy(lambda x: _torch_logits(model, x), held_set)
+    accuracy = heldout_accuracy(lambda x: torch_logits(model, x), held_set)
     onnx_path = export_onnx(model, out / GATE_ONNX)
     parity = check_parity(model, onnx_path, held_set.x)
-    from lungseg.bundle import sha256_file
 
     manifest = {
         "name": "lungseg-gate", "version": GATE_VERSION, "file": GATE_ONNX, "sha256": sha256_file(onnx_path),
@@ -160,11 +159,6 @@ def fit(train_set: GateSamples, config: GateTrainConfig) -> tuple[nn.Module, lis
     return model.eval(), history
 
 
-def _torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x.astype(np.float32))).numpy()
-
-
 def heldout_accuracy(logits_of: Any, samples: GateSamples) -> dict[str, Any]:
     """Per-head accuracy on held-out samples, every chest seen in all 8 dihedral poses."""
     chest_idx = np.nonzero(samples.chest == 1)[0]
@@ -195,49 +189,3 @@ def heldout_accuracy(logits_of: Any, samples: GateSamples) -> dict[str, Any]:
     report["n_chest_images"] = len(chest_idx)
     report["n_chest_evaluations"] = len(correct["orientation"])
     return report
-
-
-def export_onnx(model: nn.Module, path: Path) -> Path:
-    """Export to ONNX (dynamic batch) with the gate version in the metadata; checked with onnx.checker."""
-    import onnx
-
-    model = model.eval().to(memory_format=torch.contiguous_format)
-    dummy = torch.zeros(1, 1, GATE_SIZE, GATE_SIZE)
-    torch.onnx.export(model, (dummy,), str(path), input_names=[GATE_INPUT_NAME], output_names=[GATE_OUTPUT_NAME],
-                      dynamic_axes={GATE_INPUT_NAME: {0: "batch"}, GATE_OUTPUT_NAME: {0: "batch"}},
-                      opset_version=17, dynamo=False)
-    proto = onnx.load(str(path))
-    for key, value in {"gate_version": GATE_VERSION, "gate_input_size": str(GATE_SIZE),
-                       "gate_heads": json.dumps({k: [v.start, v.stop] for k, v in HEADS.items()})}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
-    return path
-
-
-def check_parity(model: nn.Module, onnx_path: Path, inputs: np.ndarray, limit: int = 256,
-                 max_abs: float = 1e-3) -> dict[str, Any]:
-    """PyTorch vs onnxruntime logits and decisions on gate inputs, as the policy reads them
-    (:func:`lungseg.gate.consensus_logits`)."""
-    from lungseg.gate import GateModel, consensus_logits
-
-    x = np.asarray(inputs[:limit], dtype=np.float32)
-    reference = consensus_logits(lambda b: _torch_logits(model, b), x)
-    candidate = GateModel(onnx_path).logits(x)
-    diff = float(np.abs(reference - candidate).max())
-    agree = all(
-        np.array_equal(reference[:, s].argmax(1), candidate[:, s].argmax(1)) for s in HEADS.values())
-    result = {"n_images": len(x), "source": "held-out gate samples", "max_abs_logit_diff": diff,
-              "decisions_identical": bool(agree), "max_abs_allowed": max_abs,
-              "passed": bool(diff <= max_abs and agree)}
-    log.info("gate parity torch vs onnxruntime: max |d logit| %.2e, decisions identical %s -> %s", diff, agree,
-             "pass" if result["passed"] else "FAIL")
-    return result
-
-
-def load_gate_checkpoint(path: str | Path) -> GateNet:
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
-    model = GateNet()
-    model.load_state_dict(data["state_dict"])
-    return model.eval()

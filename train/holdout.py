@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import pydicom
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from lungseg import metrics
 from lungseg.data import Record, load_manifest, read_label_mask
+from lungseg.segment import main as segment_main
 from lungseg.train.config import TrainConfig
 from lungseg.train.protocol import plan_data
 
@@ -43,8 +50,6 @@ def dice(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
 def score_bundle(model: Path | None, records: list[Record], extra_args: list[str] | None = None,
                  work: Path | None = None) -> dict[str, Any]:
     """Run ``lungseg-segment`` on ``records`` and score the masks; per-image rows plus means."""
-    from lungseg.segment import main as segment_main
-
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         out = Path(tmp)
         args = [str(r.image) for r in records] + ["--out", str(out), "--json", str(out / "lines.jsonl")]
@@ -82,10 +87,6 @@ def main_holdout(model: Path | None, manifest: Path, subset: str, out: Path | No
 
 def radiograph_to_dicom(record: Record, path: Path, index: int) -> str:
     """Wrap a held-out 8-bit image as a minimal CR (MONOCHROME2, AP chest); returns its SOPInstanceUID."""
-    from pydicom import Dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-
     pixels = cv2.imread(str(record.image), cv2.IMREAD_GRAYSCALE)
     if pixels is None:
         raise ValueError(f"{record.image}: not readable")
@@ -114,20 +115,20 @@ def radiograph_to_dicom(record: Record, path: Path, index: int) -> str:
 
 
 def score_edge(model: Path | None, records: list[Record], extra_args: list[str] | None = None) -> dict[str, Any]:
-    """Wrap ``records`` as DICOM, run ``lungseg-edge run --once --seg`` and score each SEG at native size."""
-    import pydicom
+    """Wrap ``records`` as DICOM, run ``lungseg-edge run --once --seg`` and score each SEG at native size.
 
-    from lungseg.edge_runtime.cli import main as edge_main
-
+    The edge runs as its own process, exactly as a site runs it (training does not import the edge).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         watch, out, state = root / "in", root / "out", root / "state"
         watch.mkdir()
         by_uid = {radiograph_to_dicom(r, watch / f"{i:04d}.dcm", i): r for i, r in enumerate(records)}
-        args = ["run", "--once", "--watch", str(watch), "--out", str(out), "--state", str(state), "--seg"]
+        args = [sys.executable, "-m", "lungseg.edge_runtime.cli", "run", "--once", "--watch", str(watch),
+                "--out", str(out), "--state", str(state), "--seg"]
         if model is not None:
             args += ["--model", str(model)]
-        code = edge_main(args + (extra_args or []))
+        code = subprocess.run(args + (extra_args or []), check=False).returncode
         masks: dict[str, np.ndarray] = {}
         for path in out.rglob("*.dcm"):
             ds = pydicom.dcmread(path)

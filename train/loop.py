@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lungseg import __version__
-from lungseg.model import UNet
+from lungseg.nn.unet import UNet
 from lungseg.train.augment import geometric_augment, random_affine
 from lungseg.train.config import TrainConfig
 from lungseg.train.dataset import Sample, SegmentationDataset

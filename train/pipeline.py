@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from lungseg.data import Record, load_manifest
-from lungseg.export.checkpoint import load_checkpoint
-from lungseg.model import UNet, load_donor
+from lungseg.nn.checkpoint import load_checkpoint
+from lungseg.nn.unet import UNet, load_donor
 from lungseg.train.cache import is_cache, read_cache
 from lungseg.train.config import TrainConfig
 from lungseg.train.dataset import Sample, load_samples
@@ -79,21 +79,6 @@ class Run:
 
     def n_reps(self, stage: str) -> int:
         return self.config.repetitions if stage == "stage1" else self.config.reps_stage2
-
-
-def run_stage(run: Run, stage: str, executor: str = "local", ray_address: str | None = None,
-              ray_workers: int | None = None, ray_retries: int = 3, ray_gpu_fraction: float = 1.0) -> None:
-    """Train every repetition of ``stage`` (skips completed ones, resumes a stopped one).
-
-    ``executor="ray"`` runs the repetitions as independent Ray tasks (see :mod:`lungseg.train.distributed`).
-    """
-    if executor == "ray":
-        from lungseg.train.distributed import run_stage_on_ray
-
-        run_stage_on_ray(run, stage, ray_address, ray_workers, ray_retries, ray_gpu_fraction)
-        return
-    for rep in range(run.n_reps(stage)):
-        train_repetition(run, stage, rep)
 
 
 def train_repetition(run: Run, stage: str, rep: int) -> None:

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lungseg.bundle import resolve_bundle, sha256_file
 from lungseg.data import read_label_mask
+from lungseg.imaging import read_image
+from lungseg.inference import segment_batch
 from lungseg.plausibility import SHAPE_MODEL_FILE, ShapeModel, apex_offset, shape_vector
+from lungseg.predictors import OnnxRuntimePredictor
 from lungseg.train.gate_data import gate_split
 
 log = logging.getLogger(__name__)
@@ -23,11 +27,6 @@ log = logging.getLogger(__name__)
 def fit_and_save(manifest: Path, out: Path, model: Path | None = None, calibration_images: int = 300,
                  n_components: int = 12, quantile: float = 0.995, margin: float = 1.25) -> dict:
     """Fit, calibrate, save ``shape_model.npz`` into ``out`` and record it in ``gate.json``."""
-    from lungseg.bundle import resolve_bundle, sha256_file
-    from lungseg.imaging import read_image
-    from lungseg.inference import segment_batch
-    from lungseg.predictors import OnnxRuntimePredictor
-
     split = gate_split(manifest)
     vectors = []
     for record in split.train:

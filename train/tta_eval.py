@@ -24,7 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.bundle import resolve_bundle
 from lungseg.data import Record, load_manifest, read_label_mask
+from lungseg.imaging import read_image
+from lungseg.inference import segment_batch
+from lungseg.predictors import OnnxRuntimePredictor
 from lungseg.train.config import TrainConfig
 from lungseg.train.holdout import dice
 from lungseg.train.protocol import plan_data, stage_split
@@ -55,9 +59,6 @@ def validation_records(manifest: Path, config: TrainConfig | None = None) -> dic
 
 def score(predictor: Any, records: list[Record]) -> dict[str, Any]:
     """Native-size Dice per image and the mean inference time per image (ms)."""
-    from lungseg.imaging import read_image
-    from lungseg.inference import segment_batch
-
     values, infer_ms = [], []
     for record in records:
         radiograph = read_image(record.image)
@@ -70,9 +71,6 @@ def score(predictor: Any, records: list[Record]) -> dict[str, Any]:
 
 
 def evaluate(manifest: Path, model: Path | None = None, threads: int | None = None) -> dict[str, Any]:
-    from lungseg.bundle import resolve_bundle
-    from lungseg.predictors import OnnxRuntimePredictor
-
     bundle = resolve_bundle(model)  # None: the shipped bundle
     base = OnnxRuntimePredictor(str(bundle.onnx), device="cpu", threads=threads)
     result: dict[str, Any] = {"model": str(bundle.onnx.name), "splits": {}}

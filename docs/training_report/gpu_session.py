@@ -89,7 +89,7 @@ def gpu_parity_and_latency(checkpoint: Path, data: Path) -> dict:
     import numpy as np
     import torch
 
-    from lungseg.export.checkpoint import load_checkpoint
+    from lungseg.nn.checkpoint import load_checkpoint
     from lungseg.train.cache import read_cache
 
     torch.backends.cudnn.allow_tf32 = False

@@ -1,4 +1,4 @@
-"""Training checkpoints: load them into a :class:`~lungseg.model.UNet`, and the PyTorch predictor.
+"""Training checkpoints: load them into a :class:`~lungseg.nn.unet.UNet`, and the PyTorch predictor.
 
 A checkpoint is what ``lungseg.train`` writes with ``torch.save``::
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lungseg.bundle import default_bundle_dir, sha256_file
-from lungseg.model import UNet
+from lungseg.nn.unet import UNet
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         obj = obj["model"]
     if not isinstance(obj, dict) or FIRST_CONV not in obj:
         raise CheckpointError(f"{path}: not a lungseg U-Net checkpoint (no {FIRST_CONV!r} weights)")
-    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    config = info["config"] if isinstance(info, dict) and isinstance(info.get("config"), dict) else {}
     init_features = int(config.get("init_features") or obj[FIRST_CONV].shape[0])
     model = UNet(init_features=init_features)
     try:
@@ -90,7 +90,7 @@ def save_checkpoint(model: UNet, path: str | Path, **fields: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = dict(fields.pop("config", {}))
-    config.setdefault("init_features", int(model.encoder1.enc1conv1.weight.shape[0]))
+    config.setdefault("init_features", int(model.state_dict()[FIRST_CONV].shape[0]))
     payload = {"model": model.state_dict(), "config": config, "model_name": DEFAULT_MODEL_NAME, **fields}
     torch.save(payload, path)
     return path
@@ -108,13 +108,15 @@ def random_checkpoint(path: str | Path, *, init_features: int = 4, seed: int = 0
     model = UNet(init_features=init_features).eval()
     if centre_on is not None:
         with torch.no_grad():
-            model.conv.weight.normal_()
-            model.conv.bias.zero_()
+            weight, bias = model.conv.weight, model.conv.bias
+            assert bias is not None  # the final 1x1 convolution has a bias
+            weight.normal_()
+            bias.zero_()
             logits = torch.logit(model(torch.from_numpy(centre_on)), eps=1e-6).flatten()[::97]
             q25, q50, q75 = torch.quantile(logits, torch.tensor([0.25, 0.5, 0.75])).tolist()
             scale = 4.0 / max(q75 - q25, 1e-6)  # logits are linear in the 1x1 conv weights
-            model.conv.weight.mul_(scale)
-            model.conv.bias.fill_(-q50 * scale)
+            weight.mul_(scale)
+            bias.fill_(-q50 * scale)
     return save_checkpoint(model, path, stage="untrained", epoch=0, model_version=f"random-seed{seed}")
 
 

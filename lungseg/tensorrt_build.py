@@ -1,7 +1,8 @@
 """Build a TensorRT FP16 engine from a bundle's ONNX file (TensorRT 8.6 and 10.x Python API).
 
 Needs ``tensorrt`` and a CUDA GPU, nothing else (no torch, no onnx), so the device
-that runs the engine builds it. The steps:
+that runs the engine builds it: this is device code of the core, used by the runtime
+(:mod:`lungseg.tensorrt_runtime`) and by ``lungseg-export``. The steps:
 
 * refuse TensorRT older than 8.6 (JetPack 5's 8.5 cannot parse this model's ONNX
   reliably and is not supported) with a message saying so;
@@ -14,8 +15,9 @@ that runs the engine builds it. The steps:
 * ``OnnxParser.parse_from_file``, parser errors in the exception;
 * one optimisation profile for the dynamic batch (min/opt/max), the workspace
   limit, an optional DLA core with GPU fallback, a timing cache;
-* ``IProgressMonitor`` progress in the log where TensorRT has it, systemd
-  ``EXTEND_TIMEOUT_USEC`` while building (a build on an Orin Nano takes minutes);
+* ``IProgressMonitor`` progress in the log where TensorRT has it, and a caller's keep-alive
+  callback every few seconds while building (the edge service passes systemd's
+  ``EXTEND_TIMEOUT_USEC``: a build on an Orin Nano takes minutes);
 * ``build_serialized_network``; a ``None`` result raises with the errors TensorRT
   logged (the log goes to :mod:`logging`, never to stderr as plain text).
 """
@@ -23,15 +25,16 @@ that runs the engine builds it. The steps:
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from lungseg.bundle import INPUT_NAME, ONNX_FP16, ONNX_FP32
+from lungseg.errors import LungsegError
 from lungseg.preprocess import CHANNELS, INPUT_SIZE
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ TESTED_BELOW = (11, 0)
 EXTEND_EVERY_S = 20.0
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(LungsegError, RuntimeError):
     """TensorRT could not parse the ONNX file or build the engine; the message says why."""
 
 
@@ -97,7 +100,7 @@ def make_logger(trt: ModuleType) -> Any:
     errors_at = {severity.INTERNAL_ERROR, severity.ERROR}
     trt_log = logging.getLogger("lungseg.tensorrt")
 
-    class LoggingTrtLogger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class LoggingTrtLogger(trt.ILogger):  # type: ignore[name-defined]  # a class of the runtime-loaded module
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
@@ -114,7 +117,7 @@ def _progress_monitor(trt: ModuleType) -> Any | None:
     if not hasattr(trt, "IProgressMonitor"):
         return None
 
-    class LoggingProgress(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class LoggingProgress(trt.IProgressMonitor):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
@@ -132,24 +135,31 @@ def _progress_monitor(trt: ModuleType) -> Any | None:
     return LoggingProgress()
 
 
-class _KeepSystemdWaiting:
-    """While building under systemd, extend the start timeout every few seconds."""
+Keepalive = Callable[[str], None]
+"""Called every few seconds during a build with a status line (e.g. to extend systemd's start timeout)."""
 
-    def __init__(self) -> None:
+
+class _KeepCallerWaiting:
+    """While building, call the caller's keep-alive every :data:`EXTEND_EVERY_S` seconds."""
+
+    def __init__(self, keepalive: Keepalive | None) -> None:
+        self._keepalive = keepalive
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> _KeepSystemdWaiting:
-        if os.environ.get("NOTIFY_SOCKET"):
+    def __enter__(self) -> _KeepCallerWaiting:
+        if self._keepalive is not None:
             self._thread = threading.Thread(target=self._run, name="trt-build-keepalive", daemon=True)
             self._thread.start()
         return self
 
     def _run(self) -> None:
-        from lungseg.edge_runtime.sdnotify import notify
-
+        assert self._keepalive is not None
         while True:
-            notify(f"EXTEND_TIMEOUT_USEC={int(3 * EXTEND_EVERY_S * 1e6)}\nSTATUS=building the TensorRT engine")
+            try:
+                self._keepalive("building the TensorRT engine")
+            except Exception as exc:  # a failing keep-alive must never fail the build
+                log.debug("build keep-alive failed: %s", exc)
             if self._stop.wait(EXTEND_EVERY_S):
                 return
 
@@ -207,8 +217,12 @@ def _timing_cache(trt: ModuleType, config: Any, path: Path | None) -> None:
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
-def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: EngineSettings) -> tuple[bytes, dict]:
-    """Parse ``onnx_path`` and build; returns ``(engine bytes, build facts)`` or raises :class:`EngineBuildError`."""
+def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: EngineSettings,
+                     keepalive: Keepalive | None = None) -> tuple[bytes, dict]:
+    """Parse ``onnx_path`` and build; returns ``(engine bytes, build facts)`` or raises :class:`EngineBuildError`.
+
+    ``keepalive`` is called every :data:`EXTEND_EVERY_S` seconds while TensorRT builds.
+    """
     reason = supported_reason(trt)
     if reason:
         raise EngineBuildError(reason)
@@ -242,7 +256,7 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
         config.progress_monitor = monitor
     log.warning("building a TensorRT %s engine (%s typing) from %s; this can take minutes", trt.__version__,
                 typing, onnx_path.name)
-    with _KeepSystemdWaiting():
+    with _KeepCallerWaiting(keepalive):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError("TensorRT could not build the engine: " + ("; ".join(logger.errors)

@@ -1,4 +1,6 @@
-"""Prometheus metrics and a ``/healthz`` endpoint for ``lungseg-edge run`` (optional).
+"""The service's Prometheus metrics and a ``/healthz`` endpoint for ``lungseg-edge run`` (optional).
+
+(Not to be confused with :mod:`lungseg.metrics`, the segmentation metrics such as Dice.)
 
 Off by default. :func:`enable` creates the metrics (in a private registry) and
 :func:`serve` starts a small HTTP server, bound to 127.0.0.1 unless configured:
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from lungseg.errors import LungsegError
+
 log = logging.getLogger("lungseg.edge.metrics")
 
 PREFIX = "lungseg"
@@ -45,7 +49,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class MetricsUnavailableError(RuntimeError):
+class MetricsUnavailableError(LungsegError, RuntimeError):
     """Metrics were requested but ``prometheus-client`` is not installed."""
 
 

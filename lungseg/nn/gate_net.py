@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
 from lungseg.gate import N_LOGITS
+
+GATE_VERSION = "0.2.0"  # 0.2.0: 30 epochs, flip-consensus mirror score, out-of-fold mirror threshold
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -36,3 +41,17 @@ class GateNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(nn.functional.adaptive_avg_pool2d(self.features(x), 4))
+
+
+def torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The gate's logits for a float batch ``(N, 1, S, S)``, without gradients."""
+    with torch.no_grad():
+        return model(torch.from_numpy(x.astype(np.float32))).numpy()
+
+
+def load_gate_checkpoint(path: str | Path) -> GateNet:
+    """A trained gate from its checkpoint (``gate.pt``), in eval mode."""
+    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    model = GateNet()
+    model.load_state_dict(data["state_dict"])
+    return model.eval()

@@ -1,0 +1,397 @@
+"""The stages of the edge pipeline, each a unit with typed input and output.
+
+:class:`~lungseg.edge_runtime.pipeline.Processor` runs them in this order (stage: unit -> output):
+
+``decode``         :meth:`Admission.admit <lungseg.edge_runtime.admission.Admission.admit>` (read,
+                   hash, dedupe, decode in the isolated worker) -> :class:`Admitted`
+``gate, segment``  :class:`SegmentStage`, :func:`lungseg.gate.gated_segment` on the whole batch (the
+                   gate's correction feeds the segmenter: one call) -> a ``Segmentation``, a
+                   ``Refused`` or the exception, per file (:data:`SegmentResult`)
+``reference``      :func:`reference`: the source data set made fit for the outputs -> :class:`Reference`
+``measure / QA``   :func:`measure`: areas and QA at model resolution -> :class:`Measurement`
+``render``         :func:`render`: the overlay image and its captions -> :class:`Rendering`
+``encode``         :func:`encode_sc`, :func:`encode_seg` -> the SC and SEG data sets
+``write``          :func:`write_sc`, :func:`write_seg`: to temp names, each verified -> staged files
+``publish``        :func:`sidecar_for` -> :class:`~lungseg.edge_runtime.sidecar.Sidecar`, then
+                   :func:`publish`: the sidecar staged last, every output renamed into place ->
+                   the published paths; the ledger, :func:`record_metrics` and the log follow
+
+Stages do not catch: the processor decides what a failure means (an input fault is
+quarantined, an output fault retried). :class:`StageClock` times the stages from
+``reference`` on (the sidecar's ``write_stages_ms``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pydicom.charset import python_encoding
+from pydicom.dataset import Dataset
+
+from lungseg.edge_runtime import dicom_out, service_metrics
+from lungseg.edge_runtime.admission import Admitted
+from lungseg.edge_runtime.codes import QAFlag
+from lungseg.edge_runtime.dicom_out import Provenance
+from lungseg.edge_runtime.fsio import StagedFiles
+from lungseg.edge_runtime.overlay import render_overlay, side_names
+from lungseg.edge_runtime.sidecar import (
+    Areas,
+    BackendHealth,
+    ModelInfo,
+    OutputFile,
+    Outputs,
+    Rendered,
+    Sidecar,
+    SourceInfo,
+)
+from lungseg.gate import GateModel, GatePolicy, Refused, flag_words, gated_segment
+from lungseg.imaging import Radiograph
+from lungseg.inference import Segmentation, lung_areas
+from lungseg.plausibility import ShapeModel, mask_qa
+from lungseg.postprocess import PostprocessConfig
+from lungseg.predictors import Predictor
+
+log = logging.getLogger("lungseg.edge")
+
+#: what the gate-and-segment stage gives each radiograph: a segmentation, the gate's refusal, or the
+#: exception its inference raised (an exception is only returned when segmenting a batch file by file)
+SegmentResult = Segmentation | Refused | BaseException
+
+
+class StageClock:
+    """Times a file's write stages: :meth:`mark` after each, :meth:`stages_ms` the time each took."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self._marks: list[tuple[str, float]] = []
+
+    def mark(self, stage: str) -> None:
+        self._marks.append((stage, time.perf_counter()))
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000
+
+    def stages_ms(self) -> dict[str, float]:
+        out, before = {}, self.start
+        for stage, at in self._marks:
+            out[stage] = round((at - before) * 1000, 2)
+            before = at
+        return out
+
+
+# --- gate, segment -------------------------------------------------------------------------------------
+class SegmentStage:
+    """Gate, correct, segment and QA a batch (:func:`lungseg.gate.gated_segment`): one result per radiograph.
+
+    When the batch fails, each file is tried alone so one bad input costs only its own result
+    (the exception it raised); a single file's failure is raised.
+    """
+
+    def __init__(self, predictor: Predictor, gate: GateModel | None, postprocess: PostprocessConfig,
+                 policy: GatePolicy, shape_model: ShapeModel | None):
+        self.predictor = predictor
+        self.gate = gate
+        self.postprocess = postprocess
+        self.policy = policy
+        self.shape_model = shape_model
+
+    def _gated(self, radiographs: Sequence[Radiograph]) -> list[Segmentation | Refused]:
+        return gated_segment(self.predictor, self.gate, radiographs, config=self.postprocess, policy=self.policy,
+                             shape_model=self.shape_model)
+
+    def __call__(self, radiographs: Sequence[Radiograph]) -> list[SegmentResult]:
+        try:
+            return list(self._gated(radiographs))
+        except Exception:
+            if len(radiographs) == 1:
+                raise
+            log.exception("batch inference failed; retrying the files one by one")
+        results: list[SegmentResult] = []
+        for radiograph in radiographs:
+            try:
+                results.extend(self._gated([radiograph]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+
+# --- reference -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """The source data set as the outputs copy it, and the source attributes left empty or out."""
+
+    dataset: Dataset
+    emptied: list[str]
+
+
+def known_character_set(ds: Dataset) -> bool:
+    """Whether every term of (0008,0005) is one pydicom and highdicom know (an absent one is fine)."""
+    value = ds.get("SpecificCharacterSet")
+    terms = [value] if isinstance(value, str) else list(value or [])
+    return all(not str(term).strip() or str(term).strip() in python_encoding for term in terms)
+
+
+def reference(source: Dataset, name: str) -> Reference:
+    """A pixel-free copy of ``source`` valid for the outputs (``name``: the file's reference, for the log)."""
+    with warnings.catch_warnings():  # pydicom/highdicom warnings quote patient data
+        warnings.simplefilter("ignore")
+        ref, emptied = dicom_out.reference_dataset(source)
+        if not known_character_set(ref):  # values were decoded with the default; keep them as UTF-8
+            ref.SpecificCharacterSet = "ISO_IR 192"
+            emptied.append("SpecificCharacterSet")
+    if emptied:
+        log.warning("source attributes invalid for their VR were left empty or out in the outputs",
+                    extra={"event": "source_fixed", "file": name, "attributes": emptied})
+    return Reference(ref, emptied)
+
+
+# --- measure / QA --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """What the outputs say about the mask: areas, QA, and the text drawn and written."""
+
+    areas: Areas
+    qa: dict[str, Any]  # "flags", "review", then the gate's and the mask checks' details
+    lines: list[str]  # areas (and the QA flags, if any), one line each
+    review: list[str]  # the flags that need review, in words
+    notes: list[str]  # the corrections applied, in words
+
+    @property
+    def flags(self) -> list[str]:
+        return self.qa["flags"]
+
+
+def area_report(mask: np.ndarray, spacing_mm: tuple[float, float] | None, patient_orientation: Any,
+                native_pixels_per_pixel: tuple[float, float] = (1.0, 1.0)) -> Areas:
+    """Areas in (native) pixels always, in cm² (total and per lung) only when the spacing is usable.
+
+    ``mask`` may be the model-resolution mask: see :func:`lungseg.inference.lung_areas`.
+    """
+    areas = lung_areas(mask, spacing_mm, native_pixels_per_pixel)
+    left_name, right_name = side_names(patient_orientation)
+    keys = {"image_left": left_name.replace(" ", "_").replace("-", "_"),
+            "image_right": right_name.replace(" ", "_").replace("-", "_")}
+    by_lung = None
+    if "lung_area_px_by_side" in areas:
+        by_lung = {keys[k]: v for k, v in areas["lung_area_px_by_side"].items()}
+    cm2 = None
+    if "lung_area_mm2" in areas:
+        cm2 = {"total": round(areas["lung_area_mm2"] / 100.0, 2)}
+        for side, mm2 in areas.get("lung_area_mm2_by_side", {}).items():
+            cm2[keys[side]] = round(mm2 / 100.0, 2)
+    return Areas(areas["lung_area_px"], by_lung, cm2)
+
+
+def area_lines(areas: Areas) -> list[str]:
+    """The areas as the overlay and the SC's comments give them (per lung, then the total)."""
+    cm2 = areas.lung_areas_cm2
+    if cm2 is None:
+        return ["areas: no usable pixel spacing"]
+    return [f"{k.replace('_', ' ')}: {v:.1f} cm2" for k, v in cm2.items() if k != "total"] + [
+        f"total: {cm2['total']:.1f} cm2"]
+
+
+def qa_report(mask: np.ndarray, raw_qa: dict[str, Any]) -> dict[str, Any]:
+    """The QA of a segmentation: the gated path's (``raw_qa`` with flags) or the core mask checks."""
+    if "flags" in raw_qa:
+        return dict(raw_qa)
+    qa = mask_qa(mask)
+    return {**qa, "review": list(qa["flags"]), **raw_qa}
+
+
+def _is_correction(flag: str) -> bool:
+    code = QAFlag.of(flag)
+    return code is not None and code.is_correction
+
+
+def measure(radiograph: Radiograph, segmentation: Segmentation) -> Measurement:
+    """Areas and QA from the model-resolution mask, and their wording."""
+    orientation = radiograph.dataset.get("PatientOrientation") if radiograph.dataset is not None else None
+    areas = area_report(segmentation.final_mask, radiograph.pixel_spacing_mm, orientation,
+                        segmentation.native_pixels_per_pixel)
+    qa = qa_report(segmentation.final_mask, segmentation.qa)
+    lines = area_lines(areas)
+    review = [flag_words(f) for f in qa.get("review", qa["flags"])]
+    notes = [flag_words(f) for f in qa["flags"] if _is_correction(f)]
+    if qa["flags"]:
+        lines.append("QA: " + ", ".join(qa["flags"]))
+    return Measurement(areas, qa, lines, review, notes)
+
+
+# --- render --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rendering:
+    """The Secondary Capture's image and the words that go with it."""
+
+    rgb: np.ndarray
+    review_text: str  # "REVIEW: ..." when a flag needs review, else ""
+    comments: str  # the SC's ImageComments
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
+
+def sc_pixels(pixels: np.ndarray, max_side: int) -> np.ndarray:
+    """The radiograph as the Secondary Capture shows it: reduced by area so its long side is ``<= max_side``."""
+    long_side = max(pixels.shape)
+    if max_side <= 0 or long_side <= max_side:
+        return pixels
+    scale = max_side / long_side
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def render(radiograph: Radiograph, segmentation: Segmentation, measured: Measurement, provenance: Provenance,
+           max_side: int) -> Rendering:
+    """The overlay (mask, legend, areas, review banner, notes, orientation markers) and the SC's comments."""
+    pixels = sc_pixels(radiograph.pixels, max_side)
+    orientation = radiograph.dataset.get("PatientOrientation") if radiograph.dataset is not None else None
+    rgb = render_overlay(pixels, segmentation.mask_at(pixels.shape),
+                         legend=[f"model {provenance.model_name} {provenance.model_version} ({provenance.backend})"],
+                         areas=measured.lines, review=measured.review, notes=measured.notes,
+                         patient_orientation=orientation)
+    review = measured.review
+    review_text = "REVIEW: " + ", ".join(review) if review else ""
+    comments = "; ".join([f"{dicom_out.CAPTION}.", *([review_text] if review else []), *measured.notes,
+                          *measured.lines])
+    return Rendering(rgb, review_text, comments)
+
+
+# --- encode --------------------------------------------------------------------------------------------
+def encode_sc(ref: Reference, rendering: Rendering, provenance: Provenance, syntax: str) -> Dataset:
+    """The overlay Secondary Capture, in transfer syntax ``syntax``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dicom_out.build_sc(ref.dataset, rendering.rgb, provenance, syntax=syntax, comments=rendering.comments)
+
+
+def encode_seg(ref: Reference, segmentation: Segmentation, rendering: Rendering, provenance: Provenance) -> Dataset:
+    """The binary Segmentation of the native-size mask (its description says REVIEW when flagged)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dicom_out.build_seg(ref.dataset, segmentation.mask, provenance, review=rendering.review_text)
+
+
+# --- write ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputPaths:
+    """``<out>/<StudyInstanceUID>/<source SOPInstanceUID>.{sc.dcm,seg.dcm,json}``."""
+
+    sc: Path
+    sidecar: Path
+    seg: Path | None = None
+
+
+def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool) -> OutputPaths:
+    folder = out / study_uid
+    return OutputPaths(sc=folder / f"{source_sop_uid}.sc.dcm", sidecar=folder / f"{source_sop_uid}.json",
+                       seg=folder / f"{source_sop_uid}.seg.dcm" if seg else None)
+
+
+def write_sc(staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool,
+             clock: StageClock) -> None:
+    """Stage the SC (every byte written and fsynced, or it raises), then verify the bytes written."""
+    encoded = io.BytesIO()  # one write and one fsync instead of many small writes
+    sc.save_as(encoded, enforce_file_format=True)
+    staged.write(path, encoded.getbuffer())
+    clock.mark("sc_save")
+    encoded.seek(0)  # the bytes just written: reading the file back would read them from the page cache
+    dicom_out.verify_sc(encoded, rgb, decode=decode)
+    clock.mark("sc_verify")
+
+
+def write_seg(staged: StagedFiles, path: Path, seg: Dataset, mask: np.ndarray) -> None:
+    """Stage the SEG, read it back and decode it: its frame must be the mask."""
+    tmp_seg = staged.stage(path)
+    seg.save_as(tmp_seg, enforce_file_format=True)
+    dicom_out.verify_seg(tmp_seg, mask)
+
+
+# --- publish -------------------------------------------------------------------------------------------
+def decode_parts(decode_ms: float, worker_ms: float | None) -> dict[str, float]:
+    """The decode stage split into the isolated worker's own time and the hand-over around it."""
+    if worker_ms is None:
+        return {"in_process": round(decode_ms, 2)}
+    return {"worker": round(float(worker_ms), 2), "transfer": round(max(0.0, decode_ms - float(worker_ms)), 2)}
+
+
+def file_timings(decode_ms: float, segment_ms: dict[str, float], write_ms: float) -> dict[str, float]:
+    """Per-stage times of one file (decode, the segmentation's stages, write) and their total."""
+    timings = {"decode": round(decode_ms, 2), **{k: round(v, 2) for k, v in segment_ms.items()},
+               "write": round(write_ms, 2)}
+    timings["total"] = round(sum(timings.values()), 2)
+    return timings
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What served a file: provenance, why better backends were not used, and the backend's health."""
+
+    provenance: Provenance
+    fallbacks: list[str]
+    health: BackendHealth | None = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering: Rendering, sc: Dataset,
+                seg: Dataset | None, paths: OutputPaths, serving: Serving, *, timings_ms: dict[str, float],
+                write_stages_ms: dict[str, float], batch_size: int) -> Sidecar:
+    """The sidecar of one file's outputs."""
+    radiograph, ds, prov = item.radiograph, item.dataset, serving.provenance
+    spacing = radiograph.pixel_spacing_mm
+    source = SourceInfo(
+        file=item.name, file_ref=item.key, sha256=item.sha256, sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID), study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID), modality=str(ds.get("Modality", "")),
+        rows=radiograph.source_shape[0], columns=radiograph.source_shape[1], attributes_emptied_in_outputs=ref.emptied)
+    outputs = Outputs(
+        OutputFile(paths.sc.name, str(sc.SOPInstanceUID), str(sc.SeriesInstanceUID),
+                   transfer_syntax=sc.file_meta.TransferSyntaxUID.name),
+        OutputFile(paths.seg.name, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID))
+        if seg is not None and paths.seg is not None else None)
+    rendered = Rendered(rows=int(radiograph.pixels.shape[0]), columns=int(radiograph.pixels.shape[1]),
+                        sc_rows=rendering.shape[0], sc_columns=rendering.shape[1],
+                        decoded_level=radiograph.facts.get("decoded_level", 0))
+    return Sidecar(
+        disclaimer=dicom_out.CAPTION, processed_at=_now(), source=source, outputs=outputs,
+        pixel_spacing_mm=list(spacing) if spacing else None, rendered=rendered, areas=measured.areas, qa=measured.qa,
+        timings_ms=timings_ms, write_stages_ms=write_stages_ms,
+        decode_parts_ms=decode_parts(item.decode_ms, radiograph.facts.get("decode_ms_worker")),
+        backend=prov.backend, precision=prov.precision, fallbacks=serving.fallbacks, backend_health=serving.health,
+        batch_size=batch_size,
+        model=ModelInfo(name=prov.model_name, version=prov.model_version, file=prov.model_file,
+                        sha256=prov.model_sha256, threshold=prov.threshold),
+        software_version=prov.software_version)
+
+
+def publish(staged: StagedFiles, paths: OutputPaths, sidecar: Sidecar) -> list[Path]:
+    """Stage the sidecar last, then rename every staged output into place and fsync the folder."""
+    staged.write(paths.sidecar, sidecar.to_json())
+    return staged.publish()
+
+
+def record_metrics(timings_ms: dict[str, float], flags: list[str]) -> None:
+    """One processed file: stage latencies, QA flags, last success (no-ops while metrics are off)."""
+    for stage, ms in timings_ms.items():
+        if stage != "total":
+            service_metrics.observe_stage(stage, ms / 1000.0)
+    for flag in flags:
+        service_metrics.count("flagged", flag=flag)
+    if flags:
+        service_metrics.count("flagged_files")
+    service_metrics.count("processed")
+    service_metrics.processed_ok()
