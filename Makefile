@@ -1,26 +1,53 @@
-# lungseg: two commands. `make demo` runs the main job; `make test` runs the whole suite.
+# lungseg: two commands. `make demo` runs the main job on the runtime install alone (no torch, Ray, pytest
+# or ruff); `make test` adds the [train,cluster,dev] extras and runs the suite but its performance tier.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo-output
 
-.PHONY: demo test setup lint clean fuzz soak integration bench
+.PHONY: demo test setup lint clean fuzz soak integration bench test-py310
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# the runtime: `pip install -e .`, what an edge box runs
+$(VENV)/.runtime: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+# the demo's and the harness's sample DICOMs (pydicom-data's RG1 files: data only)
+$(VENV)/.samples: $(VENV)/.runtime
+	$(PY) -m pip install -q pydicom-data
+	touch $@
+
+# development: the runtime + training, Ray, pytest, ruff (torch pinned to a CPU build by constraints.txt)
+$(VENV)/.installed: $(VENV)/.runtime pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[train,cluster,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
 
+# ruff; the import layers of pyproject.toml (import-linter, which sees imports inside functions too);
+# mypy on the core, the torch layer and the edge runtime
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) tests/tools/check_layers.py
+	$(PY) tests/tools/typecheck.py
 
+# unit + integration + short robustness; the performance tier (timing ratios) runs on its own: pytest -m performance
 test: setup lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not performance"
 
-demo: setup
+# the same tiers on Python 3.10 (JetPack 6), in its own venv, without the [train] extra (torch tests skip, saying so)
+PY310 ?= python3.10
+VENV310 ?= $(VENV)/py310
+$(VENV310)/.installed: pyproject.toml constraints.txt
+	$(PY310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+test-py310: $(VENV310)/.installed
+	$(VENV310)/bin/pytest -q -m "not performance"
+
+demo: $(VENV)/.samples
 	@test -f models/default/model.onnx || { \
 	  echo "make demo: no trained default model in models/default/ yet."; \
 	  echo "Train one with lungseg-train (see README) or pass a bundle to lungseg-edge --model."; exit 1; }
@@ -36,18 +63,19 @@ integration: setup
 	  echo "make integration: needs the Debian packages orthanc, orthanc-dicomweb and dcmtk (see .ci/run)"; exit 2; }
 	$(PY) tests/orthanc_chain.py --count 50
 
-# robustness harness (edge_runtime/harness.py): one summary line each, exit 1 when a check fails
+# robustness harness (tests/harness.py, a test tool outside the package): one summary line each, exit 1 when a
+# check fails. It needs the runtime only (and pydicom-data's files as seeds).
 FUZZ_INPUTS ?= 2000
 SOAK_FILES ?= 300
 SOAK_KILLS ?= 15
-fuzz: setup
-	$(PY) -m lungseg.edge_runtime.harness fuzz --inputs $(FUZZ_INPUTS) --memory-limit 1500000000
+fuzz: $(VENV)/.samples
+	$(PY) tests/harness.py fuzz --inputs $(FUZZ_INPUTS) --memory-limit 1500000000
 
-soak: setup
-	$(PY) -m lungseg.edge_runtime.harness soak --files $(SOAK_FILES) --kills $(SOAK_KILLS)
+soak: $(VENV)/.samples
+	$(PY) tests/harness.py soak --files $(SOAK_FILES) --kills $(SOAK_KILLS)
 
 # one lungseg-bench run -> $(BENCH_OUT)/; fails (exit 1 parity, 3 an acceptance row) when its verdict does.
-# BENCH_ARGS passes more options, e.g. BENCH_ARGS="--bound uncompressed_ratio=1.0" on a loaded machine.
+# BENCH_ARGS passes more options, e.g. BENCH_ARGS="--bound uncompressed_vs_yardstick=2.0" on a loaded machine.
 BENCH_OUT ?= bench-output
 BENCH_ARGS ?=
 bench: setup

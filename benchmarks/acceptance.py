@@ -40,9 +40,14 @@ class Bound:
 
 # the performance rows and their default bounds
 BOUNDS: dict[str, Bound] = {
-    "j2k_ratio": Bound("<=", 1.0, "DICOM path, defaults: non-inference / inference time of the 2128x2000 "
-                                  "JPEG 2000 file"),
-    "uncompressed_ratio": Bound("<=", 0.5, "the same for the 1955x1841 uncompressed file (the fast-path bound)"),
+    # the yardstick: fp32 onnxruntime CPU inference of one image, timed in the same run (so a faster
+    # backend does not move the goal); the SC is written at full resolution from a full-resolution decode
+    "j2k_after_decode": Bound("<=", 1.0, "2128x2000 JPEG 2000 file: every non-inference stage but its full "
+                                         "decode (render, encode, SEG, SR, verify, fsync, publish) / yardstick"),
+    "j2k_decode_vs_library": Bound("<=", 1.15, "its decode stage / pydicom's own decode of that file in this "
+                                               "process (pixel_array through the same plugin)"),
+    "uncompressed_vs_yardstick": Bound("<=", 1.5, "1955x1841 uncompressed file: the whole non-inference path / "
+                                                  "yardstick"),
     "burst_speedup": Bound(">=", 1.5, "burst throughput, defaults / 0.1.0 path"),
     "daemon_peak_rss_mib": Bound("<", 700.0, "lungseg-edge's peak RSS in the burst, MiB"),
     "ort_cpu_vs_pytorch_p50": Bound("<=", 1.0, "onnxruntime CPU fp32 p50 / PyTorch eager p50, batch 1"),

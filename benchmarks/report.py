@@ -121,14 +121,19 @@ def _result_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: performance rows of earlier lungseg-bench versions that this one no longer measures, and their comparisons
+#: (0.1.x measured non-inference / inference ratios against the model it ran; 0.2.0 measures against a yardstick)
+EARLIER_OPS = {"j2k_ratio": "<=", "uncompressed_ratio": "<=", "burst_speedup": ">=", "daemon_peak_rss_mib": "<"}
+
+
 def upgraded(result: dict[str, Any]) -> dict[str, Any]:
     """``result`` in this version's layout. A result written by an earlier lungseg-bench (its DICOM rows
     under ``dicom_path``, no golden set, no verdict) gets its rows' kinds and bounds and a computed verdict."""
     if "verdict" in result:
         return result
     out = dict(result)
-    rows = {name: {"kind": PERFORMANCE if name in BOUNDS else PARITY, "op": BOUNDS[name].op if name in BOUNDS else ">=",
-                   **entry}
+    bounds = {**EARLIER_OPS, **{name: b.op for name, b in BOUNDS.items()}}
+    rows = {name: {"kind": PERFORMANCE if name in bounds else PARITY, "op": bounds.get(name, ">="), **entry}
             for name, entry in (result.get("dicom_path") or {}).get("acceptance", {}).items()}
     old = result.get("acceptance") or {}
     ort_p50, torch_p50 = old.get("ort_cpu_p50_ms"), old.get("pytorch_p50_ms")

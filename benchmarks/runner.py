@@ -65,8 +65,10 @@ def _name(path: Path | None) -> str | None:
 
 
 def _dicom_path(args: argparse.Namespace, bundle: Bundle, predictor: Predictor, images: list[Any], threads: int,
-                work: Path, bounds: dict[str, Bound]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stage tables, burst and mask parity of the DICOM edge path, and its acceptance rows."""
+                work: Path, bounds: dict[str, Bound],
+                yardstick_batch: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage tables, burst and mask parity of the DICOM edge path, and its acceptance rows (the yardstick:
+    ``predictor``, the fp32 onnxruntime CPU session, on one image of ``yardstick_batch``)."""
     dicoms, source = _dicom_files(args, images, work)
     result: dict[str, Any] = {"source": source, "files": [p.name for p in dicoms]}
     gate = dicom_path.ACCEPT_MASK_DICE if args.min_dice_dicom is None else args.min_dice_dicom
@@ -78,9 +80,12 @@ def _dicom_path(args: argparse.Namespace, bundle: Bundle, predictor: Predictor, 
         result["burst"] = (dicom_path.burst_comparison(small_set(images, work / "small"), args.burst, bundle.root,
                                                        threads=threads)
                            if args.burst > 0 else {"skipped": "--burst 0"})
-    rows = dicom_path.acceptance(result["stages"], result["burst"], result["mask_parity"],
-                                 _name(pick(dicoms, BIG_J2K, GENERATED[0][0])),
-                                 _name(pick(dicoms, BIG_UNCOMPRESSED, GENERATED[1][0])), bounds)
+    j2k = pick(dicoms, BIG_J2K, GENERATED[0][0])
+    result["yardstick_ms"] = dicom_path.yardstick_ms(predictor, yardstick_batch)
+    result["library_decode_ms"] = dicom_path.library_decode_ms(j2k) if j2k is not None else None
+    rows = dicom_path.acceptance(result["stages"], result["burst"], result["mask_parity"], _name(j2k),
+                                 _name(pick(dicoms, BIG_UNCOMPRESSED, GENERATED[1][0])), bounds,
+                                 yardstick=result["yardstick_ms"], library_ms=result["library_decode_ms"])
     return result, rows
 
 
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace, bundle: Bundle, samples: list[Sample], bounds:
     # daemon's JPEG 2000 decode by about a fifth on the machine the figures come from.
     with tempfile.TemporaryDirectory(prefix="lungseg-bench-") as tmp:
         dicom, rows = _dicom_path(args, bundle, OnnxRuntimePredictor(str(bundle.onnx), device="cpu", threads=threads),
-                                  [s.pixels for s in samples], threads, Path(tmp), bounds)
+                                  [s.pixels for s in samples], threads, Path(tmp), bounds, batch)
     backends = {b.name: b for b in discover(bundle, checkpoint, threads)}
     parity = run_parity(list(backends.values()), batch, geometries, samples, min_dice_fp32=min_fp32,
                         min_dice_reduced=min_reduced, progress=progress,

@@ -28,5 +28,4 @@ Modules, one job each:
 ``sdnotify``         systemd's notify protocol
 ``logs``             text or JSON-lines logging without patient data
 ``samples``          sample DICOMs for the demo (pydicom-data)
-``harness``          mutation fuzzer and kill -9 soak (``make fuzz``, ``make soak``)
 """

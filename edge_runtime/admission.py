@@ -281,13 +281,14 @@ class Admission:
 
     def _decode(self, data: bytes, name: str) -> Radiograph | DecodeFailure:
         min_side = int(getattr(self.config, "decode_min_side", 0) or 0)
+        display = True  # the overlay SC shows the source at full resolution: decode it once at full size
         if self.decoder is None:
             try:
-                return decode_in_process(data, name, self.limits, min_side)
+                return decode_in_process(data, name, self.limits, min_side, display)
             except MemoryError:
                 return DecodeFailure(RetryReason.OUT_OF_MEMORY, "no memory to decode now", transient=True)
         try:
-            return self.decoder.decode(data, name, min_side)
+            return self.decoder.decode(data, name, min_side, display)
         except WorkerUnavailableError as exc:
             return DecodeFailure(RetryReason.DECODER_UNAVAILABLE, str(exc), transient=True)
 

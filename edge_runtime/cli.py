@@ -1,14 +1,35 @@
 """``lungseg-edge``: the DICOM folder-watching lung segmentation service.
 
-Only the standard library is imported here; the model, DICOM and watching code
-is imported when a command runs, so ``--help`` is instant.
+Only the standard library and the light edge modules (settings, ledger, logs) are imported here; the
+model, DICOM, image and watching code (numpy, cv2, pydicom, onnxruntime: each import costs 20 ms to
+0.5 s) is imported when a command runs, so ``--help`` stays instant (well under 0.1 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sqlite3
 import sys
+import textwrap
 from pathlib import Path
+
+from lungseg.bundle import ModelNotFoundError, resolve_bundle
+from lungseg.edge_runtime.config import (
+    BACKENDS,
+    ConfigError,
+    EdgeConfig,
+    add_run_arguments,
+    build_config,
+    flag_settings,
+    load_toml,
+    sample_toml,
+)
+from lungseg.edge_runtime.ledger import LEDGER_NAME, Ledger, LedgerLockedError, StateLock
+from lungseg.edge_runtime.logs import setup_logging
+from lungseg.edge_runtime.samples import gather_samples
+from lungseg.edge_runtime.sdnotify import extend_start_timeout
 
 EXIT_CODES = """exit codes:
   0   done (run: stopped by SIGTERM/SIGINT, or --once finished with nothing quarantined)
@@ -21,8 +42,9 @@ EXIT_CODES = """exit codes:
   70  internal error (systemd restarts the service)"""
 
 OUTPUTS = """outputs, per processed input (folder per study):
-  <out>/<StudyInstanceUID>/<SOPInstanceUID>.sc.dcm   overlay Secondary Capture (RGB, RLE Lossless)
+  <out>/<StudyInstanceUID>/<SOPInstanceUID>.sc.dcm   overlay Secondary Capture (RGB, full resolution)
   <out>/<StudyInstanceUID>/<SOPInstanceUID>.seg.dcm  DICOM Segmentation (with --seg)
+  <out>/<StudyInstanceUID>/<SOPInstanceUID>.sr.dcm   DICOM SR Measurement Report, TID 1500 (with the SEG)
   <out>/<StudyInstanceUID>/<SOPInstanceUID>.json     sidecar: areas, QA flags, timings, model
   (SOPInstanceUID = the source's; the DICOM objects get derived UIDs of their own)
   <state>/ledger.sqlite3, <state or out>/quarantine/<name> + <name>.reason.json"""
@@ -31,90 +53,23 @@ OUTPUTS = """outputs, per processed input (folder per study):
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="watch a folder and segment every chest radiograph that arrives",
-        description="Watch a folder for DICOM chest radiographs (CR, DX For Presentation) and write an "
-        "overlay Secondary Capture, optionally a DICOM Segmentation, and a JSON sidecar for each. "
-        "Settings come from --config (TOML, same names with underscores), overridden by flags.",
+        description=textwrap.fill(
+            "Watch a folder for DICOM chest radiographs (CR, DX For Presentation) and write an overlay Secondary "
+            "Capture, optionally a DICOM Segmentation, and a JSON sidecar for each. Settings come from --config "
+            "(TOML, same names with underscores), overridden by flags.", 78),
         epilog=OUTPUTS + "\n\n" + EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    # every default is None, so only flags actually given override the config file
-    p.add_argument("--watch", type=Path, metavar="DIR",
-                   help="folder to watch (never modified, except --quarantine-mode move)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--state", type=Path, metavar="DIR",
-                   help="ledger/quarantine folder (default: ledger in <out>/.lungseg-state, quarantine in "
-                   "<out>/quarantine)")
-    p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see packaging/lungseg-edge.toml)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "cuda", "cpu"),
-                   help="inference backend (default auto: TensorRT -> CUDA -> CPU)")
-    p.add_argument("--model", type=Path, metavar="BUNDLE",
-                   help="model bundle folder or .onnx file (default: the shipped model)")
-    p.add_argument("--seg", action=argparse.BooleanOptionalAction, default=None,
-                   help="also write a DICOM Segmentation")
-    p.add_argument("--once", action=argparse.BooleanOptionalAction, default=None,
-                   help="process what is in the folder, then exit")
-    p.add_argument("--polling", action=argparse.BooleanOptionalAction, default=None,
-                   help="poll the folder instead of inotify (network shares: NFS, SMB)")
-    p.add_argument("--poll-interval", type=float, metavar="S", help="seconds between polls (default 2)")
-    p.add_argument("--stable-seconds", type=float, metavar="S",
-                   help="size/mtime must stay unchanged this long when no close event is seen (default 2)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="most files per inference batch (default 4)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU inference threads (default: onnxruntime's)")
-    p.add_argument("--threshold", type=float, metavar="P", help="probability threshold (default: model's, else 0.5)")
-    p.add_argument("--gate", choices=("off", "flag", "refuse"),
-                   help="image gate: off, flag (segment all, flag doubtful images) or refuse (default: also "
-                   "quarantine non-chest images and header-declared non-chest body parts / lateral views)")
-    p.add_argument("--auto-orient", action=argparse.BooleanOptionalAction, default=None,
-                   help="correct confidently detected quarter turns and negatives (default: on)")
-    for name, what in (("correct", "to correct orientation / negative (default 0.9)"),
-                       ("uncertain", "below which a gate head is not confident (default 0.7)"),
-                       ("mirror", "P(mirrored) above which an image is flagged (default 0.9)"),
-                       ("refuse", "P(not a chest) above which an image is refused (default 0.9)")):
-        p.add_argument(f"--gate-{name}-threshold", type=float, metavar="P", help=f"gate probability {what}")
-    p.add_argument("--quarantine-mode", choices=("copy", "move"),
-                   help="copy (default) or move rejected inputs out of the watch folder")
-    p.add_argument("--sc-syntax", choices=("explicit", "rle", "jpegls"),
-                   help="SC transfer syntax: explicit (Explicit VR Little Endian, uncompressed: the fastest; "
-                   "default), rle (RLE Lossless) or jpegls (JPEG-LS Lossless: smallest, slowest)")
-    p.add_argument("--sc-max-side", type=int, metavar="PX",
-                   help="cap the SC's long side at PX pixels (default 0: the decoded image's size)")
-    p.add_argument("--sc-verify", choices=("parse", "decode"),
-                   help="check each written SC by parsing it and its pixel data length (parse, default) "
-                   "or by decoding it and comparing every pixel (decode)")
-    p.add_argument("--decode-min-side", type=int, metavar="PX",
-                   help="decode and draw at the coarsest 1/2^k resolution whose short side is >= PX "
-                   "(JPEG 2000: decoded at that level; default 256, the model's input size; 0: full resolution; "
-                   "the SC is drawn at the decoded size, so 512 doubles its size for about 2x the decode time)")
-    p.add_argument("--postprocess-resolution", choices=("model", "native"),
-                   help="postprocess and measure at the model's resolution and upscale the mask once (model, "
-                   "default) or at native size (native, slower)")
-    p.add_argument("--forward-host", metavar="HOST",
-                   help="also C-STORE the SC/SEG to this DICOM peer (needs pynetdicom)")
-    p.add_argument("--forward-port", type=int, metavar="PORT", help="peer port (default 104)")
-    p.add_argument("--forward-ae", metavar="AET", help="peer (called) AE title (default ANY-SCP)")
-    p.add_argument("--forward-calling-ae", metavar="AET", help="our (calling) AE title (default LUNGSEG)")
-    p.add_argument("--forward-retry-seconds", type=float, metavar="S",
-                   help="first retry delay after a failed delivery, doubling up to an hour (default 60)")
-    p.add_argument("--scp-port", type=int, metavar="PORT",
-                   help="also receive images by DICOM C-STORE on this port (e.g. 11112), into the watch folder")
-    p.add_argument("--scp-ae", metavar="AET", help="the receiver's AE title (default LUNGSEG)")
-    p.add_argument("--scp-bind", metavar="ADDR",
-                   help="address the receiver listens on (default 127.0.0.1; 0.0.0.0 for the network)")
-    p.add_argument("--scp-allow", type=_ae_list, metavar="AET,AET",
-                   help="calling AE titles allowed to send (default: any); others are rejected")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus /metrics and /healthz on this port (needs lungseg[metrics])")
-    p.add_argument("--metrics-bind", metavar="ADDR", help="address of the metrics endpoint (default 127.0.0.1)")
-    p.add_argument("--health-stale-seconds", type=float, metavar="S",
-                   help="/healthz turns 503 when work waits and nothing succeeded for this long (default 600)")
-    p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
-                   help="one JSON object per log line")
-    p.add_argument("--log-uids", action=argparse.BooleanOptionalAction, default=None,
-                   help="log DICOM UIDs in clear (default: hashed)")
-    p.add_argument("-v", "--verbose", action="count", default=None, help="more logging (-vv: libraries too)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML config file (lungseg-edge config --sample prints one with every setting)")
+    add_run_arguments(p)  # one flag per setting, help from its declaration; unset flags leave the file's value
 
 
-def _ae_list(text: str) -> list[str]:
-    return [title.strip() for title in text.split(",") if title.strip()]
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the sample config file (every setting, explained, with its default)",
+                       description="Print the sample TOML config file, generated from the settings' declaration "
+                       "(the packaged packaging/lungseg-edge.toml is this output).", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sample", action="store_true", required=True, help="print the sample config file")
 
 
 def _add_render(sub: argparse._SubParsersAction) -> None:
@@ -159,7 +114,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, required=True, help="demo folder (watch/, out/ are made inside)")
     p.add_argument("--model", type=Path, metavar="BUNDLE", help="model bundle folder or .onnx file")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "cuda", "cpu"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--seg", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--extra", type=Path, action="append", default=[],
                    help="also copy the DICOM files in this folder")
@@ -174,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_config(sub)
     _add_render(sub)
     _add_status(sub)
     _add_demo(sub)
@@ -194,11 +150,6 @@ def _add_reprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
-    import json
-
-    from lungseg.edge_runtime.config import EdgeConfig
-    from lungseg.edge_runtime.ledger import LEDGER_NAME, Ledger, LedgerLockedError, StateLock
-
     config = EdgeConfig(out=args.out, state=args.state)
     state = config.state_dir
     if not (state / LEDGER_NAME).is_file():
@@ -222,30 +173,18 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-RUN_SETTINGS = ("watch", "out", "state", "backend", "model", "seg", "once", "polling", "poll_interval",
-                "stable_seconds", "batch_size", "threads", "threshold", "quarantine_mode", "sc_syntax",
-                "sc_max_side", "sc_verify", "decode_min_side", "postprocess_resolution",
-                "forward_host", "forward_port", "forward_ae", "forward_calling_ae", "log_json", "log_uids",
-                "verbose", "forward_retry_seconds", "scp_port", "scp_ae", "scp_bind", "scp_allow", "metrics_port",
-                "metrics_bind", "health_stale_seconds", "gate", "auto_orient", "gate_correct_threshold",
-                "gate_uncertain_threshold", "gate_mirror_threshold", "gate_refuse_threshold")
-
-
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     """The effective :class:`EdgeConfig`: defaults < ``--config`` file < flags."""
-    from lungseg.edge_runtime.config import build_config, load_toml
-
     file_settings = load_toml(args.config) if args.config else {}
-    flags = {name: getattr(args, name) for name in RUN_SETTINGS}
-    return build_config(file_settings, flags)
+    return build_config(file_settings, flag_settings(args))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(sample_toml())
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import logging
-
-    from lungseg.edge_runtime.config import ConfigError
-    from lungseg.edge_runtime.logs import setup_logging
-
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -253,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("lungseg.edge").error("configuration: %s", exc)
         return 2
     setup_logging(config.log_json, config.verbose, config.log_uids)
-    from lungseg.edge_runtime.daemon import EXIT_INTERNAL, run
+    from lungseg.edge_runtime.daemon import EXIT_INTERNAL, run  # the whole runtime (~0.45 s): not for --help
 
     try:
         return run(config)
@@ -263,10 +202,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    import cv2
+    import cv2  # image libraries (~0.3 s with numpy and lungseg.imaging): not for --help
     import numpy as np
 
-    from lungseg.imaging import UnreadableImageError
+    from lungseg.imaging import UnreadableImageError  # imports cv2, numpy, pydicom (~0.3 s): not for --help
 
     if (args.input is None) == (args.first is None):
         print("lungseg-edge render: give either a DICOM file or --first DIR", file=sys.stderr)
@@ -278,19 +217,19 @@ def cmd_render(args: argparse.Namespace) -> int:
             return 1
         args.input = found[0]
     try:
-        from pydicom import dcmread
+        from pydicom import dcmread  # ~0.2 s: not for --help
 
         ds = dcmread(args.input, force=True)
         if int(ds.get("SamplesPerPixel", 1)) == 3:
             rgb = ds.pixel_array
             if ds.get("PhotometricInterpretation", "RGB") != "RGB":
-                from pydicom.pixels import convert_color_space
+                from pydicom.pixels import convert_color_space  # only for a YBR-coded SC
 
                 rgb = convert_color_space(rgb, ds.PhotometricInterpretation, "RGB")
             image = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2BGR)
         else:
-            from lungseg.edge_runtime.overlay import to_gray8
-            from lungseg.imaging import read_image
+            from lungseg.edge_runtime.overlay import to_gray8  # cv2 drawing code: not for --help
+            from lungseg.imaging import read_image  # as above
 
             image = to_gray8(read_image(args.input).pixels)
     except (UnreadableImageError, OSError, ValueError, AttributeError, RuntimeError) as exc:
@@ -308,11 +247,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import json
-    import sqlite3
-
-    from lungseg.edge_runtime.ledger import LEDGER_NAME, Ledger
-
     if not (args.state / LEDGER_NAME).is_file():
         print(f"lungseg-edge status: no ledger in {args.state}", file=sys.stderr)
         return 5
@@ -323,7 +257,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         print(f"lungseg-edge status: cannot read the ledger: {exc}", file=sys.stderr)
         return 5
-    from lungseg.edge_runtime.backend_status import describe, read_backend_status
+    from lungseg.edge_runtime.backend_status import describe, read_backend_status  # +27 ms (http.server) on --help
 
     backend = read_backend_status(args.state)
     if args.json:
@@ -344,11 +278,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    import json
-    import logging
-
-    from lungseg.bundle import ModelNotFoundError, resolve_bundle
-    from lungseg.predictors import BackendOptions, BackendUnavailableError
+    from lungseg.predictors import BackendOptions, BackendUnavailableError  # onnxruntime (~0.1 s): not for --help
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -357,9 +287,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     except ModelNotFoundError as exc:
         print(f"lungseg-edge build-engine: {exc}", file=sys.stderr)
         return 3
-    from lungseg.tensorrt_runtime import ensure_engine
-
-    from .sdnotify import extend_start_timeout
+    from lungseg.tensorrt_runtime import ensure_engine  # TensorRT/CUDA probing (~0.1 s): not for --help
 
     options = BackendOptions(engine_cache=args.state / "engines", dla_core=args.dla_core,
                              build_keepalive=extend_start_timeout)
@@ -379,10 +307,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lungseg.edge_runtime.config import EdgeConfig
-    from lungseg.edge_runtime.daemon import run
-    from lungseg.edge_runtime.logs import setup_logging
-    from lungseg.edge_runtime.samples import gather_samples
+    from lungseg.edge_runtime.daemon import run  # the whole runtime (~0.45 s): not for --help
 
     setup_logging()
     watch = args.dir / "watch"
@@ -400,7 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "render": cmd_render, "status": cmd_status, "demo": cmd_demo,
+    handler = {"run": cmd_run, "config": cmd_config, "render": cmd_render, "status": cmd_status, "demo": cmd_demo,
                "build-engine": cmd_build_engine, "reprocess": cmd_reprocess}[args.command]
     return handler(args)
 

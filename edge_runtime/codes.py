@@ -117,6 +117,7 @@ class QAFlag(_Code):
     IMPLAUSIBLE_AREA = "implausible_area"
     IMPLAUSIBLE_SHAPE = "implausible_shape"
     LUNG_APEX_MISMATCH = "lung_apex_mismatch"
+    PIXEL_SPACING_IMPLAUSIBLE = "pixel_spacing_implausible"  # lungseg.spacing_check: the areas are unreliable
 
     @classmethod
     def of(cls, flag: str) -> QAFlag | None:

@@ -1,95 +1,266 @@
 """Settings of ``lungseg-edge run``: defaults < TOML config file < command-line flags.
 
-The TOML file holds the same names as the flags, with underscores (dashes are
-accepted too), at top level or in an ``[edge]`` table. Relative paths in the file
-are resolved against the file's own folder. Unknown keys are an error, so a typo
-never silently falls back to a default.
+Each setting is declared once, below, as a field of :class:`EdgeConfig` (the image gate's in
+:class:`lungseg.gate_options.GateOptions`, which it extends): name, type, default, choices, help
+and its place in the sample file. From that declaration (:mod:`lungseg.settings_schema`) come the
+TOML loader's checks, the ``run`` flags and their help, and the sample file
+``packaging/lungseg-edge.toml`` (``lungseg-edge config --sample``); ``tests/test_settings_schema.py``
+fails when the committed file or the flags drift from it.
+
+The TOML file holds the same names as the flags, with underscores (dashes are accepted too), at
+top level or in an ``[edge]`` table. Relative paths in the file are resolved against the file's
+own folder. Unknown keys are an error, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:  # Python 3.11+
+from lungseg import settings_schema as schema
+from lungseg.errors import LungsegError
+from lungseg.gate_options import ABOUT as GATE_ABOUT
+from lungseg.gate_options import SECTION as GATE_SECTION
+from lungseg.gate_options import GateOptions, add_gate_arguments
+from lungseg.settings_schema import setting
+
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (JetPack 6) needs the tomli backport
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10 (JetPack 6) needs the tomli backport
+    import tomli as tomllib
 
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
 QUARANTINE_MODES = ("copy", "move")
 SC_SYNTAXES = ("explicit", "rle", "jpegls")
+SC_STYLES = ("outline", "filled-outline")
 SC_VERIFY = ("parse", "decode")
 POSTPROCESS_RESOLUTIONS = ("model", "native")
 DEFAULT_IGNORE = ("*.part", "*.tmp", "*.partial", "*.filepart", "*.crdownload", "*.swp", "*~")
 
 
-class ConfigError(ValueError):
+class ConfigError(LungsegError, ValueError):
     """A configuration file or flag combination that cannot be used."""
 
 
-@dataclass
-class EdgeConfig:
-    """Everything ``lungseg-edge run`` needs; see ``packaging/lungseg-edge.toml`` for the meaning."""
+FOLDERS, MODEL, OUTPUTS, WATCHING, FAULTS, UNTRUSTED, FORWARD, RECEIVER, METRICS, LOGGING = (
+    "Folders", "Model and inference", "Outputs", "Watching", "Output faults and quarantine", "Untrusted input",
+    "Forwarding to a PACS", "DICOM receiver", "Metrics and health check", "Logging")
 
-    watch: Path | None = None
-    out: Path | None = None
-    state: Path | None = None
-    model: Path | None = None
-    backend: str = "auto"
-    seg: bool = False
-    once: bool = False
-    polling: bool = False
-    poll_interval: float = 2.0
-    stable_seconds: float = 2.0
-    settle_seconds: float = 0.5
-    recursive: bool = True
-    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
-    batch_size: int = 4
-    threads: int | None = None
-    threshold: float | None = None
-    quarantine_mode: str = "copy"
-    sc_syntax: str = "explicit"
-    sc_max_side: int = 0
-    sc_verify: str = "parse"
-    decode_min_side: int = 256  # the model's input size: the network never sees an upsampled image
-    postprocess_resolution: str = "model"
-    gate: str = "refuse"  # image gate: off | flag | refuse (see lungseg.gate)
-    auto_orient: bool = True
-    gate_correct_threshold: float = 0.9
-    gate_uncertain_threshold: float = 0.7
-    gate_mirror_threshold: float | None = None  # None: the bundle gate's calibrated threshold
-    gate_refuse_threshold: float = 0.9
-    retry_seconds: float = 30.0
-    rescan_seconds: float = 300.0
-    forward_host: str | None = None
-    forward_port: int = 104
-    forward_ae: str = "ANY-SCP"
-    forward_calling_ae: str = "LUNGSEG"
-    forward_retry_seconds: float = 60.0
-    scp_port: int | None = None
-    scp_ae: str = "LUNGSEG"
-    scp_bind: str = "127.0.0.1"
-    scp_allow: list[str] = field(default_factory=list)
-    metrics_port: int | None = None
-    metrics_bind: str = "127.0.0.1"
-    health_stale_seconds: float = 600.0
-    log_json: bool = False
-    log_uids: bool = False
-    log_file_names: bool = False
-    isolate_decode: bool = True
-    decode_timeout_seconds: float = 60.0
-    decode_memory_mb: int = 2048
-    max_file_mb: int = 512
-    max_pixels: int = 50_000_000
-    max_frames: int = 64
-    quarantine_grace_seconds: float = 10.0
-    max_retry_seconds: float = 600.0
-    verbose: int = 0
+SECTIONS: tuple[tuple[str, str], ...] = (  # the sample file's order, and the --help groups
+    (FOLDERS, ""),
+    (MODEL, ""),
+    (OUTPUTS, "Per input: <out>/<StudyInstanceUID>/<SOPInstanceUID>.sc.dcm (overlay Secondary Capture), "
+     ".seg.dcm (with seg) and .json (sidecar)."),
+    (GATE_SECTION, GATE_ABOUT),
+    (WATCHING, "inotify by default. A file is complete when inotify reports close-after-write (or a rename into "
+     "the folder) and nothing changed for settle_seconds; without such an event (polling, files present at "
+     "start) its size and mtime must stay unchanged for stable_seconds."),
+    (FAULTS, ""),
+    (UNTRUSTED, "Decoding runs in a separate worker process with an address-space limit and a per-file timeout; "
+     "a crash, hang or out-of-memory quarantines that file only (decoder_crash / decoder_timeout / decoder_oom). "
+     "Files are also refused from the header alone, before any decoding (too_many_pixels, too_many_frames, "
+     "file_too_large; also codestream_size_mismatch when a JPEG 2000 / JPEG code stream is larger than Rows x "
+     "Columns)."),
+    (FORWARD, "Optional: also send each SC (and SEG) to a PACS by C-STORE (needs pynetdicom). The queue lives in "
+     "the ledger, so nothing is lost while the PACS is down; failed sends are retried with exponential backoff."),
+    (RECEIVER, "Optional: receive radiographs by DICOM C-STORE (a Storage SCP) into the watch folder; the folder "
+     "watch keeps working beside it. CR and DX (for presentation and for processing) are stored; other SOP "
+     "classes are refused with C-STORE status 0x0122. Each image is written under a hidden temp name, fsynced "
+     "and renamed before the sender is told \"success\"."),
+    (METRICS, "Optional: Prometheus metrics on http://<metrics_bind>:<metrics_port>/metrics and a health check on "
+     "/healthz. Needs lungseg[metrics]."),
+    (LOGGING, "Logs, sidecars and quarantine names identify a file by a keyed hash of its path (\"f-\" + 16 hex "
+     "digits; the key is <state>/name-key), never by its name, which may carry a patient's name. UIDs are "
+     "logged as hashes and patient names/IDs never."),
+)
+
+SAMPLE_HEADER = """\
+# lungseg-edge configuration (TOML). Generated by `lungseg-edge config --sample` from the settings'
+# declaration in lungseg.edge_runtime.config: change a setting there, then regenerate this file.
+# Every key is optional here and can be overridden by the command-line flag of the same name
+# (dashes instead of underscores, e.g. --batch-size). A line holds the setting's default unless it
+# is commented out or its comment names the default. Relative paths are resolved against the
+# folder of this file. Unknown keys are an error.
+#
+#   lungseg-edge run --config /etc/lungseg/lungseg-edge.toml
+#
+# Research use - not for diagnosis.
+"""
+
+
+@dataclass
+class EdgeConfig(GateOptions):
+    """Everything ``lungseg-edge run`` needs (the gate's settings come from :class:`GateOptions`)."""
+
+    # --- folders
+    watch: Path | None = field(default=None, metadata=setting(
+        section=FOLDERS, sample="/srv/lungseg/incoming", default_text="none; required", metavar="DIR",
+        help="folder the DICOM receiver / share writes into, watched for radiographs (never modified, except "
+        "with quarantine_mode move)"))
+    out: Path | None = field(default=None, metadata=setting(
+        section=FOLDERS, sample="/srv/lungseg/out", default_text="none; required", metavar="DIR",
+        help="output folder: <out>/<StudyInstanceUID>/<SOPInstanceUID>.sc.dcm, .seg.dcm, .json"))
+    state: Path | None = field(default=None, metadata=setting(
+        section=FOLDERS, sample="/var/lib/lungseg", metavar="DIR",
+        default_text="the ledger in <out>/.lungseg-state, quarantine in <out>/quarantine",
+        help="ledger (SQLite) and quarantine folder"))
+    # --- model and inference
+    model: Path | None = field(default=None, metadata=setting(
+        section=MODEL, commented=True, sample="/opt/lungseg/models/lung-v1", metavar="BUNDLE",
+        default_text="the model shipped with the package",
+        help="model bundle folder (from lungseg-export) or a single .onnx file"))
+    backend: str = field(default="auto", metadata=setting(
+        section=MODEL, choices=BACKENDS,
+        help="inference backend; auto = TensorRT engine -> onnxruntime CUDA -> onnxruntime CPU (each fallback is "
+        "logged)"))
+    threads: int | None = field(default=None, metadata=setting(
+        section=MODEL, commented=True, sample=4, default_text="onnxruntime's", help="CPU inference threads"))
+    threshold: float | None = field(default=None, metadata=setting(
+        section=MODEL, commented=True, sample=0.5, metavar="P", default_text="the model's own, else 0.5",
+        help="probability threshold"))
+    batch_size: int = field(default=4, metadata=setting(
+        section=MODEL, help="most files per inference batch when several are waiting"))
+    # --- outputs
+    seg: bool = field(default=False, metadata=setting(
+        section=OUTPUTS, sample=True, help="also write a DICOM Segmentation (BINARY, segment \"Lung\") per input"))
+    sr: bool = field(default=True, metadata=setting(
+        section=OUTPUTS, help="beside the SEG, write a DICOM SR Measurement Report (TID 1500): lung areas, QA flags "
+        "and gate decisions, referencing the SEG's segment and naming the model"))
+    sc_style: str = field(default="outline", metadata=setting(
+        section=OUTPUTS, choices=SC_STYLES,
+        help="overlay style: outline (the radiograph untouched inside the lungs) or filled-outline (a light fill)"))
+    sc_syntax: str = field(default="explicit", metadata=setting(
+        section=OUTPUTS, choices=SC_SYNTAXES,
+        help="Secondary Capture transfer syntax: explicit (Explicit VR Little Endian, uncompressed: the fastest), "
+        "rle (RLE Lossless) or jpegls (JPEG-LS Lossless: smallest, slowest)"))
+    sc_max_side: int = field(default=0, metadata=setting(
+        section=OUTPUTS, metavar="PX",
+        help="cap the SC's long side at this many pixels, never below 1024 (0: the source's full resolution)"))
+    sc_verify: str = field(default="parse", metadata=setting(
+        section=OUTPUTS, choices=SC_VERIFY,
+        help="check each written SC by parsing it and its pixel data length (parse) or by decoding it and "
+        "comparing every pixel (decode)"))
+    decode_min_side: int = field(default=256, metadata=setting(
+        section=OUTPUTS, metavar="PX",
+        help="decode and draw at the coarsest 1/2^k resolution whose short side stays >= this many pixels (JPEG "
+        "2000 is decoded at that level; 0: full resolution, slower; 256 is the model's input size, so the network "
+        "never sees an upsampled image). The SC is drawn at the decoded size: 512 doubles it for about twice the "
+        "decoding time"))
+    postprocess_resolution: str = field(default="model", metadata=setting(
+        section=OUTPUTS, choices=POSTPROCESS_RESOLUTIONS,
+        help="postprocess and measure at the model's resolution and upscale the mask once (model) or at native "
+        "size (native, slower)"))
+    # --- watching
+    polling: bool = field(default=False, metadata=setting(
+        section=WATCHING,
+        help="poll the folder instead of using inotify: for network shares (NFS, SMB), where inotify does not see "
+        "writes made by other machines"))
+    poll_interval: float = field(default=2.0, metadata=setting(
+        section=WATCHING, metavar="S", help="seconds between polls"))
+    settle_seconds: float = field(default=0.5, metadata=setting(
+        section=WATCHING, metavar="S",
+        help="a file with a close or rename event is complete after this long unchanged"))
+    stable_seconds: float = field(default=2.0, metadata=setting(
+        section=WATCHING, metavar="S",
+        help="without such an event, size and mtime must stay unchanged this long (raise it if senders pause "
+        "mid-file)"))
+    recursive: bool = field(default=True, metadata=setting(section=WATCHING, help="also watch sub-folders"))
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE), metadata=setting(
+        section=WATCHING, metavar="GLOB,GLOB", help="names never picked up (hidden names are always ignored)"))
+    rescan_seconds: float = field(default=300.0, metadata=setting(
+        section=WATCHING, metavar="S",
+        help="full re-scan of the watch folder every so often (a safety net for lost events; 0: never)"))
+    once: bool = field(default=False, metadata=setting(
+        section=WATCHING, commented=True, help="process what is in the folder, then exit (not for the service)"))
+    # --- output faults and quarantine
+    retry_seconds: float = field(default=30.0, metadata=setting(
+        section=FAULTS, metavar="S",
+        help="retry delay after an output fault (disk full, no permission, read-only), doubled on every failure of "
+        "the same file up to max_retry_seconds; --once leaves such files undone (exit 6)"))
+    max_retry_seconds: float = field(default=600.0, metadata=setting(
+        section=FAULTS, metavar="S", help="longest output-fault retry delay"))
+    quarantine_grace_seconds: float = field(default=10.0, metadata=setting(
+        section=FAULTS, metavar="S",
+        help="an input that cannot be used but changed less than this long ago is looked at again instead of "
+        "quarantined (a sender may still be adding to it)"))
+    quarantine_mode: str = field(default="copy", metadata=setting(
+        section=FAULTS, choices=QUARANTINE_MODES,
+        help="copy rejected inputs to the quarantine folder, or move them there (out of the watch folder)"))
+    # --- untrusted input
+    isolate_decode: bool = field(default=True, metadata=setting(
+        section=UNTRUSTED, help="decode in a memory- and time-limited worker process (off: in-process)"))
+    decode_timeout_seconds: float = field(default=60.0, metadata=setting(
+        section=UNTRUSTED, metavar="S", help="decoding time limit per file"))
+    decode_memory_mb: int = field(default=2048, metadata=setting(
+        section=UNTRUSTED, metavar="MB", help="address-space limit of the decoding worker"))
+    max_pixels: int = field(default=50_000_000, metadata=setting(
+        section=UNTRUSTED, help="most pixels (all frames) of an input"))
+    max_frames: int = field(default=64, metadata=setting(section=UNTRUSTED, help="most frames of an input"))
+    max_file_mb: int = field(default=512, metadata=setting(section=UNTRUSTED, metavar="MB", help="largest input file"))
+    # --- forwarding
+    forward_host: str | None = field(default=None, metadata=setting(
+        section=FORWARD, commented=True, sample="pacs.example.org", metavar="HOST",
+        default_text="none, no forwarding", help="also C-STORE each SC (and SEG) to this DICOM peer"))
+    forward_port: int = field(default=104, metadata=setting(
+        section=FORWARD, commented=True, metavar="PORT", help="the peer's port"))
+    forward_ae: str = field(default="ANY-SCP", metadata=setting(
+        section=FORWARD, commented=True, sample="PACS", metavar="AET", help="the peer's (called) AE title"))
+    forward_calling_ae: str = field(default="LUNGSEG", metadata=setting(
+        section=FORWARD, commented=True, metavar="AET", help="our (calling) AE title; the PACS must know it"))
+    forward_retry_seconds: float = field(default=60.0, metadata=setting(
+        section=FORWARD, commented=True, metavar="S",
+        help="first retry delay after a failed delivery, doubling up to an hour"))
+    # --- receiver
+    scp_port: int | None = field(default=None, metadata=setting(
+        section=RECEIVER, commented=True, sample=11112, metavar="PORT", default_text="none, no receiver",
+        help="receive images by DICOM C-STORE on this port, into the watch folder"))
+    scp_ae: str = field(default="LUNGSEG", metadata=setting(
+        section=RECEIVER, commented=True, metavar="AET", help="the receiver's AE title"))
+    scp_bind: str = field(default="127.0.0.1", metadata=setting(
+        section=RECEIVER, commented=True, sample="0.0.0.0", metavar="ADDR",
+        help="address the receiver listens on (0.0.0.0: the network; 127.0.0.1: this machine only)"))
+    scp_allow: list[str] = field(default_factory=list, metadata=setting(
+        section=RECEIVER, commented=True, sample=["PORTABLE1"], metavar="AET,AET", default_text="empty, any",
+        help="calling AE titles allowed to send; others are rejected"))
+    # --- metrics and health
+    metrics_port: int | None = field(default=None, metadata=setting(
+        section=METRICS, commented=True, sample=9464, metavar="PORT", default_text="none, no endpoint",
+        help="serve Prometheus /metrics and /healthz on this port"))
+    metrics_bind: str = field(default="127.0.0.1", metadata=setting(
+        section=METRICS, commented=True, metavar="ADDR", help="address of the metrics endpoint"))
+    health_stale_seconds: float = field(default=600.0, metadata=setting(
+        section=METRICS, commented=True, metavar="S",
+        help="/healthz answers 503 when work has waited this long and nothing succeeded meanwhile"))
+    # --- logging
+    log_json: bool = field(default=False, metadata=setting(
+        section=LOGGING, sample=True, help="one JSON object per log line (journald-friendly)"))
+    log_uids: bool = field(default=False, metadata=setting(
+        section=LOGGING, help="log DICOM UIDs in clear instead of hashed"))
+    log_file_names: bool = field(default=False, metadata=setting(
+        section=LOGGING,
+        help="identify files by their path relative to the watch folder instead of a keyed hash"))
+    verbose: int = field(default=0, metadata=setting(
+        section=LOGGING, short="-v", count=True,
+        help="more logging: 0 = info, 1 (-v) = debug, 2 (-vv) = debug including libraries"))
 
     # --- derived locations -------------------------------------------------
+    @property
+    def watch_dir(self) -> Path:
+        """The watch folder of a validated config (``validate`` requires it)."""
+        if self.watch is None:
+            raise ConfigError("no watch folder: set --watch or watch in the config file")
+        return Path(self.watch)
+
+    @property
+    def out_dir(self) -> Path:
+        """The output folder of a validated config (``validate`` requires it)."""
+        if self.out is None:
+            raise ConfigError("no output folder: set --out or out in the config file")
+        return Path(self.out)
+
     @property
     def state_dir(self) -> Path:
         """Ledger and lock: ``--state``, else ``<out>/.lungseg-state``."""
@@ -107,39 +278,28 @@ class EdgeConfig:
 
     def decode_limits(self):
         """The header limits for :func:`lungseg.dicom_decode.read_dicom` (``max_file_mb``, ``max_pixels``...)."""
-        from lungseg.dicom_decode import DecodeLimits
+        from lungseg.dicom_decode import DecodeLimits  # imports pydicom (~0.2 s): not for `lungseg-edge --help`
 
         return DecodeLimits(max_file_bytes=self.max_file_mb << 20, max_pixels=self.max_pixels,
                             max_frames=self.max_frames)
 
     def gate_policy(self):
         """The image gate's :class:`lungseg.gate.GatePolicy` (raises ValueError when invalid)."""
-        from lungseg.gate import GatePolicy
+        from lungseg.gate import policy_from_settings  # imports cv2, numpy, onnx helpers (~0.45 s): not for --help
 
-        return GatePolicy(mode=self.gate, auto_orient=self.auto_orient,
-                          correct_threshold=self.gate_correct_threshold,
-                          uncertain_threshold=self.gate_uncertain_threshold,
-                          mirrored_threshold=self.gate_mirror_threshold,
-                          not_chest_refuse=max(self.gate_refuse_threshold, GatePolicy().not_chest_flag))
+        return policy_from_settings(self)
 
     def validate(self) -> EdgeConfig:
         if self.watch is None or self.out is None:
             raise ConfigError("both a watch folder (--watch) and an output folder (--out) are required")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {BACKENDS}, not {self.backend!r}")
-        if self.quarantine_mode not in QUARANTINE_MODES:
-            raise ConfigError(f"quarantine_mode must be one of {QUARANTINE_MODES}, not {self.quarantine_mode!r}")
-        if self.sc_syntax not in SC_SYNTAXES:
-            raise ConfigError(f"sc_syntax must be one of {SC_SYNTAXES}, not {self.sc_syntax!r}")
+        try:
+            schema.check_choices(self)
+        except schema.SettingError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             self.gate_policy()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.sc_verify not in SC_VERIFY:
-            raise ConfigError(f"sc_verify must be one of {SC_VERIFY}, not {self.sc_verify!r}")
-        if self.postprocess_resolution not in POSTPROCESS_RESOLUTIONS:
-            raise ConfigError(f"postprocess_resolution must be one of {POSTPROCESS_RESOLUTIONS}, "
-                              f"not {self.postprocess_resolution!r}")
         for name in ("sc_max_side", "decode_min_side"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (0: no limit / full resolution)")
@@ -179,70 +339,14 @@ class EdgeConfig:
         return self
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(EdgeConfig)}
-_PATHS = {"watch", "out", "state", "model"}
-_BOOLS = {"seg", "once", "polling", "recursive", "log_json", "log_uids"}
-_INTS = {"batch_size", "threads", "verbose", "forward_port", "sc_max_side", "decode_min_side", "scp_port",
-         "metrics_port"}
-_FLOATS = {"poll_interval", "stable_seconds", "settle_seconds", "retry_seconds", "rescan_seconds", "threshold",
-           "forward_retry_seconds", "health_stale_seconds"}
-_STRS = {"backend", "quarantine_mode", "sc_syntax", "sc_verify", "postprocess_resolution", "forward_host", "forward_ae",
-         "forward_calling_ae", "scp_ae", "scp_bind", "metrics_bind"}
-_BOOLS |= {"log_file_names", "isolate_decode"}
-_INTS |= {"decode_memory_mb", "max_file_mb", "max_pixels", "max_frames"}
-_FLOATS |= {"decode_timeout_seconds", "quarantine_grace_seconds", "max_retry_seconds"}
-_STRS |= {"gate"}
-_BOOLS |= {"auto_orient"}
-_FLOATS |= {"gate_correct_threshold", "gate_uncertain_threshold", "gate_mirror_threshold", "gate_refuse_threshold"}
-
-
-def _coerce(name: str, value: Any, base: Path | None) -> Any:
-    if name in _PATHS:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{name} must be a non-empty path string")
-        path = Path(value).expanduser()
-        return (base / path) if (base is not None and not path.is_absolute()) else path
-    if name in _BOOLS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false")
-        return value
-    if name in _INTS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer")
-        return value
-    if name in _FLOATS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number")
-        return float(value)
-    if name in _STRS:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string")
-        return value
-    if name == "ignore":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError("ignore must be a list of glob patterns")
-        return list(value)
-    if name == "scp_allow":  # a list, or one comma-separated string (the flag)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError("scp_allow must be a list of calling AE titles")
-        return list(value)
-    raise ConfigError(f"unknown setting {name!r}")  # pragma: no cover - guarded by caller
-
-
 def settings_from_mapping(data: dict[str, Any], base: Path | None = None) -> dict[str, Any]:
     """Validate and coerce a mapping of setting names (TOML keys or flags) to values."""
     if "edge" in data and isinstance(data["edge"], dict):
         data = {**{k: v for k, v in data.items() if k != "edge"}, **data["edge"]}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in _FIELDS:
-            known = ", ".join(sorted(_FIELDS))
-            raise ConfigError(f"unknown setting {key!r} (known: {known})")
-        out[name] = _coerce(name, value, base)
-    return out
+    try:
+        return schema.coerce_mapping(EdgeConfig, data, base)
+    except schema.SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -261,3 +365,34 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
     """Defaults, overridden by the config file, overridden by flags (``None`` flags are unset)."""
     merged = {**file_settings, **{k: v for k, v in flag_settings.items() if v is not None}}
     return EdgeConfig(**merged).validate()
+
+
+def add_run_arguments(parser: Any) -> None:
+    """The ``run`` flags, one per setting, grouped by section; every default ``None`` (unset: the file's wins)."""
+    for title, about in SECTIONS:  # the sample file's order
+        if title == GATE_SECTION:
+            add_gate_arguments(parser, unset=True)
+            continue
+        group = parser.add_argument_group(title.lower(), textwrap.fill(about, 78) if about else None)
+        schema.add_arguments(group, EdgeConfig, unset=True,
+                             names=[s.name for s in schema.specs(EdgeConfig) if s.meta.section == title])
+
+
+def flag_settings(args: Any) -> dict[str, Any]:
+    """The settings given as ``run`` flags."""
+    return schema.set_flags(EdgeConfig, args)
+
+
+def sample_toml() -> str:
+    """The sample config file, ``packaging/lungseg-edge.toml`` (every setting, its explanation and default)."""
+    return schema.sample_toml(EdgeConfig, SAMPLE_HEADER, SECTIONS)
+
+
+def drift(committed: str, parser: Any = None) -> list[str]:
+    """Where the committed sample file text, the loader's reading of it, or the ``run`` parser disagree with
+    the declaration above (an empty list: none)."""
+    try:
+        loaded = settings_from_mapping(tomllib.loads(committed))
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        return [f"the sample file does not load: {exc}"]
+    return schema.drift(EdgeConfig, committed=committed, expected=sample_toml(), loaded=loaded, parser=parser)

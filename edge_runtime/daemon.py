@@ -131,7 +131,7 @@ class StartupError(LungsegError):
 def _run(config: EdgeConfig, stop: threading.Event | None) -> int:
     keep_freed_memory(32 << 20, 64 << 20)  # file bytes and pixel arrays: reuse, don't re-fault, per file
     config = _resolved(config)
-    if not Path(config.watch).is_dir():
+    if not config.watch_dir.is_dir():
         log.error("watch folder %s does not exist or is not a folder", config.watch)
         return EXIT_USAGE
     stop = stop or threading.Event()
@@ -160,13 +160,13 @@ def _run(config: EdgeConfig, stop: threading.Event | None) -> int:
 def _resolved(config: EdgeConfig) -> EdgeConfig:
     """Every path resolved once, here: a relative or ``..`` path means the same folder everywhere."""
     return dataclasses.replace(
-        config, watch=Path(config.watch).resolve(), out=Path(config.out).resolve(),
+        config, watch=config.watch_dir.resolve(), out=config.out_dir.resolve(),
         state=Path(config.state).resolve() if config.state is not None else None)
 
 
 def _lock_folders(config: EdgeConfig, resources: contextlib.ExitStack) -> None:
     """Create the output and state folders and hold both locks (another daemon using either: ``EXIT_STATE``)."""
-    out, state = Path(config.out), config.state_dir
+    out, state = config.out_dir, config.state_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
         state.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def _serve(config: EdgeConfig, stop: threading.Event, notifier: Notifier, resour
 
 def _open_ledger(config: EdgeConfig, resources: contextlib.ExitStack) -> Ledger:
     """Remove temp files a killed run left, open (or rebuild) the ledger, and record fatal signals."""
-    out, state = Path(config.out), config.state_dir
+    out, state = config.out_dir, config.state_dir
     removed = remove_stale_temps(out) + remove_stale_temps(config.quarantine_dir)
     if removed:
         log.warning("removed %d temp file(s) left by an interrupted run", removed)
@@ -256,7 +256,7 @@ def _make_forwarder(config: EdgeConfig, resources: contextlib.ExitStack) -> Forw
     if not config.forward_host:
         return None
     try:
-        forwarder = Forwarder(Path(config.out), config.state_dir, config.forward_host, config.forward_port,
+        forwarder = Forwarder(config.out_dir, config.state_dir, config.forward_host, config.forward_port,
                               config.forward_ae, config.forward_calling_ae, config.forward_retry_seconds)
     except ForwardUnavailableError as exc:
         log.error("%s", exc)
@@ -283,9 +283,9 @@ def _log_ready(config: EdgeConfig, processor: Processor, selection: Selection) -
 
 
 def _make_tracker(config: EdgeConfig) -> ReadyTracker:
-    excluded = [Path(config.out), config.state_dir, config.quarantine_dir]
+    excluded = [config.out_dir, config.state_dir, config.quarantine_dir]
     return ReadyTracker(
-        root=Path(config.watch), inotify=not (config.polling or config.once),
+        root=config.watch_dir, inotify=not (config.polling or config.once),
         stable_seconds=config.stable_seconds, settle_seconds=config.settle_seconds,
         ignore=config.ignore, excluded=excluded, recursive=config.recursive,
     )
@@ -309,10 +309,10 @@ class _WatchGuard:
 
     def _identity(self) -> tuple[int, int] | None:
         try:
-            st = os.stat(self.config.watch)
+            st = os.stat(self.config.watch_dir)
         except OSError:
             return None
-        return (st.st_dev, st.st_ino) if os.path.isdir(self.config.watch) else None
+        return (st.st_dev, st.st_ino) if os.path.isdir(self.config.watch_dir) else None
 
     def start(self) -> None:
         self.observer = make_observer(self.tracker, self.config.polling, self.config.poll_interval)

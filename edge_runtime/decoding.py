@@ -43,10 +43,12 @@ class DecodeFailure:
 
 
 def decode_in_process(data: bytes, ref: str, limits: DecodeLimits = DEFAULT_LIMITS,
-                      min_side: int = 0) -> Radiograph | DecodeFailure:
-    """Decode ``data`` here; returns a Radiograph or a :class:`DecodeFailure` (never raises for bad input)."""
+                      min_side: int = 0, display: bool = False) -> Radiograph | DecodeFailure:
+    """Decode ``data`` here; returns a Radiograph or a :class:`DecodeFailure` (never raises for bad input).
+
+    ``display``: also the full-resolution 8-bit image for the overlay (see :func:`read_dicom`)."""
     try:
-        return read_dicom(ref, data=data, limits=limits, min_side=min_side)
+        return read_dicom(ref, data=data, limits=limits, min_side=min_side, display=display)
     except UnreadableImageError as exc:
         if _caused_by(exc, MemoryError):  # wrapped by pydicom / read_dicom
             return DecodeFailure(QuarantineReason.DECODER_OOM,
@@ -147,19 +149,32 @@ def _attach(conn: Any) -> tuple[Any, Any] | None:  # pragma: no cover - runs in 
     return maps[0], maps[1]
 
 
+def display_offset(pixels_nbytes: int) -> int:
+    """Where the 8-bit display image starts in the output buffer: after the float32 pixels, 64-byte aligned."""
+    return (pixels_nbytes + 63) // 64 * 64
+
+
 def _send_result(conn: Any, result: Radiograph, ms: float, output: Any) -> None:  # pragma: no cover - in the worker
-    """Pixels through the output buffer where they fit, the rest (or everything) pickled."""
+    """Pixels (and the display image) through the output buffer where they fit, the rest pickled."""
     import numpy as np
 
     radiograph: Any = _strip(result)  # sent without its pixels when they go through the buffer
-    pixels = radiograph.pixels
-    if (output is not None and isinstance(pixels, np.ndarray) and pixels.dtype == np.float32 and pixels.ndim == 2
-            and pixels.nbytes <= len(output)):
-        np.frombuffer(output, dtype=np.float32, count=pixels.size).reshape(pixels.shape)[...] = pixels
-        radiograph.pixels = None
-        conn.send(("ok", radiograph, ms, tuple(int(n) for n in pixels.shape)))
+    pixels, display = radiograph.pixels, radiograph.display
+    if not (output is not None and isinstance(pixels, np.ndarray) and pixels.dtype == np.float32
+            and pixels.ndim == 2 and pixels.nbytes <= len(output)):
+        conn.send(("ok", radiograph, ms, None, None))
+        return
+    np.frombuffer(output, dtype=np.float32, count=pixels.size).reshape(pixels.shape)[...] = pixels
+    radiograph.pixels = None
+    shape = tuple(int(n) for n in pixels.shape)
+    start = display_offset(pixels.nbytes)
+    if (isinstance(display, np.ndarray) and display.dtype == np.uint8 and display.ndim == 2
+            and start + display.nbytes <= len(output)):
+        np.frombuffer(output, dtype=np.uint8, count=display.size, offset=start).reshape(display.shape)[...] = display
+        radiograph.display = None
+        conn.send(("ok", radiograph, ms, shape, tuple(int(n) for n in display.shape)))
     else:
-        conn.send(("ok", radiograph, ms, None))
+        conn.send(("ok", radiograph, ms, shape, None))
 
 
 def prepare_worker(memory_bytes: int) -> None:
@@ -176,8 +191,9 @@ def prepare_worker(memory_bytes: int) -> None:
 
 
 def run_worker(conn: Any, memory_bytes: int, limits: dict[str, int]) -> None:  # pragma: no cover - in the worker
-    """The worker's loop: receive ``(ref, min_side, size)`` (``size`` bytes in the input buffer, or -1
-    and the bytes through the pipe); answer ``("ok", radiograph, ms, shape)`` or ``("error", why)``.
+    """The worker's loop: receive ``(ref, min_side, display, size)`` (``size`` bytes in the input buffer, or -1
+    and the bytes through the pipe); answer ``("ok", radiograph, ms, shape, display_shape)`` or
+    ``("error", why)``.
 
     Entered through :func:`lungseg.edge_runtime.worker_entry.main`, which limits the libraries'
     threads before this module (and NumPy, OpenCV, pydicom with it) is imported."""
@@ -204,12 +220,12 @@ def _answer(conn: Any, source: Any, output: Any, limits: DecodeLimits) -> None: 
     """Decode requests until the daemon hangs up."""
     while True:
         try:
-            ref, min_side, size = conn.recv()
+            ref, min_side, display, size = conn.recv()
             data = conn.recv_bytes() if size < 0 or source is None else source[:size]
         except (EOFError, OSError):
             return
         t0 = time.perf_counter()
-        result = decode_in_process(data, ref, limits, min_side)
+        result = decode_in_process(data, ref, limits, min_side, display)
         del data
         try:
             if isinstance(result, DecodeFailure):

@@ -108,21 +108,29 @@ class Provenance:
     precision: str
     software_version: str
     threshold: float
+    bundle_sha256: str = ""  # identity of the whole bundle (lungseg.bundle.Bundle.sha256)
+    device_uid: str = ""  # Contributing Equipment's Device UID, derived from bundle_sha256
 
     def description(self) -> str:
+        bundle = f", bundle sha256 {self.bundle_sha256}" if self.bundle_sha256 else ""
         return (f"Lung segmentation by lungseg {self.software_version}: model {self.model_name} "
-                f"{self.model_version} ({self.model_file}, sha256 {self.model_sha256}), backend "
+                f"{self.model_version} ({self.model_file}, sha256 {self.model_sha256}{bundle}), backend "
                 f"{self.backend}, precision {self.precision}, threshold {self.threshold:g}. {CAPTION}.")
 
     def equipment(self) -> hd.ContributingEquipment:
-        return hd.ContributingEquipment(
+        """The Contributing Equipment item naming this software and model (IHE AI Results: the model is a
+        device whose Device UID changes with it)."""
+        item = hd.ContributingEquipment(
             manufacturer=MANUFACTURER,
             purpose_of_reference=codes.DCM.ProcessingEquipment,
-            manufacturer_model_name=MODEL_NAME,
+            manufacturer_model_name=f"{MODEL_NAME} {self.model_name}"[:64],
             software_versions=[self.software_version, f"{self.model_name} {self.model_version}"[:64]],
             contribution_datetime=datetime.datetime.now(),
             contribution_description=self.description()[:1024],
         )
+        if self.device_uid:
+            item.DeviceUID = self.device_uid
+        return item
 
 
 def _valid(vr: str, value: Any) -> bool:
@@ -308,10 +316,10 @@ def build_sc(ref: Dataset, rgb: np.ndarray, provenance: Provenance, *, syntax: s
         log.warning("%s encoding failed (%s); writing Explicit VR Little Endian", uid.name, exc)
         sc = hd.sc.SCImage(transfer_syntax_uid=ExplicitVRLittleEndian, **kwargs)
     if not valid_orientation:
-        sc.PatientOrientation = orientation or None
+        sc.PatientOrientation = orientation or None  # type: ignore[assignment]  # None: an empty value
     _copy_common(sc, ref)
     if "BodyPartExamined" not in sc:
-        sc.Laterality = None  # type 2C: unknown body part may be paired
+        sc.Laterality = None  # type: ignore[assignment]  # type 2C: unknown body part may be paired
     sc.BurnedInAnnotation = "NO"  # the drawn text names no patient
     sc.ImageComments = (comments or CAPTION)[:10240]
     sc.DerivationDescription = provenance.description()[:1024]

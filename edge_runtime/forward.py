@@ -25,6 +25,7 @@ log = logging.getLogger("lungseg.edge.forward")
 
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: the TID 1500 Measurement Report
 MAX_BACKOFF_SECONDS = 3600.0
 TIMEOUT_SECONDS = 15.0
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -42,7 +43,7 @@ def check_available() -> None:
 
 
 def output_kind(path: str) -> str:
-    """``sc`` or ``seg`` from an output path (``<study>/<sop>.sc.dcm``)."""
+    """``sc``, ``seg`` or ``sr`` from an output path (``<study>/<sop>.sc.dcm``)."""
     parts = path.rsplit(".", 2)
     return parts[-2] if len(parts) == 3 else "other"
 
@@ -81,6 +82,7 @@ class Forwarder:
         ae.add_requested_context(SC_STORAGE, [JPEGLSLossless])
         ae.add_requested_context(SC_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_requested_context(SEG_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(SR_STORAGE, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
         if not assoc.is_established:
             for row in due:

@@ -41,10 +41,18 @@ import signal
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from lungseg.dicom_decode import DEFAULT_LIMITS, DecodeLimits
 from lungseg.edge_runtime import worker_entry
 from lungseg.edge_runtime.codes import QuarantineReason
-from lungseg.edge_runtime.decoding import DecodeFailure, decode_in_process, keep_freed_memory, prepare_worker
+from lungseg.edge_runtime.decoding import (
+    DecodeFailure,
+    decode_in_process,
+    display_offset,
+    keep_freed_memory,
+    prepare_worker,
+)
 from lungseg.errors import LungsegError
 from lungseg.imaging import Radiograph
 
@@ -52,7 +60,7 @@ log = logging.getLogger("lungseg.edge")
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 INPUT_BUFFER_BYTES = 32 << 20  # a 4,000 x 4,000 16-bit uncompressed file
-OUTPUT_BUFFER_BYTES = 16 << 20  # 4 M float32 pixels
+OUTPUT_BUFFER_BYTES = 24 << 20  # a 4,000 x 4,000 8-bit display image plus its reduced float32 pixels
 
 
 class WorkerUnavailableError(LungsegError, RuntimeError):
@@ -196,17 +204,20 @@ class DecodeWorker:
         return self._proc.pid if self._proc is not None else None
 
     # --- work ---------------------------------------------------------------------
-    def decode(self, data: bytes, ref: str, min_side: int = 0) -> Radiograph | DecodeFailure:
-        """A Radiograph, or a :class:`DecodeFailure`. Raises :class:`WorkerUnavailableError` when no worker runs."""
+    def decode(self, data: bytes, ref: str, min_side: int = 0, display: bool = False) -> Radiograph | DecodeFailure:
+        """A Radiograph, or a :class:`DecodeFailure`. Raises :class:`WorkerUnavailableError` when no worker runs.
+
+        ``display``: the radiograph also carries its full-resolution 8-bit image (for the overlay)."""
         self.start()
         self._wait_ready()
-        shared = self._buffers is not None and len(data) <= len(self._buffers.input)
+        buffers = self._buffers
+        shared = buffers is not None and len(data) <= len(buffers.input)
         try:
-            if shared:
-                self._buffers.input[:len(data)] = data
-                self._conn.send((ref, min_side, len(data)))
+            if shared and buffers is not None:
+                buffers.input[:len(data)] = data
+                self._conn.send((ref, min_side, display, len(data)))
             else:
-                self._conn.send((ref, min_side, -1))
+                self._conn.send((ref, min_side, display, -1))
                 self._conn.send_bytes(data)  # no pickled copy of the file
         except (OSError, EOFError, ValueError):
             return self._died()
@@ -221,20 +232,23 @@ class DecodeWorker:
             return self._replaced(QuarantineReason.DECODER_CRASH,
                                   f"unreadable answer from the decoder ({type(exc).__name__})")
         if message[0] == "ok":
-            radiograph, decode_ms, shape = message[1], message[2], message[3]
+            radiograph, decode_ms, shape, display_shape = message[1], message[2], message[3], message[4]
             if shape is not None:
                 radiograph.pixels = self._pixels_from_buffer(shape)
                 if radiograph.pixels is None:
                     return self._replaced(QuarantineReason.DECODER_CRASH,
                                           "the decoder answered an impossible image size")
+            if display_shape is not None:
+                radiograph.display = self._display_from_buffer(display_shape, radiograph.pixels.nbytes)
+                if radiograph.display is None:
+                    return self._replaced(QuarantineReason.DECODER_CRASH,
+                                          "the decoder answered an impossible display size")
             radiograph.facts["decode_ms_worker"] = round(decode_ms, 2)
             return radiograph
         return message[1]
 
     def _pixels_from_buffer(self, shape: Any) -> Any:
         """A copy of the float32 image the worker left in the output buffer, or ``None`` for a bad shape."""
-        import numpy as np
-
         output = self._buffers.output if self._buffers is not None else None
         try:
             rows, columns = (int(n) for n in shape)
@@ -243,6 +257,18 @@ class DecodeWorker:
         if output is None or rows <= 0 or columns <= 0 or rows * columns * 4 > len(output):
             return None
         return np.frombuffer(output, dtype=np.float32, count=rows * columns).reshape(rows, columns).copy()
+
+    def _display_from_buffer(self, shape: Any, pixels_nbytes: int) -> Any:
+        """A copy of the uint8 display image behind the pixels in the output buffer, or ``None`` for a bad shape."""
+        output = self._buffers.output if self._buffers is not None else None
+        try:
+            rows, columns = (int(n) for n in shape)
+        except (TypeError, ValueError):
+            return None
+        start = display_offset(pixels_nbytes)
+        if output is None or rows <= 0 or columns <= 0 or start + rows * columns > len(output):
+            return None
+        return np.frombuffer(output, dtype=np.uint8, count=rows * columns, offset=start).reshape(rows, columns).copy()
 
     def _replaced(self, code: str, reason: str) -> DecodeFailure:
         """Kill the worker (it hangs or answered nonsense), start a fresh one, and say why."""

@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +314,7 @@ class Ledger:
 
     # --- records -------------------------------------------------------------
     def record_done(self, *, sha256: str, sop_uid: str, name: str, size: int, study_uid: str | None,
-                    outputs: list[str], backend: str, model: str, forward: list[str] = ()) -> None:
+                    outputs: list[str], backend: str, model: str, forward: Sequence[str] = ()) -> None:
         """One transaction: the instance and its file are done (call after outputs are durable),
         and the outputs in ``forward`` are queued for C-STORE."""
         now = _now()

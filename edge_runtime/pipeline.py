@@ -93,6 +93,7 @@ def start_provenance(bundle: Bundle, predictor: Predictor, threshold: float) -> 
         model_sha256=sha256_file(model_file), model_file=model_file.name,
         backend=predictor.backend, precision=predictor.precision,
         software_version=software_version(), threshold=threshold,
+        bundle_sha256=bundle.sha256, device_uid=bundle.device_uid,
     )
 
 
@@ -107,8 +108,8 @@ class Processor:
         self.ledger = ledger
         self.stop = stop or threading.Event()
         self.fallbacks = list(fallbacks or [])
-        self.out = Path(config.out)
-        self.watch = Path(config.watch).resolve()
+        self.out = config.out_dir
+        self.watch = config.watch_dir.resolve()
         threshold = config.threshold if config.threshold is not None else float(
             bundle.metadata.get("threshold", 0.5))
         self.postprocess = PostprocessConfig(threshold=threshold, resolution=config.postprocess_resolution)
@@ -284,24 +285,31 @@ class Processor:
         clock.mark("reference")
         measured = stages.measure(radiograph, segmentation)
         clock.mark("measure")
-        rendering = stages.render(radiograph, segmentation, measured, prov, config.sc_max_side)
-        paths = stages.output_paths(self.out, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), config.seg)
+        rendering = stages.render(radiograph, segmentation, measured, prov, config.sc_max_side,
+                                  config.sc_style)
+        paths = stages.output_paths(self.out, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), config.seg,
+                                    config.sr)
         clock.mark("render")
         sc = stages.encode_sc(ref, rendering, prov, config.sc_syntax)
         clock.mark("sc_encode")
         seg = stages.encode_seg(ref, segmentation, rendering, prov) if config.seg else None
         clock.mark("seg_encode")
+        sr = stages.encode_sr(ref, radiograph, measured, seg, prov) if seg is not None and paths.sr else None
+        clock.mark("sr_encode")
         with StagedFiles() as staged:
             stages.write_sc(staged, paths.sc, sc, rendering.rgb, decode=config.sc_verify == "decode", clock=clock)
             if seg is not None and paths.seg is not None:
                 stages.write_seg(staged, paths.seg, seg, segmentation.mask)
             clock.mark("seg_save_verify")
+            if sr is not None and paths.sr is not None:
+                stages.write_sr(staged, paths.sr, sr)
+            clock.mark("sr_save_verify")
             write_ms = clock.elapsed_ms()
             write_stages = clock.stages_ms()
             timings = stages.file_timings(item.decode_ms, segmentation.timings_ms, write_ms)
             serving = stages.Serving(prov, self.fallbacks, self.backend_health())
             sidecar = stages.sidecar_for(item, ref, measured, rendering, sc, seg, paths, serving, timings_ms=timings,
-                                         write_stages_ms=write_stages, batch_size=batch_size)
+                                         write_stages_ms=write_stages, batch_size=batch_size, sr=sr)
             published = stages.publish(staged, paths, sidecar)
         outputs = [p.relative_to(self.out).as_posix() for p in published]
         return self._record(item, outputs, measured.flags, clock, timings, write_stages, write_ms)

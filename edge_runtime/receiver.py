@@ -204,11 +204,11 @@ class StorageReceiver:
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
         for context in AllStoragePresentationContexts:  # accepted only to answer 0x0122 per instance
-            if context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
+            if context.abstract_syntax is not None and context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
                 ae.add_supported_context(context.abstract_syntax, syntaxes[:4])
         ae.add_supported_context(VERIFICATION)
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
-                    (evt.EVT_ACCEPTED, self._accepted)]
+        handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
+                               (evt.EVT_ACCEPTED, self._accepted)]
         try:
             self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from lungseg.edge_runtime import service_metrics
 from lungseg.edge_runtime.config import EdgeConfig
@@ -56,7 +55,7 @@ def start_receiver(config: EdgeConfig) -> StorageReceiver | None:
     if config.scp_port is None:
         return None
     try:
-        receiver = StorageReceiver(Path(config.watch), config.scp_port, config.scp_ae, config.scp_bind,
+        receiver = StorageReceiver(config.watch_dir, config.scp_port, config.scp_ae, config.scp_bind,
                                    config.scp_allow)
         receiver.remove_stale_temps()
         receiver.start()

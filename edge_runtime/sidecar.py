@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_ID = "lungseg-edge/sidecar/1"
+SCHEMA_ID = "lungseg-edge/sidecar/2"  # 2: spacing check, SR output, model bundle/device, overlay layout
 SCHEMA_FILE = Path(__file__).with_name("sidecar.schema.json")
 
 
@@ -60,11 +60,14 @@ class OutputFile:
 class Outputs:
     secondary_capture: OutputFile
     segmentation: OutputFile | None = None
+    structured_report: OutputFile | None = None  # the TID 1500 Measurement Report
 
     def to_dict(self) -> dict[str, Any]:
         out = {"secondary_capture": self.secondary_capture.to_dict()}
         if self.segmentation is not None:
             out["segmentation"] = self.segmentation.to_dict()
+        if self.structured_report is not None:
+            out["structured_report"] = self.structured_report.to_dict()
         return out
 
 
@@ -77,6 +80,9 @@ class Rendered:
     sc_rows: int
     sc_columns: int
     decoded_level: int
+    style: str  # the overlay's: "outline" or "filled-outline"
+    text_boxes: dict[str, list[int]]  # where the overlay's text went: [x0, y0, x1, y1] in SC pixels
+    text_strip_rows: int  # rows added below the image for text the lungs left no room for (usually 0)
 
 
 @dataclass(frozen=True)
@@ -111,10 +117,12 @@ class BackendHealth:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    version: str
+    version: str  # the bundle's one version (bundle.json's model_version)
     file: str
-    sha256: str
+    sha256: str  # the model file that ran
     threshold: float
+    bundle_sha256: str  # the whole bundle (every file): lungseg.bundle.Bundle.sha256
+    device_uid: str  # the DICOM outputs' Contributing Equipment Device UID, derived from bundle_sha256
 
 
 @dataclass(frozen=True)

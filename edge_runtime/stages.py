@@ -29,12 +29,13 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from pydicom import dcmread
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 
@@ -43,7 +44,7 @@ from lungseg.edge_runtime.admission import Admitted
 from lungseg.edge_runtime.codes import QAFlag
 from lungseg.edge_runtime.dicom_out import Provenance
 from lungseg.edge_runtime.fsio import StagedFiles
-from lungseg.edge_runtime.overlay import render_overlay, side_names
+from lungseg.edge_runtime.overlay import render_overlay, turned_orientation
 from lungseg.edge_runtime.sidecar import (
     Areas,
     BackendHealth,
@@ -56,10 +57,12 @@ from lungseg.edge_runtime.sidecar import (
 )
 from lungseg.gate import GateModel, GatePolicy, Refused, flag_words, gated_segment
 from lungseg.imaging import Radiograph
-from lungseg.inference import Segmentation, lung_areas
+from lungseg.inference import Segmentation, named_lung_areas
 from lungseg.plausibility import ShapeModel, mask_qa
 from lungseg.postprocess import PostprocessConfig
 from lungseg.predictors import Predictor
+from lungseg.spacing_check import SpacingCheck, check_spacing
+from lungseg.sr_report import AlgorithmIdentity, LungMeasurements, build_measurement_report
 
 log = logging.getLogger("lungseg.edge")
 
@@ -165,6 +168,7 @@ class Measurement:
     lines: list[str]  # areas (and the QA flags, if any), one line each
     review: list[str]  # the flags that need review, in words
     notes: list[str]  # the corrections applied, in words
+    spacing: SpacingCheck  # is the pixel spacing plausible for these lungs (else the areas are unreliable)
 
     @property
     def flags(self) -> list[str]:
@@ -173,23 +177,10 @@ class Measurement:
 
 def area_report(mask: np.ndarray, spacing_mm: tuple[float, float] | None, patient_orientation: Any,
                 native_pixels_per_pixel: tuple[float, float] = (1.0, 1.0)) -> Areas:
-    """Areas in (native) pixels always, in cm² (total and per lung) only when the spacing is usable.
-
-    ``mask`` may be the model-resolution mask: see :func:`lungseg.inference.lung_areas`.
-    """
-    areas = lung_areas(mask, spacing_mm, native_pixels_per_pixel)
-    left_name, right_name = side_names(patient_orientation)
-    keys = {"image_left": left_name.replace(" ", "_").replace("-", "_"),
-            "image_right": right_name.replace(" ", "_").replace("-", "_")}
-    by_lung = None
-    if "lung_area_px_by_side" in areas:
-        by_lung = {keys[k]: v for k, v in areas["lung_area_px_by_side"].items()}
-    cm2 = None
-    if "lung_area_mm2" in areas:
-        cm2 = {"total": round(areas["lung_area_mm2"] / 100.0, 2)}
-        for side, mm2 in areas.get("lung_area_mm2_by_side", {}).items():
-            cm2[keys[side]] = round(mm2 / 100.0, 2)
-    return Areas(areas["lung_area_px"], by_lung, cm2)
+    """Areas in (native) pixels always, in cm² (total and per lung) only when the spacing is usable
+    (:func:`lungseg.inference.named_lung_areas`, the vocabulary ``lungseg-segment`` writes too)."""
+    named = named_lung_areas(mask, spacing_mm, patient_orientation, native_pixels_per_pixel)
+    return Areas(named["lung_area_px"], named.get("lung_area_px_by_lung"), named.get("lung_areas_cm2"))
 
 
 def area_lines(areas: Areas) -> list[str]:
@@ -220,12 +211,25 @@ def measure(radiograph: Radiograph, segmentation: Segmentation) -> Measurement:
     areas = area_report(segmentation.final_mask, radiograph.pixel_spacing_mm, orientation,
                         segmentation.native_pixels_per_pixel)
     qa = qa_report(segmentation.final_mask, segmentation.qa)
+    spacing = check_spacing(segmentation.final_mask, radiograph.pixel_spacing_mm, native_shape=radiograph.source_shape,
+                            spacing_source=radiograph.facts.get("spacing_source"),
+                            calibration_type=_text(radiograph, "PixelSpacingCalibrationType"),
+                            patient_age=_text(radiograph, "PatientAge"))
+    if spacing.flags:
+        qa = {**qa, "flags": [*qa["flags"], *spacing.flags]}
+    if spacing.checked or radiograph.pixel_spacing_mm is not None:
+        qa = {**qa, "spacing": spacing.to_dict()}
     lines = area_lines(areas)
     review = [flag_words(f) for f in qa.get("review", qa["flags"])]
     notes = [flag_words(f) for f in qa["flags"] if _is_correction(f)]
     if qa["flags"]:
         lines.append("QA: " + ", ".join(qa["flags"]))
-    return Measurement(areas, qa, lines, review, notes)
+    return Measurement(areas, qa, lines, review, notes, spacing)
+
+
+def _text(radiograph: Radiograph, keyword: str) -> str | None:
+    value = radiograph.dataset.get(keyword) if radiograph.dataset is not None else None
+    return str(value) if value not in (None, "") else None
 
 
 # --- render --------------------------------------------------------------------------------------------
@@ -236,36 +240,68 @@ class Rendering:
     rgb: np.ndarray
     review_text: str  # "REVIEW: ..." when a flag needs review, else ""
     comments: str  # the SC's ImageComments
+    style: str = "outline"
+    text_boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # where the overlay's text went
+    strip_rows: int = 0  # rows of the text strip below the image (0: the SC has the image's size)
 
     @property
     def shape(self) -> tuple[int, int]:
         return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
 
+#: the smallest long side ``sc_max_side`` may ask for: below it the legend and banner cannot stay whole and off
+#: the lungs on a typical chest radiograph (checked by the layout tests at 256, 1024 and 2048 px)
+MIN_SC_SIDE = 1024
+
+
 def sc_pixels(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    """The radiograph as the Secondary Capture shows it: reduced by area so its long side is ``<= max_side``."""
+    """The radiograph as the Secondary Capture shows it: reduced by area so its long side is ``<= max_side``
+    (never below :data:`MIN_SC_SIDE`; 0: as given)."""
     long_side = max(pixels.shape)
-    if max_side <= 0 or long_side <= max_side:
+    if max_side <= 0 or long_side <= max(max_side, MIN_SC_SIDE):
         return pixels
-    scale = max_side / long_side
+    scale = max(max_side, MIN_SC_SIDE) / long_side
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
+def displayed_orientation(radiograph: Radiograph, segmentation: Segmentation) -> tuple[list[str] | None, str | None]:
+    """PatientOrientation that describes the stored pixels, and a note when it is not the header's.
+
+    When the gate found the stored image turned (and corrected it before segmenting), the header's
+    orientation describes the upright image, not these pixels: the markers follow the pixels.
+    """
+    header = radiograph.dataset.get("PatientOrientation") if radiograph.dataset is not None else None
+    header = [str(v) for v in header] if header else None
+    turns = int(segmentation.qa.get("gate", {}).get("correction", {}).get("quarter_turns", 0) or 0)
+    if not turns % 4 or header is None:
+        return header, None
+    shown = turned_orientation(header, turns)
+    written = "\\".join(header)
+    return shown, (f"R/L markers follow the image: header orientation {written} does not match "
+                   f"the pixels (turned {turns * 90 % 360} deg)")
+
+
 def render(radiograph: Radiograph, segmentation: Segmentation, measured: Measurement, provenance: Provenance,
-           max_side: int) -> Rendering:
-    """The overlay (mask, legend, areas, review banner, notes, orientation markers) and the SC's comments."""
-    pixels = sc_pixels(radiograph.pixels, max_side)
-    orientation = radiograph.dataset.get("PatientOrientation") if radiograph.dataset is not None else None
-    rgb = render_overlay(pixels, segmentation.mask_at(pixels.shape),
-                         legend=[f"model {provenance.model_name} {provenance.model_version} ({provenance.backend})"],
-                         areas=measured.lines, review=measured.review, notes=measured.notes,
-                         patient_orientation=orientation)
+           max_side: int, style: str = "outline") -> Rendering:
+    """The overlay at full resolution (mask outline, legend, areas, review banner, notes, orientation markers)
+    and the SC's comments. The presentation-ready image at native size when the decoder kept it
+    (``Radiograph.display``), else the decoded pixels."""
+    shown = radiograph.display if radiograph.display is not None else radiograph.pixels
+    pixels = sc_pixels(shown, max_side)
+    orientation, orientation_note = displayed_orientation(radiograph, segmentation)
+    notes = [*measured.notes, *([orientation_note] if orientation_note else [])]
+    model = f"model {provenance.model_name} {provenance.model_version} ({provenance.backend})"
+    overlay = render_overlay(pixels, segmentation.mask_at(pixels.shape), legend=[model],
+                             areas_unreliable=not measured.spacing.areas_reliable and measured.areas.lung_areas_cm2
+                             is not None,
+                             areas=measured.lines, review=measured.review, notes=notes, style=style,
+                             patient_orientation=orientation)
     review = measured.review
     review_text = "REVIEW: " + ", ".join(review) if review else ""
-    comments = "; ".join([f"{dicom_out.CAPTION}.", *([review_text] if review else []), *measured.notes,
+    comments = "; ".join([f"{dicom_out.CAPTION}.", *([review_text] if review else []), *notes,
                           *measured.lines])
-    return Rendering(rgb, review_text, comments)
+    return Rendering(overlay.rgb, review_text, comments, style, overlay.boxes, overlay.strip_rows)
 
 
 # --- encode --------------------------------------------------------------------------------------------
@@ -283,6 +319,38 @@ def encode_seg(ref: Reference, segmentation: Segmentation, rendering: Rendering,
         return dicom_out.build_seg(ref.dataset, segmentation.mask, provenance, review=rendering.review_text)
 
 
+_SIDES = {"right_lung": "right", "left_lung": "left"}
+
+
+def sr_measurements(radiograph: Radiograph, measured: Measurement) -> LungMeasurements:
+    """What the SR states: areas in cm² when the spacing is usable and plausible, else in pixels (see
+    :mod:`lungseg.sr_report`); the QA flags and gate decisions."""
+    areas = measured.areas
+    cm2 = areas.lung_areas_cm2
+    reliable = cm2 is not None and measured.spacing.areas_reliable
+    reason = measured.spacing.reason
+    px = {"total": int(areas.lung_area_px)}
+    px.update({_SIDES[k]: int(v) for k, v in (areas.lung_area_px_by_lung or {}).items() if k in _SIDES})
+    by_cm2 = None
+    if cm2 is not None:
+        by_cm2 = {"total": float(cm2["total"])}
+        by_cm2.update({_SIDES[k]: float(v) for k, v in cm2.items() if k in _SIDES})
+    return LungMeasurements(areas_cm2=by_cm2, areas_px=px, areas_reliable=reliable, reliability_reason=reason,
+                            spacing_source=radiograph.facts.get("spacing_source"), qa_flags=tuple(measured.flags))
+
+
+def encode_sr(ref: Reference, radiograph: Radiograph, measured: Measurement, seg: Dataset,
+              provenance: Provenance) -> Dataset:
+    """The TID 1500 Measurement Report: the areas and QA of ``seg``'s lung segment, the model as device."""
+    identity = AlgorithmIdentity(name=provenance.model_name, version=provenance.model_version,
+                                 bundle_sha256=provenance.bundle_sha256, device_uid=provenance.device_uid,
+                                 software_version=provenance.software_version, manufacturer=dicom_out.MANUFACTURER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_measurement_report(ref.dataset, seg, sr_measurements(radiograph, measured), identity,
+                                        equipment=[provenance.equipment()])
+
+
 # --- write ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OutputPaths:
@@ -291,12 +359,15 @@ class OutputPaths:
     sc: Path
     sidecar: Path
     seg: Path | None = None
+    sr: Path | None = None
 
 
-def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool) -> OutputPaths:
+def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool, sr: bool = False) -> OutputPaths:
+    """Where one file's outputs go; the SR only beside a SEG (it references the SEG's segment)."""
     folder = out / study_uid
     return OutputPaths(sc=folder / f"{source_sop_uid}.sc.dcm", sidecar=folder / f"{source_sop_uid}.json",
-                       seg=folder / f"{source_sop_uid}.seg.dcm" if seg else None)
+                       seg=folder / f"{source_sop_uid}.seg.dcm" if seg else None,
+                       sr=folder / f"{source_sop_uid}.sr.dcm" if seg and sr else None)
 
 
 def write_sc(staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool,
@@ -309,6 +380,17 @@ def write_sc(staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, d
     encoded.seek(0)  # the bytes just written: reading the file back would read them from the page cache
     dicom_out.verify_sc(encoded, rgb, decode=decode)
     clock.mark("sc_verify")
+
+
+def write_sr(staged: StagedFiles, path: Path, sr: Dataset) -> None:
+    """Stage the SR, then parse the bytes written back (a report that does not parse is never published)."""
+    encoded = io.BytesIO()
+    sr.save_as(encoded, enforce_file_format=True)
+    staged.write(path, encoded.getbuffer())
+    encoded.seek(0)
+    back = dcmread(encoded)
+    if back.SOPInstanceUID != sr.SOPInstanceUID or "ContentSequence" not in back:
+        raise dicom_out.OutputVerificationError(f"{path.name}: the SR written does not read back")
 
 
 def write_seg(staged: StagedFiles, path: Path, seg: Dataset, mask: np.ndarray) -> None:
@@ -349,7 +431,7 @@ def _now() -> str:
 
 def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering: Rendering, sc: Dataset,
                 seg: Dataset | None, paths: OutputPaths, serving: Serving, *, timings_ms: dict[str, float],
-                write_stages_ms: dict[str, float], batch_size: int) -> Sidecar:
+                write_stages_ms: dict[str, float], batch_size: int, sr: Dataset | None = None) -> Sidecar:
     """The sidecar of one file's outputs."""
     radiograph, ds, prov = item.radiograph, item.dataset, serving.provenance
     spacing = radiograph.pixel_spacing_mm
@@ -362,10 +444,14 @@ def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering
         OutputFile(paths.sc.name, str(sc.SOPInstanceUID), str(sc.SeriesInstanceUID),
                    transfer_syntax=sc.file_meta.TransferSyntaxUID.name),
         OutputFile(paths.seg.name, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID))
-        if seg is not None and paths.seg is not None else None)
+        if seg is not None and paths.seg is not None else None,
+        OutputFile(paths.sr.name, str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
+        if sr is not None and paths.sr is not None else None)
     rendered = Rendered(rows=int(radiograph.pixels.shape[0]), columns=int(radiograph.pixels.shape[1]),
                         sc_rows=rendering.shape[0], sc_columns=rendering.shape[1],
-                        decoded_level=radiograph.facts.get("decoded_level", 0))
+                        decoded_level=radiograph.facts.get("decoded_level", 0), style=rendering.style,
+                        text_boxes={k: list(v) for k, v in rendering.text_boxes.items()},
+                        text_strip_rows=rendering.strip_rows)
     return Sidecar(
         disclaimer=dicom_out.CAPTION, processed_at=_now(), source=source, outputs=outputs,
         pixel_spacing_mm=list(spacing) if spacing else None, rendered=rendered, areas=measured.areas, qa=measured.qa,
@@ -374,7 +460,8 @@ def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering
         backend=prov.backend, precision=prov.precision, fallbacks=serving.fallbacks, backend_health=serving.health,
         batch_size=batch_size,
         model=ModelInfo(name=prov.model_name, version=prov.model_version, file=prov.model_file,
-                        sha256=prov.model_sha256, threshold=prov.threshold),
+                        sha256=prov.model_sha256, threshold=prov.threshold, bundle_sha256=prov.bundle_sha256,
+                        device_uid=prov.device_uid),
         software_version=prov.software_version)
 
 

@@ -249,13 +249,10 @@ def make_observer(tracker: ReadyTracker, polling: bool, poll_interval: float):
             except Exception:  # an event must never kill the observer thread
                 log.exception("error while handling a file-system event")
 
-    if polling:
-        from watchdog.observers.polling import PollingObserver
+    from watchdog.observers import Observer
+    from watchdog.observers.api import BaseObserver
+    from watchdog.observers.polling import PollingObserver
 
-        observer = PollingObserver(timeout=poll_interval)
-    else:
-        from watchdog.observers import Observer
-
-        observer = Observer()
+    observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else Observer()
     observer.schedule(Handler(), str(tracker.root), recursive=tracker.recursive)
     return observer

@@ -7,6 +7,7 @@ compares each against PyTorch on the same preprocessed radiographs and writes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from lungseg.bundle import (
     ONNX_INT8,
     PARITY,
     SHAPE_MODEL,
+    read_onnx_metadata,
     resolve_bundle,
     write_bundle_manifest,
 )
@@ -80,6 +82,7 @@ class ExportOptions:
     min_dice_reduced: float = DEFAULT_MIN_DICE_REDUCED
     min_dice_reduced_given: bool = False  # an explicit --min-dice-reduced replaces the int8 requirement
     threads: int | None = None
+    model_version: str | None = None  # the bundle's one version (default: the checkpoint's)
 
 
 class _Checker:
@@ -123,7 +126,9 @@ def _finish(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
     report["files"] = sorted({p.name for p in bundle.iterdir() if p.is_file() and p.suffix != ".tmp"}
                              | {PARITY, BUNDLE_MANIFEST})
     write_json(bundle / PARITY, report)
-    write_bundle_manifest(bundle, {"lungseg_version": lungseg.__version__, "golden": report.get("golden"),
+    meta = read_onnx_metadata(bundle / ONNX_FP32) if (bundle / ONNX_FP32).is_file() else {}
+    write_bundle_manifest(bundle, {"model_name": meta.get("model_name"), "model_version": meta.get("model_version"),
+                                   "lungseg_version": lungseg.__version__, "golden": report.get("golden"),
                                    "int8": report["models"].get(ONNX_INT8, {}).get("quantization")})
     return report
 
@@ -194,6 +199,8 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
     report = _report("pytorch", data, options)
     report["checkpoint"] = {"file": checkpoint.path.name, "sha256": checkpoint.sha256,
                             "init_features": checkpoint.init_features, **checkpoint.info}
+    if options.model_version:  # one version for the whole bundle: ONNX metadata of every model and bundle.json
+        checkpoint = dataclasses.replace(checkpoint, model_version=options.model_version)
     metadata = bundle_metadata(checkpoint)
     fp32 = export_fp32(checkpoint, out / ONNX_FP32)
     report["models"][ONNX_FP32] = checker.onnx(fp32).to_dict()

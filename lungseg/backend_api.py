@@ -56,7 +56,7 @@ class BackendOptions:
     selftest: bool = True
     # called every few seconds with a status line while a TensorRT engine builds (the edge service
     # extends systemd's start timeout with it; building on an Orin Nano takes minutes)
-    build_keepalive: Callable[[str], None] | None = None
+    build_keepalive: Callable[[str], object] | None = None
 
 
 __all__ = ["BackendOptions", "BackendRuntimeError", "BackendUnavailableError", "Predictor"]

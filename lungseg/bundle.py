@@ -78,20 +78,51 @@ class Bundle:
         return json.loads(path.read_text()) if path else None
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """``bundle.json`` (empty for a bare ONNX file)."""
+        path = self.root / BUNDLE_MANIFEST
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
     def name(self) -> str:
-        return self.metadata.get("model_name", self.onnx.stem)
+        return str(self.manifest.get("model_name") or self.metadata.get("model_name", self.onnx.stem))
 
     @property
     def version(self) -> str:
-        return self.metadata.get("model_version", "unknown")
+        """The bundle's one model version: ``bundle.json``'s ``model_version``, else the ONNX metadata's."""
+        return str(self.manifest.get("model_version") or self.metadata.get("model_version", "unknown"))
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the whole bundle: sha256 of ``bundle.json``'s file list (every file's sha256 and size),
+        canonically serialised; a bare ONNX file: its own sha256. Any file changed, added or removed changes it."""
+        files = self.manifest.get("files")
+        if not files:
+            return sha256_file(self.onnx)
+        return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    @property
+    def device_uid(self) -> str:
+        """A DICOM UID for this model as a device (Contributing Equipment's Device UID): derived from
+        :attr:`sha256`, so it changes whenever the model changes (``2.25.`` + the first 128 bits)."""
+        return device_uid(self.sha256)
+
+
+def device_uid(bundle_sha256: str) -> str:
+    """``2.25.<decimal of the first 128 bits of the hash>``: a valid UID of at most 44 characters."""
+    return f"2.25.{int(bundle_sha256[:32], 16)}"
 
 
 def write_bundle_manifest(root: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``bundle.json``: the sha256 and size of every file in ``root`` (and ``extra`` fields)."""
+    """Write ``bundle.json``: the sha256 and size of every file in ``root``, the fields the manifest already
+    had (``model_name``, ``model_version``, ...) and ``extra`` fields (which win)."""
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(root.iterdir()) if p.is_file() and p.name != BUNDLE_MANIFEST
              and not p.name.endswith((".tmp", TEMP_SUFFIX))}
-    manifest = {"schema": "lungseg/bundle/1", "files": files, **(extra or {})}
+    path = root / BUNDLE_MANIFEST
+    kept = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("schema", "files")} \
+        if path.is_file() else {}
+    manifest = {"schema": "lungseg/bundle/1", "files": files, **kept, **(extra or {})}
     atomic_write(root / BUNDLE_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -37,7 +37,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from lungseg.pixel_render import block_means, reduction_level, render_with_lut, stored_values
-from lungseg.radiograph import Radiograph, UnreadableImageError, to_unit_range
+from lungseg.radiograph import Radiograph, UnreadableImageError, to_gray8, to_unit_range
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ DEFAULT_LIMITS = DecodeLimits()
 
 
 def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLimits | None = None,
-               min_side: int = 0) -> Radiograph:
+               min_side: int = 0, display: bool = False) -> Radiograph:
     """Read a DICOM file (with or without preamble/file meta, any suffix) as a radiograph.
 
     ``data`` is the file's content when the caller already read it (``path`` then only
@@ -92,6 +92,9 @@ def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLim
     is decoded, and every element is parsed, so a malformed one fails here, not later.
     ``min_side > 0`` decodes and renders at a reduced resolution whose short side stays
     ``>= min_side`` (``Radiograph.native_shape`` keeps the source size); 0 keeps full size.
+    ``display`` also keeps the presentation-ready image at full resolution as 8 bits
+    (``Radiograph.display``, for the overlay): the file is then decoded once at full size and
+    ``pixels`` are its area reduction.
     Raises :class:`UnsupportedDicomError` for DICOM this tool does not segment and
     :class:`~lungseg.imaging.UnreadableImageError` for anything else that fails.
     """
@@ -122,7 +125,7 @@ def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLim
     _ensure_transfer_syntax(ds)
     check_header_limits(ds, path, limits)
     check_supported(ds, path)
-    return radiograph_from_dataset(ds, path, min_side=min_side)
+    return radiograph_from_dataset(ds, path, min_side=min_side, display=display)
 
 
 @contextlib.contextmanager
@@ -251,17 +254,19 @@ def check_supported(ds: Dataset, path: str | Path) -> None:
         raise UnsupportedDicomError(path, f"multi-frame image ({frames} frames)", "multiframe")
 
 
-def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0) -> Radiograph:
+def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
+                            display: bool = False) -> Radiograph:
     """Render ``ds`` (already checked) to float32 [0, 1] MONOCHROME2; see the module docstring.
 
     ``min_side > 0`` renders at ``1 / 2**level`` of the native size, the coarsest level whose
     short side stays ``>= min_side`` (see :mod:`lungseg.pixel_render`); ``native_shape`` and
-    the pixel spacing still describe the source grid.
+    the pixel spacing still describe the source grid. ``display`` decodes at full size and keeps
+    the presentation-ready image as 8 bits in ``Radiograph.display`` (see :func:`read_dicom`).
     """
     _ensure_transfer_syntax(ds)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
     try:
-        stored, level = stored_values(ds, min_side)
+        stored, level = stored_values(ds, 0 if display else min_side)
     except Exception as exc:
         raise UnreadableImageError(
             path, f"cannot decode pixel data ({transfer_syntax.name}): {type(exc).__name__}: {exc}"
@@ -286,6 +291,7 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0)
     pixels, voi = rendered if rendered is not None else render(stored)
     if not np.all(np.isfinite(pixels)):
         raise UnreadableImageError(path, "rendering produced non-finite values")
+    shown = to_gray8(pixels) if display else None
     if level == 0 and min_side > 0:
         level = reduction_level(native_shape[0], native_shape[1], min_side)
         pixels = block_means(pixels, level)
@@ -312,7 +318,7 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0)
         "patient_orientation": _orientation(ds),
     }
     return Radiograph(pixels=pixels, source=str(path), pixel_spacing_mm=spacing, dataset=ds, facts=facts,
-                      native_shape=native_shape)
+                      native_shape=native_shape, display=shown)
 
 
 def _media_storage_class(ds: Dataset) -> str:

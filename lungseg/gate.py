@@ -40,6 +40,7 @@ import numpy as np
 
 from lungseg.backend_api import Predictor
 from lungseg.bundle import GATE_MANIFEST, GATE_ONNX, verified_file
+from lungseg.gate_options import DEFAULT_MIRRORED_THRESHOLD, GATE_MODES
 from lungseg.inference import Segmentation, segment_batch
 from lungseg.plausibility import ShapeModel, mask_qa
 from lungseg.postprocess import PostprocessConfig
@@ -56,8 +57,6 @@ HEADS: dict[str, slice] = {"orientation": slice(0, 4), "negative": slice(4, 6), 
                            "chest": slice(8, 10)}
 N_LOGITS = 10
 
-GATE_MODES = ("off", "flag", "refuse")
-DEFAULT_MIRRORED_THRESHOLD = 0.9  # for a gate whose gate.json carries no calibrated threshold
 NON_CHEST_BODY_PARTS = frozenset({
     "HAND", "KNEE", "FOOT", "ANKLE", "WRIST", "ELBOW", "SHOULDER", "HIP", "PELVIS", "SKULL", "HEAD", "BRAIN",
     "CSPINE", "TSPINE", "LSPINE", "SPINE", "EXTREMITY", "FINGER", "TOE", "FOREARM", "ARM", "LEG", "FEMUR",
@@ -413,49 +412,15 @@ def _turned_back(seg: Any, radiograph: Any, correction: Correction) -> Any:
                         timings_ms=seg.timings_ms, qa=seg.qa, threshold=seg.threshold)
 
 
-# --- command-line options shared by lungseg-segment and lungseg-edge ----------------------------------------
-def _unit(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {text}")
-    return value
-
-
-def add_gate_arguments(parser: Any) -> None:
-    """``--gate``, ``--auto-orient`` and the gate thresholds (defaults: :class:`GatePolicy`)."""
-    default = GatePolicy()
-    group = parser.add_argument_group(
-        "image gate", "checks each image is a frontal chest radiograph, upright and not a negative, before "
-        "segmenting; see lungseg.gate for the policy")
-    group.add_argument("--gate", choices=GATE_MODES, default=default.mode,
-                       help="off: no checks; flag: segment everything, flag doubtful images; refuse: also refuse "
-                       "non-chest images and header-declared non-chest body parts / lateral views "
-                       "(default: %(default)s)")
-    group.add_argument("--auto-orient", choices=("on", "off"), default="on" if default.auto_orient else "off",
-                       help="correct confidently detected quarter turns and negatives before segmenting, and "
-                       "say so in the flags (default: %(default)s)")
-    group.add_argument("--gate-correct-threshold", type=_unit, default=default.correct_threshold, metavar="P",
-                       help="gate probability needed to correct orientation / negative (default: %(default)s)")
-    group.add_argument("--gate-uncertain-threshold", type=_unit, default=default.uncertain_threshold, metavar="P",
-                       help="below this top probability a head is not confident: flagged (default: %(default)s)")
-    group.add_argument("--gate-mirror-threshold", type=_unit, default=default.mirrored_threshold, metavar="P",
-                       help="P(mirrored) above which an image is flagged (default: the threshold calibrated for "
-                       f"the bundle's gate, in its gate.json; {DEFAULT_MIRRORED_THRESHOLD} without one)")
-    group.add_argument("--gate-refuse-threshold", type=_unit, default=default.not_chest_refuse, metavar="P",
-                       help="P(not a chest) above which an image is refused in refuse mode (default: %(default)s)")
-
-
-def policy_from_args(args: Any) -> GatePolicy:
-    return GatePolicy(mode=args.gate, auto_orient=args.auto_orient == "on",
-                      correct_threshold=args.gate_correct_threshold,
-                      uncertain_threshold=args.gate_uncertain_threshold,
-                      mirrored_threshold=args.gate_mirror_threshold,
-                      not_chest_refuse=max(args.gate_refuse_threshold, GatePolicy().not_chest_flag))
+# --- the policy of the gate settings (lungseg.gate_options) -------------------------------------------------
+def policy_from_settings(settings: Any) -> GatePolicy:
+    """The policy of gate settings: a :class:`lungseg.gate_options.GateOptions` (an ``EdgeConfig`` is one) or
+    flags parsed after :func:`lungseg.gate_options.add_gate_arguments`. Raises ``ValueError`` when invalid."""
+    return GatePolicy(mode=settings.gate, auto_orient=bool(settings.auto_orient),
+                      correct_threshold=settings.gate_correct_threshold,
+                      uncertain_threshold=settings.gate_uncertain_threshold,
+                      mirrored_threshold=settings.gate_mirror_threshold,
+                      not_chest_refuse=max(settings.gate_refuse_threshold, GatePolicy().not_chest_flag))
 
 
 _WORDS = {
@@ -475,6 +440,7 @@ _WORDS = {
     "implausible_area": "implausible lung area",
     "implausible_shape": "lung shape unlike training masks",
     "lung_apex_mismatch": "lung tops at very different heights",
+    "pixel_spacing_implausible": "pixel spacing implausible for a chest: areas unreliable",
 }
 
 

@@ -10,6 +10,7 @@ native size first, everything measured there) for comparisons.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -89,6 +90,42 @@ def lung_areas(mask: np.ndarray, spacing_mm: tuple[float, float] | None,
             result["lung_area_mm2_by_side"] = {"image_left": int(areas[first]) * pixel_mm2,
                                                "image_right": int(areas[second]) * pixel_mm2}
     return result
+
+
+def side_names(patient_orientation: Sequence[str] | None) -> tuple[str, str]:
+    """Names for the lung on the image's left and right.
+
+    With PatientOrientation's row direction ``L`` (standard PA/AP display) the
+    image-left lung is the patient's right; with ``R`` the reverse; otherwise
+    (rotated, missing) the sides are named by the image.
+    """
+    row_direction = str(patient_orientation[0]).upper() if patient_orientation else ""
+    if row_direction == "L":
+        return "right lung", "left lung"
+    if row_direction == "R":
+        return "left lung", "right lung"
+    return "image-left lung", "image-right lung"
+
+
+def named_lung_areas(mask: np.ndarray, spacing_mm: tuple[float, float] | None, patient_orientation: Any,
+                     native_pixels_per_pixel: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
+    """The areas as every output names them (the one vocabulary of ``lungseg-segment`` and ``lungseg-edge``):
+    ``lung_area_px`` (native pixels), ``lung_area_px_by_lung`` (``right_lung``/``left_lung`` when
+    PatientOrientation says which is which, else ``image_left_lung``/``image_right_lung``) and
+    ``lung_areas_cm2`` (``total`` and per lung; only with a usable spacing)."""
+    areas = lung_areas(mask, spacing_mm, native_pixels_per_pixel)
+    left_name, right_name = side_names(patient_orientation)
+    keys = {"image_left": left_name.replace(" ", "_").replace("-", "_"),
+            "image_right": right_name.replace(" ", "_").replace("-", "_")}
+    out: dict[str, Any] = {"lung_area_px": areas["lung_area_px"]}
+    if "lung_area_px_by_side" in areas:
+        out["lung_area_px_by_lung"] = {keys[k]: v for k, v in areas["lung_area_px_by_side"].items()}
+    if "lung_area_mm2" in areas:
+        cm2 = {"total": round(areas["lung_area_mm2"] / 100.0, 2)}
+        for side, mm2 in areas.get("lung_area_mm2_by_side", {}).items():
+            cm2[keys[side]] = round(mm2 / 100.0, 2)
+        out["lung_areas_cm2"] = cm2
+    return out
 
 
 def segment_batch(

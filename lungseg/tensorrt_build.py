@@ -135,7 +135,7 @@ def _progress_monitor(trt: ModuleType) -> Any | None:
     return LoggingProgress()
 
 
-Keepalive = Callable[[str], None]
+Keepalive = Callable[[str], object]
 """Called every few seconds during a build with a status line (e.g. to extend systemd's start timeout)."""
 
 

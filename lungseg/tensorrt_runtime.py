@@ -282,7 +282,7 @@ def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any
 
 def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
                          onnx_path: Path, typing: str,
-                         keepalive: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+                         keepalive: Callable[[str], object] | None = None) -> tuple[Path, dict[str, Any]]:
     """Build the engine for ``key``, gate it on parity, store it in ``cache``; refuses (and records) on failure."""
     try:
         engine_bytes, facts = build_serialized(trt, onnx_path, typing, settings, keepalive)

@@ -9,6 +9,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 FIXTURE_MANIFEST = FIXTURES / "cxr" / "manifest.csv"
+TINY_ONNX = FIXTURES / "tiny_model.onnx"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
@@ -27,17 +28,13 @@ def fixture_manifest() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random-weight U-Net exported to ONNX (needs torch; skipped without it)."""
-    torch = pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
-    from lungseg.nn.unet import UNet
+    """A tiny model with the runtime's I/O contract (the committed ``tests/fixtures/tiny_model.onnx``, made by
+    ``tests/fixtures/make_tiny_onnx.py``): the edge tests need neither torch nor onnx. A copy, alone in its
+    folder, so a test can neither change the committed file nor see other files as its bundle."""
+    import shutil
 
     path = tmp_path_factory.mktemp("tiny") / "model.onnx"
-    torch.manual_seed(0)
-    model = UNet(init_features=4).eval()
-    torch.onnx.export(
-        model, torch.zeros(1, 3, 256, 256), str(path), input_names=["image"], output_names=["probability"],
-        dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}}, opset_version=17, dynamo=False,
-    )
+    shutil.copyfile(TINY_ONNX, path)
     return path
 
 

@@ -38,6 +38,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # the edge's TID 1500 Measurement Report (Comprehensive 3D SR)
+OUTPUT_CLASSES = (SC_STORAGE, SEG_STORAGE, SR_STORAGE)
 SOURCE_UID = "1.2.826.0.1.3680043.10.1082.77."
 DICOMWEB_PLUGIN = Path(os.environ.get("LUNGSEG_ORTHANC_PLUGINS", "/usr/share/orthanc/plugins")) / \
     "libOrthancDicomWeb.so"
@@ -282,24 +284,37 @@ def storescu(port: int, files: list[Path], calling: str = UNIT_AE, called: str =
 
 
 # --- the checks ---------------------------------------------------------------------
+def _sr_source(sr: dict[str, Any], sources: dict[str, str]) -> str | None:
+    """The source image an SR's evidence names (its evidence also lists the SEG)."""
+    for study in sr.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.get("ReferencedSeriesSequence", []):
+            for item in series.get("ReferencedSOPSequence", []):
+                if item.get("ReferencedSOPInstanceUID") in sources:
+                    return str(item["ReferencedSOPInstanceUID"])
+    return None
+
+
 def check_holdings(holdings: list[dict[str, Any]], sources: dict[str, str]) -> dict[str, int]:
-    """SC and SEG for every source, exactly one of each, in the source's study, with their references."""
+    """SC, SEG and SR for every source, exactly one of each, in the source's study, with their references."""
     by_class: dict[str, list[dict[str, Any]]] = {}
     for item in holdings:
         by_class.setdefault(item["SOPClassUID"], []).append(item)
-    scs, segs = by_class.get(SC_STORAGE, []), by_class.get(SEG_STORAGE, [])
-    sc_refs = [sc["SourceImageSequence"][0]["ReferencedSOPInstanceUID"] for sc in scs]
-    seg_refs = [seg["ReferencedSeriesSequence"][0]["ReferencedInstanceSequence"][0]["ReferencedSOPInstanceUID"]
-                for seg in segs]
-    lost = len(set(sources) - set(sc_refs)) + len(set(sources) - set(seg_refs))
-    doubled = (len(sc_refs) - len(set(sc_refs))) + (len(seg_refs) - len(set(seg_refs)))
-    wrong_study = [item["SOPInstanceUID"] for item, ref in [*zip(scs, sc_refs, strict=True),
-                                                              *zip(segs, seg_refs, strict=True)]
-                   if item["StudyInstanceUID"] != sources.get(ref)]
+    scs, segs, srs = (by_class.get(c, []) for c in OUTPUT_CLASSES)
+    refs = {
+        "sc": [sc["SourceImageSequence"][0]["ReferencedSOPInstanceUID"] for sc in scs],
+        "seg": [seg["ReferencedSeriesSequence"][0]["ReferencedInstanceSequence"][0]["ReferencedSOPInstanceUID"]
+                for seg in segs],
+        "sr": [_sr_source(sr, sources) for sr in srs],
+    }
+    lost = sum(len(set(sources) - set(r)) for r in refs.values())
+    doubled = sum(len(r) - len(set(r)) for r in refs.values())
+    pairs = [*zip(scs, refs["sc"], strict=True), *zip(segs, refs["seg"], strict=True),
+             *zip(srs, refs["sr"], strict=True)]
+    wrong_study = [item["SOPInstanceUID"] for item, ref in pairs if item["StudyInstanceUID"] != sources.get(ref)]
     if lost or doubled or wrong_study:
         raise ChainError(f"Orthanc holdings: {lost} output(s) lost, {doubled} doubled, "
                          f"{len(wrong_study)} outside the source's study")
-    return {"sc": len(scs), "seg": len(segs), "lost": lost, "doubled": doubled}
+    return {"sc": len(scs), "seg": len(segs), "sr": len(srs), "lost": lost, "doubled": doubled}
 
 
 def check_rendered(orthanc: Orthanc, sc: dict[str, Any]) -> tuple[int, int]:
@@ -350,7 +365,7 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
         time.sleep(2.0)
         orthanc.start()  # ... and comes back
         summary["outputs_before_restart"] = orthanc.instance_count() - count
-        wait_for(f"{2 * count} outputs in Orthanc", lambda: orthanc.instance_count() >= 3 * count, timeout)
+        wait_for(f"{3 * count} outputs in Orthanc", lambda: orthanc.instance_count() >= 4 * count, timeout)
         # refusals: a non-image SOP class, and a calling AE that is not on the allow-list
         sr_code, sr_output = storescu(box.scp_port, [sr])
         if sr_code == 0 or "Refused: SOPClassNotSupported" not in sr_output:
@@ -366,22 +381,23 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
         metrics = box.scrape()
         holdings = orthanc.holdings()
         checked = check_holdings(holdings, {p["SOPInstanceUID"]: p["StudyInstanceUID"] for p in holdings
-                                            if p["SOPClassUID"] not in (SC_STORAGE, SEG_STORAGE)})
+                                            if p["SOPClassUID"] not in OUTPUT_CLASSES})
         summary.update(checked)
         summary["orthanc_instances"] = len(holdings)
         summary["studies"] = len(orthanc.get("/studies"))
         expected = {"lungseg_received_total": count, "lungseg_processed_total": count,
                     'lungseg_forwarded_total{kind="sc"}': checked["sc"],
                     'lungseg_forwarded_total{kind="seg"}': checked["seg"],
+                    'lungseg_forwarded_total{kind="sr"}': checked["sr"],
                     'lungseg_refused_total{reason="sop_class"}': 1,
                     'lungseg_refused_total{reason="association"}': 1,
                     "lungseg_forward_queue_outputs": 0}
         mismatched = {k: (metrics.get(k), v) for k, v in expected.items() if metrics.get(k) != v}
         if mismatched:
             raise ChainError(f"/metrics does not match Orthanc: {mismatched}")
-        if checked["sc"] != count or checked["seg"] != count:
-            raise ChainError(f"expected {count} SC and {count} SEG, Orthanc holds {checked['sc']} and "
-                             f"{checked['seg']}")
+        if checked["sc"] != count or checked["seg"] != count or checked["sr"] != count:
+            raise ChainError(f"expected {count} SC, SEG and SR each, Orthanc holds {checked['sc']}, "
+                             f"{checked['seg']} and {checked['sr']}")
         summary["forward_failed"] = int(metrics.get("lungseg_forward_failed_total", 0))
         summary["metrics_match"] = True
         status, health = box.healthz()
@@ -403,7 +419,7 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
 
 def summary_line(summary: dict[str, Any]) -> str:
     return (f"integration: {summary['radiographs']} radiographs via storescu -> lungseg-edge SCP -> Orthanc: "
-            f"{summary['sc']} SC + {summary['seg']} SEG in {summary['studies']} studies, "
+            f"{summary['sc']} SC + {summary['seg']} SEG + {summary['sr']} SR in {summary['studies']} studies, "
             f"Orthanc killed+restarted after {summary['outputs_before_restart']} outputs "
             f"({summary['forward_failed']} failed attempts retried), lost {summary['lost']}, "
             f"duplicated {summary['doubled']}; SR refused ({summary['sr_refused']}); "

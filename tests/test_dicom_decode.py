@@ -146,6 +146,7 @@ def test_rotated_dx_file_is_rendered_as_stored() -> None:
     assert left > mediastinum + 0.1 and right > mediastinum + 0.1, (left, right, mediastinum)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ALL_REAL)
 def test_real_file_matches_dcmtk_rendering(name: str, tmp_path: Path) -> None:
     radiograph = decoded(name)
@@ -165,6 +166,7 @@ def test_real_file_matches_dcmtk_rendering(name: str, tmp_path: Path) -> None:
     assert pearson(downsampled(radiograph.pixels), downsampled(reference)) > 0.995
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", J2K_FILES)
 def test_j2k_rendering_matches_dcmtk_after_transcoding(name: str, tmp_path: Path) -> None:
     """dcmtk (without a JPEG 2000 codec) renders pydicom's decompressed copy: checks the grayscale pipeline."""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 from edge_helpers import REPO_ROOT, file_ref, make_cr, run_once, save, sc_files, sidecars
 
@@ -59,6 +60,22 @@ def test_help_is_instant_and_imports_nothing_heavy() -> None:
         assert flag in help_text
 
 
+def test_every_former_run_flag_still_exists() -> None:
+    """The flags are generated from the settings' declaration now; none of the hand-written ones was lost."""
+    from lungseg.edge_runtime.cli import build_parser
+
+    former = ("watch", "out", "state", "backend", "model", "seg", "once", "polling", "poll_interval",
+              "stable_seconds", "batch_size", "threads", "threshold", "quarantine_mode", "sc_syntax", "sc_max_side",
+              "sc_verify", "decode_min_side", "postprocess_resolution", "forward_host", "forward_port", "forward_ae",
+              "forward_calling_ae", "log_json", "log_uids", "verbose", "forward_retry_seconds", "scp_port", "scp_ae",
+              "scp_bind", "scp_allow", "metrics_port", "metrics_bind", "health_stale_seconds", "gate",
+              "auto_orient", "gate_correct_threshold", "gate_uncertain_threshold", "gate_mirror_threshold",
+              "gate_refuse_threshold")
+    args = build_parser().parse_args(["run"])
+    assert set(former) <= set(vars(args)), set(former) - set(vars(args))
+    assert build_parser().parse_args(["run", "-vv", "--no-seg"]).verbose == 2
+
+
 def test_ledger_makes_reruns_and_duplicates_idempotent(tmp_path: Path, tiny_onnx: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from lungseg.edge_runtime.cli import main
@@ -89,7 +106,10 @@ def test_ledger_makes_reruns_and_duplicates_idempotent(tmp_path: Path, tiny_onnx
     assert main(["render", str(sc), "--out", str(png)]) == 0
     import cv2
 
-    assert cv2.imread(str(png)).shape == (64, 64, 3)
+    # the SC as it is: the 64 px image at full size, plus the strip below it that holds the text a
+    # 64 px image has no room for
+    assert cv2.imread(str(png)).shape == pydicom.dcmread(sc).pixel_array.shape
+    assert cv2.imread(str(png)).shape[1] == 64
 
 
 def test_sidecar_has_areas_only_with_usable_spacing(tmp_path: Path, tiny_onnx: Path) -> None:

@@ -90,6 +90,7 @@ def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     return watch, out, state
 
 
+@pytest.mark.integration
 def test_daemon_handles_partial_writes_duplicates_junk_and_restart(
         tmp_path: Path, folders: tuple[Path, Path, Path], tiny_onnx: Path) -> None:
     watch, out, state = folders
@@ -159,6 +160,7 @@ def test_daemon_handles_partial_writes_duplicates_junk_and_restart(
         daemon.close()
 
 
+@pytest.mark.integration
 def test_sigterm_mid_batch_leaves_no_partial_outputs(
         tmp_path: Path, folders: tuple[Path, Path, Path], tiny_onnx: Path) -> None:
     watch, out, state = folders

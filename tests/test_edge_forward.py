@@ -5,23 +5,24 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pynetdicom
 import pytest
 from edge_helpers import make_cr, run_once, save
 
-pynetdicom = pytest.importorskip("pynetdicom", reason="pynetdicom (C-STORE forwarding) is not installed")
+pytestmark = pytest.mark.integration  # a real Storage SCP on a local port, stopped and restarted
 
 UID = "1.2.826.0.1.3680043.10.1082.44."
 
 
 class StorageSCP:
-    """A Storage SCP that accepts SC and SEG (uncompressed only, so RLE must be decompressed)."""
+    """A Storage SCP that accepts SC, SEG and SR (uncompressed only, so RLE must be decompressed)."""
 
     def __init__(self, port: int = 0):
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         self.received: list = []
         ae = pynetdicom.AE(ae_title="TESTPACS")
-        for sop_class in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.66.4"):
+        for sop_class in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"):
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         handlers = [(pynetdicom.evt.EVT_C_STORE, self._store)]
         self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
@@ -54,7 +55,7 @@ def test_outputs_are_forwarded_and_retried_after_the_peer_was_down(tmp_path: Pat
                 "forward_retry_seconds": 1.0}
     assert run_once(watch, out, tiny_onnx, **settings) == 0  # peer down: queued, not lost
     ledger = Ledger(out / ".lungseg-state")
-    assert ledger.counts()["forward_pending"] == 2
+    assert ledger.counts()["forward_pending"] == 3  # SC, SEG and the SR
     ledger.db.execute("UPDATE forward SET next_try=0")  # skip the backoff wait
     ledger.close()
 
@@ -65,11 +66,12 @@ def test_outputs_are_forwarded_and_retried_after_the_peer_was_down(tmp_path: Pat
     finally:
         scp.close()
     classes = sorted(str(ds.SOPClassUID) for ds in scp.received)
-    assert classes == ["1.2.840.10008.5.1.4.1.1.66.4"] * 2 + ["1.2.840.10008.5.1.4.1.1.7"] * 2
+    assert classes == (["1.2.840.10008.5.1.4.1.1.66.4"] * 2 + ["1.2.840.10008.5.1.4.1.1.7"] * 2
+                       + ["1.2.840.10008.5.1.4.1.1.88.34"] * 2)
     sources = {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in scp.received
                if ds.SOPClassUID.endswith(".7")}
     assert sources == {UID + "1", UID + "2"}
     ledger = Ledger(out / ".lungseg-state")
     counts = ledger.counts()
     ledger.close()
-    assert (counts["forward_sent"], counts["forward_pending"]) == (4, 0)
+    assert (counts["forward_sent"], counts["forward_pending"]) == (6, 0)

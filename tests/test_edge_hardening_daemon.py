@@ -14,6 +14,8 @@ import pytest
 from edge_helpers import dicom_bytes, make_cr, sc_files, sidecars
 from test_edge_daemon import wait_until
 
+pytestmark = pytest.mark.integration  # the daemon as a process: signals, restarts, its logs
+
 UID = "1.2.826.0.1.3680043.10.1082.112."
 PHI = {
     "name": "Quixotefield",

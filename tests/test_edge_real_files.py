@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from edge_helpers import SHARED_FILES, dciodvfy_errors, file_ref, run_once, sc_files, shared_dicom_dir, sidecars
 
 from lungseg.edge_runtime.config import EdgeConfig
-
-pydicom = pytest.importorskip("pydicom")
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,11 @@ def test_real_file_yields_one_valid_linked_sc(real_run: dict, name: str) -> None
     rgb = sc.pixel_array
     rendered = sidecar["rendered"]  # drawn at the decoded resolution: 1/2**level, short side >= 256 unless native
     assert rgb.shape == (rendered["sc_rows"], rendered["sc_columns"], 3)
-    assert (rendered["sc_rows"], rendered["sc_columns"]) == (
+    # the overlay shows the source at full resolution (plus a text strip below only if the lungs left no room);
+    # the model's input was the reduced decode
+    assert (rendered["sc_rows"] - rendered["text_strip_rows"], rendered["sc_columns"]) == (source.Rows, source.Columns)
+    assert (rendered["rows"], rendered["columns"]) == (
         -(-source.Rows // 2 ** rendered["decoded_level"]), -(-source.Columns // 2 ** rendered["decoded_level"]))
-    assert min(rgb.shape[:2]) >= EdgeConfig().decode_min_side or rendered["decoded_level"] == 0
     assert sidecar["model"]["sha256"] in sc.DerivationDescription
     assert "not for diagnosis" in sc.ImageComments
     assert "lungseg" in [item.Manufacturer for item in sc.ContributingEquipmentSequence]
@@ -68,7 +70,6 @@ def test_real_file_yields_one_valid_linked_sc(real_run: dict, name: str) -> None
 
 @pytest.mark.parametrize("name", SHARED_FILES)
 def test_real_file_seg_equals_segment_batch_mask(real_run: dict, name: str, tiny_onnx: Path) -> None:
-    hd = pytest.importorskip("highdicom")
     from lungseg.dicom_decode import read_dicom
     from lungseg.inference import segment_batch
     from lungseg.postprocess import PostprocessConfig
@@ -81,9 +82,8 @@ def test_real_file_seg_equals_segment_batch_mask(real_run: dict, name: str, tiny
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
         sidecar["source"]["sop_instance_uid"]
     stored = np.asarray(seg.pixel_array).reshape(sidecar["source"]["rows"], sidecar["source"]["columns"])
-    from lungseg.edge_runtime.config import EdgeConfig
-
-    radiograph = read_dicom(real_run["source"] / name, min_side=EdgeConfig().decode_min_side)  # as the edge decodes
+    radiograph = read_dicom(real_run["source"] / name, min_side=EdgeConfig().decode_min_side,
+                            display=True)  # as the edge decodes
     predictor = OnnxRuntimePredictor(str(tiny_onnx))
     expected = segment_batch(predictor, [radiograph], PostprocessConfig(threshold=0.5))[0].mask
     assert stored.shape == expected.shape

@@ -6,10 +6,9 @@ import shutil
 import threading
 from pathlib import Path
 
+import pynetdicom
 import pytest
 from edge_helpers import DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE, make_cr
-
-pynetdicom = pytest.importorskip("pynetdicom", reason="pynetdicom is not installed")
 
 UID = "1.2.826.0.1.3680043.10.1082.55."
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -58,6 +57,7 @@ def associate(port: int, calling: str = "PORTABLE1", called: str = "LUNGSEG", cl
     return ae.associate("127.0.0.1", port, ae_title=called)
 
 
+@pytest.mark.integration
 def test_cr_and_dx_are_stored_atomically_and_other_classes_refused(receiver) -> None:
     from pydicom import dcmread
     from watchdog.events import (
@@ -110,6 +110,7 @@ def test_cr_and_dx_are_stored_atomically_and_other_classes_refused(receiver) -> 
     assert not [name for kind, name in events if kind == "written" and not name.startswith(".")]
 
 
+@pytest.mark.integration
 def test_calling_ae_not_allowed_and_wrong_called_ae_are_rejected(receiver) -> None:
     stranger = associate(receiver.port, calling="INTRUDER", classes=["1.2.840.10008.5.1.4.1.1.1"])
     assert stranger.is_rejected and not stranger.is_established
@@ -124,6 +125,7 @@ def test_calling_ae_not_allowed_and_wrong_called_ae_are_rejected(receiver) -> No
     assert list(receiver.folder.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_a_write_failure_answers_out_of_resources(receiver) -> None:
     shutil.rmtree(receiver.folder)  # the folder vanished (unmounted disk): the image must not be acknowledged
     assoc = associate(receiver.port, classes=["1.2.840.10008.5.1.4.1.1.1"])
@@ -134,6 +136,7 @@ def test_a_write_failure_answers_out_of_resources(receiver) -> None:
     assert status == 0xA700
 
 
+@pytest.mark.integration
 def test_concurrent_senders_of_the_same_instance_leave_one_complete_file(receiver) -> None:
     from pydicom import dcmread
 

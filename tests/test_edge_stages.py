@@ -55,7 +55,7 @@ def segment_stage(bundle) -> stages.SegmentStage:
 def provenance(bundle) -> Provenance:
     return Provenance(model_name=bundle.name, model_version=bundle.version, model_sha256="0" * 64,
                       model_file=bundle.onnx.name, backend="cpu", precision="fp32", software_version="test",
-                      threshold=0.5)
+                      threshold=0.5, bundle_sha256=bundle.sha256, device_uid=bundle.device_uid)
 
 
 def _admission(root: Path, **settings) -> tuple[Admission, Ledger]:
@@ -254,12 +254,17 @@ def test_render_draws_the_overlay_at_the_sc_size_with_its_captions(real: dict[st
     radiograph, seg = real[ROTATED].radiograph, segmented[ROTATED]
     measured = stages.measure(radiograph, seg)
     full = stages.render(radiograph, seg, measured, provenance, max_side=0)
-    assert full.rgb.shape == (*radiograph.pixels.shape, 3) and full.rgb.dtype == np.uint8
+    assert radiograph.display is not None and radiograph.display.shape == radiograph.source_shape
+    assert full.rgb.shape == (*radiograph.source_shape, 3) and full.rgb.dtype == np.uint8  # native size
+    assert full.strip_rows == 0 and {"legend", "caption", "banner"} <= set(full.text_boxes)
     assert full.review_text.startswith("REVIEW: ") and "mirrored" in full.review_text
     assert full.comments.startswith("research use - not for diagnosis.; REVIEW: ")
     assert full.comments.endswith(measured.lines[-1])
-    small = stages.render(radiograph, seg, measured, provenance, max_side=200)
-    assert max(small.shape) == 200 and small.shape == stages.sc_pixels(radiograph.pixels, 200).shape
+    # sc_max_side caps the SC, but never below MIN_SC_SIDE (the legend and banner must stay whole and off the lungs)
+    assert max(radiograph.source_shape) > stages.MIN_SC_SIDE
+    capped = stages.render(radiograph, seg, measured, provenance, max_side=200)
+    image_rows = capped.shape[0] - capped.strip_rows  # (a strip below the image if the lungs leave no room)
+    assert max(image_rows, capped.shape[1]) == stages.MIN_SC_SIDE
 
 
 # --- encode, write, publish --------------------------------------------------------------------------------
@@ -323,7 +328,7 @@ def test_publish_writes_the_sidecar_last_and_it_matches_the_schema(written: dict
     document = json.loads(paths.sidecar.read_text())
     assert paths.sidecar.read_bytes() == sidecar.to_json()
     jsonschema.validate(document, json_schema())
-    assert document["schema"] == SCHEMA_ID == "lungseg-edge/sidecar/1"
+    assert document["schema"] == SCHEMA_ID == "lungseg-edge/sidecar/2"
     assert document["timings_ms"]["total"] == round(sum(v for k, v in timings.items() if k != "total"), 2)
     assert document["qa"]["flags"][:3] == ["orientation_corrected:180", "negative_corrected", "mirrored"]
     assert document["source"]["attributes_emptied_in_outputs"] == ["SpecificCharacterSet"]
@@ -389,7 +394,7 @@ def test_the_schema_rejects_a_changed_layout(real_sidecars: list[dict]) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(json_schema())
     document = real_sidecars[0]
-    for broken in ({**document, "schema": "lungseg-edge/sidecar/2"},
+    for broken in ({**document, "schema": "lungseg-edge/sidecar/1"},
                    {k: v for k, v in document.items() if k != "qa"},
                    {**document, "new_field": 1},
                    {**document, "qa": {**document["qa"], "flags": ["unheard_of_flag"]}}):
@@ -412,7 +417,8 @@ def test_a_sidecar_round_trips_through_its_typed_object(real_sidecars: list[dict
     sidecar = Sidecar(
         disclaimer=d["disclaimer"], processed_at=d["processed_at"], source=SourceInfo(**d["source"]),
         outputs=Outputs(OutputFile(**outputs["secondary_capture"]),
-                        OutputFile(**outputs["segmentation"]) if "segmentation" in outputs else None),
+                        OutputFile(**outputs["segmentation"]) if "segmentation" in outputs else None,
+                        OutputFile(**outputs["structured_report"]) if "structured_report" in outputs else None),
         pixel_spacing_mm=d["pixel_spacing_mm"], rendered=Rendered(**d["rendered"]),
         areas=Areas(d["lung_area_px"], d.get("lung_area_px_by_lung"), d.get("lung_areas_cm2")), qa=d["qa"],
         timings_ms=d["timings_ms"], write_stages_ms=d["write_stages_ms"], decode_parts_ms=d["decode_parts_ms"],

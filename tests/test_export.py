@@ -58,7 +58,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict
     """
     out = tmp_path_factory.mktemp("bundle")
     code, stdout, stderr = run_cli(checkpoint, "--out", out, "--fp16", "--int8", "--threads", "1",
-                                   "--min-dice-reduced", "0.5")
+                                   "--min-dice-reduced", "0.5", "--model-version", "7.7.7")
     return {"out": out, "code": code, "stdout": stdout, "stderr": stderr,
             "parity": json.loads((out / PARITY).read_text())}
 
@@ -84,12 +84,18 @@ def test_export_writes_a_bundle_that_passes_parity(exported: dict) -> None:
 def test_metadata_is_readable_with_onnxruntime(exported: dict, checkpoint: Path) -> None:
     import onnxruntime as ort
 
+    from lungseg.bundle import BUNDLE_MANIFEST, resolve_bundle
+
+    manifest = json.loads((exported["out"] / BUNDLE_MANIFEST).read_text())
+    assert manifest["model_version"] == "7.7.7" and manifest["model_name"] == "lungseg-unet"
+    assert resolve_bundle(exported["out"]).version == "7.7.7"
+
     for name, precision in ((ONNX_FP32, "fp32"), (ONNX_FP16, "fp16"), (ONNX_INT8, "int8")):
         session = ort.InferenceSession(str(exported["out"] / name), providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map
         assert meta["precision"] == precision
         assert meta["model_name"] == "lungseg-unet"
-        assert meta["model_version"] == "random-seed0"
+        assert meta["model_version"] == "7.7.7"  # --model-version: one version for every model of the bundle
         assert meta["input_size"] == "256"
         assert json.loads(meta["preprocessing"]) == json.loads(json.dumps(PREPROCESSING_PARAMS))
         assert meta["threshold"] == "0.5"

@@ -176,9 +176,12 @@ def test_sc_options_write_valid_secondary_captures(tmp_path: Path, generated: di
     sc = pydicom.dcmread(sc_path)
     expected = {"explicit": ExplicitVRLittleEndian, "rle": RLELossless, "jpegls": JPEGLSLossless}[syntax]
     assert sc.file_meta.TransferSyntaxUID == expected
-    rows, columns = (300, 275) if max_side == 0 else (200, 183)  # 1200 x 1100 at level 2, then capped
-    assert sc.pixel_array.shape == (rows, columns, 3)
     (sidecar,) = _processed(tmp_path / "out")
+    rendered = sidecar["rendered"]
+    # the source's full 1200 x 1100 (the model saw level 2); sc_max_side caps it, never below 1,024 px;
+    # the random test model's masks may leave no room beside the lungs: then the text is in a strip below
+    rows, columns = (1200, 1100) if max_side == 0 else (1024, 939)
+    assert sc.pixel_array.shape == (rows + rendered["text_strip_rows"], columns, 3)
     assert sidecar["outputs"]["secondary_capture"]["transfer_syntax"] == expected.name
 
 
@@ -205,8 +208,8 @@ def test_a_2000_pixel_dicom_reports_every_stage_of_the_benchmark_ratio(tmp_path:
     """Per file, the edge reports each stage lungseg-bench's non-inference / inference ratio is made of.
 
     The ratio's bound is a timing, so it is checked by ``lungseg-bench``, not here: its acceptance row
-    ``uncompressed_ratio`` (<= 0.5; ``--bound uncompressed_ratio=1.0`` on a loaded machine), measured
-    as each stage's median over seven copies of a 2,000-pixel uncompressed DICOM.
+    ``uncompressed_vs_yardstick`` (<= 1.5 x the fp32 inference of one image; ``--bound
+    uncompressed_vs_yardstick=2.0`` on a loaded machine), each stage's median over seven copies.
     """
     from lungseg.benchmarks.dicom_path import NON_INFERENCE
 

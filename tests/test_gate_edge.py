@@ -39,8 +39,9 @@ def test_banner_is_drawn_only_when_review_is_needed():
     mask = np.zeros((300, 400), bool)
     plain = render_overlay(pixels, mask, areas=["total: 1.0 cm2"])
     flagged = render_overlay(pixels, mask, areas=["total: 1.0 cm2"], review=["image looks mirrored left-right"])
-    assert not np.all(plain[2, :] == REVIEW_RGB)
-    assert np.all(flagged[2, :] == REVIEW_RGB)  # a full-width red banner on top
+    assert "banner" not in plain.boxes and not np.all(plain.rgb[2, :] == REVIEW_RGB)
+    assert flagged.boxes["banner"][:3] == (0, 0, 400)  # full width, on top where no lung is
+    assert np.all(flagged.rgb[2, :] == REVIEW_RGB)
 
 
 def test_flagged_result_has_banner_in_valid_sc_and_flags_in_seg_and_sidecar(tmp_path: Path, gateless_bundle: Path):
@@ -56,7 +57,8 @@ def test_flagged_result_has_banner_in_valid_sc_and_flags_in_seg_and_sidecar(tmp_
     [sc_path] = sc_files(out)
     sc = pydicom.dcmread(sc_path)
     rgb = sc.pixel_array
-    assert np.all(rgb[1, :] == REVIEW_RGB), "no red REVIEW banner across the top of the SC"
+    banner_rows = [r for r in (1, rgb.shape[0] - 2) if np.all(rgb[r, :] == REVIEW_RGB)]
+    assert banner_rows, "no full-width REVIEW banner above or below the lungs"
     assert "REVIEW: image gate unavailable" in str(sc.ImageComments)
     assert dciodvfy_errors(sc_path) == []
     seg = pydicom.dcmread(sc_path.with_name(sc_path.name.replace(".sc.dcm", ".seg.dcm")))
@@ -98,7 +100,7 @@ def test_segment_cli_refuses_a_knee_per_file(tmp_path: Path, gateless_bundle: Pa
     save(make_cr(UID + "5"), tmp_path / "frontal.dcm")
     report = tmp_path / "out.jsonl"
     code = main([str(tmp_path / "knee.dcm"), str(tmp_path / "frontal.dcm"), "--out", str(tmp_path / "masks"),
-                 "--model", str(gateless_bundle), "--json", str(report)])
+                 "--model", str(gateless_bundle), "--json-out", str(report)])
     assert code == 1
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert lines[0]["error"] == "refused (body_part:KNEE): BodyPartExamined is KNEE, not a chest: not segmented"

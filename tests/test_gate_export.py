@@ -86,13 +86,14 @@ def test_gate_only_swaps_the_gate_and_leaves_the_segmenter_untouched(tmp_path: P
     model_sha = sha256_file(bundle / "model.onnx")
     run = _gate_run(tmp_path / "run", 1)
 
-    args = ["--gate-only", "--gate", str(run / "gate.pt"), "--out", str(bundle), "--parity-data", str(FIXTURES.parent)]
+    args = ["--gate-only", "--gate-checkpoint", str(run / "gate.pt"), "--out", str(bundle),
+            "--parity-data", str(FIXTURES.parent)]
     assert main(args) == EXIT_OK
     manifest = json.loads((bundle / BUNDLE_MANIFEST).read_text())
     assert manifest["name"] == "tiny" and manifest["files"]["model.onnx"]["sha256"] == model_sha
     assert manifest["files"][GATE_ONNX]["sha256"] == sha256_file(bundle / GATE_ONNX) == manifest["gate"]["sha256"]
     assert load_gate(bundle) is not None
-    assert main(["--gate-only", "--gate", str(run / "gate.pt"), "--out", str(tmp_path / "nothing"),
+    assert main(["--gate-only", "--gate-checkpoint", str(run / "gate.pt"), "--out", str(tmp_path / "nothing"),
                  "--parity-data", str(FIXTURES.parent)]) == EXIT_USAGE
     with pytest.raises(SystemExit):  # a segmenter export and a gate swap at once: refused
         main([*args, "--int8"])

@@ -28,7 +28,7 @@ def parts():
 
     root = Path(os.environ.get("LUNGSEG_GATE_BUNDLE", default_bundle_dir()))
     if not (root / GATE_ONNX).is_file():
-        pytest.skip(f"the bundle {root.name} has no {GATE_ONNX} (export it with lungseg-export --gate)")
+        pytest.skip(f"the bundle {root.name} has no {GATE_ONNX} (export it with lungseg-export --gate-checkpoint)")
     bundle = resolve_bundle(root)
     return OnnxRuntimePredictor(str(bundle.onnx), threads=2), load_gate(root), load_shape_model(root)
 

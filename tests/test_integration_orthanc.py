@@ -13,17 +13,21 @@ from pathlib import Path
 import pytest
 from orthanc_chain import missing_tools, run_chain
 
+pytestmark = pytest.mark.integration
+
 
 def test_storescu_to_edge_box_to_orthanc_survives_a_pacs_restart(tmp_path: Path, tiny_onnx: Path) -> None:
     missing = missing_tools()
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (Debian packages orthanc, dcmtk)")
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the [metrics] extra) is needed for /metrics")
     summary = run_chain(tmp_path, count=3, model=tiny_onnx, kill_after=0, timeout=120, per_study=2)
-    assert (summary["sc"], summary["seg"], summary["lost"], summary["doubled"]) == (3, 3, 0, 0)
-    assert summary["orthanc_instances"] == 9 and summary["studies"] == 2
+    assert (summary["sc"], summary["seg"], summary["sr"], summary["lost"], summary["doubled"]) == (3, 3, 3, 0, 0)
+    assert summary["orthanc_instances"] == 12 and summary["studies"] == 2
     assert summary["outputs_before_restart"] == 0 and summary["forward_failed"] >= 6
     assert summary["metrics_match"] and summary["edge_exit"] == 0
     assert "Calling AE" in summary["intruder_rejected"]
     if summary["wado_rendered"].startswith("skipped"):
         pytest.skip("orthanc-dicomweb not installed: WADO-RS rendering not checked (everything else passed)")
-    assert summary["wado_rendered"] == "384x384"
+    rows, columns = map(int, summary["wado_rendered"].split("x"))  # the SC: the source full size (+ a text strip)
+    assert columns == 384 and rows >= 384

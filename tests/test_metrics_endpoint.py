@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pynetdicom
 import pytest
 from edge_helpers import REPO_ROOT, dicom_bytes, make_cr
+from orthanc_chain import EdgeBox, free_port, wait_for
+
+from lungseg.edge_runtime.sidecar import SCHEMA_ID
 
 pytest.importorskip("prometheus_client", reason="prometheus-client (the [metrics] extra) is not installed")
-pynetdicom = pytest.importorskip("pynetdicom", reason="pynetdicom is not installed")
-from orthanc_chain import EdgeBox, free_port, wait_for  # noqa: E402
 
 UID = "1.2.826.0.1.3680043.10.1082.66."
 
@@ -59,6 +61,7 @@ class Daemon(EdgeBox):
             return False
 
 
+@pytest.mark.integration
 def test_scrape_a_running_daemon(tmp_path: Path, tiny_onnx: Path) -> None:
     from test_edge_forward import StorageSCP
 
@@ -75,7 +78,7 @@ def test_scrape_a_running_daemon(tmp_path: Path, tiny_onnx: Path) -> None:
         wait_for("the duplicate", lambda: box.scrape().get("lungseg_duplicates_total") == 1, 30)
         wait_for("the quarantine", lambda: box.scrape().get('lungseg_quarantined_total{reason="not_dicom"}') == 1
                  or any(k.startswith("lungseg_quarantined_total{") and v == 1 for k, v in box.scrape().items()), 30)
-        wait_for("four outputs queued", lambda: box.scrape().get("lungseg_forward_queue_outputs") == 4, 30)
+        wait_for("six outputs queued", lambda: box.scrape().get("lungseg_forward_queue_outputs") == 6, 30)
         m = box.scrape()
         assert m["lungseg_received_total"] == 2
         assert m['lungseg_stage_seconds_count{stage="receive"}'] == 2
@@ -86,7 +89,7 @@ def test_scrape_a_running_daemon(tmp_path: Path, tiny_onnx: Path) -> None:
         flags: dict[str, int] = {}
         for sidecar in (tmp_path / "out").glob("*/*.json"):
             data = json.loads(sidecar.read_text())
-            if data.get("schema") != "lungseg-edge/sidecar/1":
+            if data.get("schema") != SCHEMA_ID:
                 continue  # the quarantine's reason file
             for flag in data["qa"]["flags"]:
                 flags[flag] = flags.get(flag, 0) + 1
@@ -95,14 +98,15 @@ def test_scrape_a_running_daemon(tmp_path: Path, tiny_onnx: Path) -> None:
         assert m["lungseg_last_success_timestamp_seconds"] > time.time() - 60
         # outputs wait for a PACS that never answers: unhealthy once nothing was delivered for 1 s
         _, health = wait_for("/healthz 503", lambda: (s := box.healthz())[0] == 503 and s, 30)
-        assert health["waiting_outputs"] == 4 and "waiting for delivery" in health["problems"][0]
+        assert health["waiting_outputs"] == 6 and "waiting for delivery" in health["problems"][0]  # SC+SEG+SR x 2
         assert box.scrape()["lungseg_healthy"] == 0
 
         scp = StorageSCP(pacs_port)  # the PACS comes up: the queue drains, health recovers
-        wait_for("delivery", lambda: box.scrape().get('lungseg_forwarded_total{kind="seg"}') == 2, 60)
+        wait_for("delivery", lambda: box.scrape().get('lungseg_forwarded_total{kind="sr"}') == 2, 60)
         wait_for("/healthz 200", lambda: box.healthz()[0] == 200, 30)
         m = box.scrape()
-        assert m['lungseg_forwarded_total{kind="sc"}'] == 2 and len(scp.received) == 4
+        assert m['lungseg_forwarded_total{kind="sc"}'] == m['lungseg_forwarded_total{kind="seg"}'] == 2
+        assert len(scp.received) == 6
         assert m["lungseg_last_forward_timestamp_seconds"] > time.time() - 60
 
         # a sender that stalls mid-file: one file waits, its age grows, health turns 503 again
@@ -140,6 +144,7 @@ def test_metrics_calls_are_no_ops_without_prometheus_client() -> None:
     assert "unavailable: metrics need prometheus-client" in result.stdout
 
 
+@pytest.mark.integration
 def test_metrics_port_in_use_is_a_configuration_error(tmp_path: Path, tiny_onnx: Path) -> None:
     (tmp_path / "watch").mkdir()
     with socket.socket() as busy:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import tomllib
 from conftest import REPO_ROOT
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): tomli, a base dependency there
+    import tomli as tomllib
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
 

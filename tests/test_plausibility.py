@@ -70,7 +70,7 @@ def test_mask_qa_component_and_area_flags_without_a_shape_model():
 def test_shipped_shape_model_accepts_real_masks_and_flags_quarter_turned_ones():
     model = load_shape_model(os.environ.get("LUNGSEG_GATE_BUNDLE", default_bundle_dir()))
     if model is None:
-        pytest.skip("the bundle has no shape_model.npz (export it with lungseg-export --gate)")
+        pytest.skip("the bundle has no shape_model.npz (export it with lungseg-export --gate-checkpoint)")
     masks = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) >= 127 for p in sorted(FIXTURE_MASKS.glob("*.png"))]
     upright = [mask_qa(m, model)["flags"] for m in masks]
     turned = [mask_qa(np.rot90(m, 1), model)["flags"] for m in masks]  # quarter turns; 180 is the gate's job

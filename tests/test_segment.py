@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,7 +22,7 @@ def test_masks_at_native_size_and_json(tmp_path, tiny_onnx, fixture_manifest):
     records = load_manifest(fixture_manifest)[:3]
     report = tmp_path / "out.jsonl"
     code = main([*(str(r.image) for r in records), "--model", str(tiny_onnx), "--out", str(tmp_path / "m"),
-                 "--json", str(report)])
+                 "--json-out", str(report)])
     assert code == EXIT_OK
     lines = _json_lines(report)
     assert len(lines) == 3
@@ -31,7 +32,7 @@ def test_masks_at_native_size_and_json(tmp_path, tiny_onnx, fixture_manifest):
         assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
         assert set(np.unique(mask)) <= {0, 255}
         assert line["lung_area_px"] == int((mask == 255).sum())
-        assert "lung_area_mm2" not in line  # a PNG has no pixel spacing
+        assert "lung_areas_cm2" not in line  # a PNG has no pixel spacing
 
 
 def test_bad_inputs_are_named_and_the_rest_processed(tmp_path, tiny_onnx, fixture_manifest, capsys):
@@ -60,6 +61,28 @@ def test_dicom_with_spacing_reports_mm2(tmp_path, tiny_onnx, shared_data, capsys
     line = json.loads(capsys.readouterr().out)
     assert line["rows"] == 1416 or line["columns"] == 1416
     assert line["pixel_spacing_mm"] == pytest.approx([0.4, 0.4])
-    assert line["lung_area_mm2"] == pytest.approx(line["lung_area_px"] * 0.16)
+    assert line["lung_areas_cm2"]["total"] == pytest.approx(line["lung_area_px"] * 0.16 / 100, abs=0.01)
+    assert line["schema"] == "lungseg-segment/line/2"  # the edge sidecar's area vocabulary
     mask = cv2.imread(str(tmp_path / "m" / "noextension_mask.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (line["rows"], line["columns"])
+
+
+def test_json_is_a_switch_and_the_file_is_json_out(tmp_path, tiny_onnx, fixture_manifest, capsys):
+    image = str(load_manifest(fixture_manifest)[0].image)
+    base = [image, "--model", str(tiny_onnx), "--out", str(tmp_path / "m")]
+    assert main([*base, "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["input"] == image
+    with pytest.raises(SystemExit) as info:  # the old `--json PATH` would make PATH an input: refused, explained
+        main([*base, "--json", str(tmp_path / "out.jsonl")])
+    assert info.value.code == 2 and "--json-out PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--json", "--json-out", str(tmp_path / "out.jsonl")])
+
+
+def test_old_auto_orient_form_still_works_with_a_warning(tmp_path, tiny_onnx, fixture_manifest, caplog):
+    image = str(load_manifest(fixture_manifest)[0].image)
+    code = main([image, "--model", str(tiny_onnx), "--out", str(tmp_path / "m"), "--auto-orient", "off",
+                 "--json-out", str(tmp_path / "out.jsonl")])
+    assert code == EXIT_OK
+    assert "--auto-orient on|off is deprecated" in caplog.text
+    assert (tmp_path / "m" / f"{Path(image).stem}_mask.png").is_file()

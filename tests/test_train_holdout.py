@@ -9,6 +9,7 @@ from lungseg.train.holdout import score_bundle, score_edge
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # the edge path runs lungseg-edge as a process
 def test_segment_and_edge_paths_score_the_same_images_alike(fixture_manifest):
     records = load_manifest(fixture_manifest)[:3]
     by_segment = score_bundle(None, records)

@@ -7,6 +7,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lungseg.errors import LungsegError
+
+
+class TrainConfigError(LungsegError, ValueError):
+    """A training configuration (``config.json``) that names a setting :class:`TrainConfig` does not have."""
+
 
 @dataclass
 class TrainConfig:
@@ -62,8 +68,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The config of ``data``; an unknown key is an error (like the edge's config), never silently dropped."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            names = ", ".join(repr(k) for k in unknown)
+            raise TrainConfigError(f"unknown training setting{'s' if len(unknown) > 1 else ''} {names} "
+                                   f"(known: {', '.join(sorted(known))})")
+        values = dict(data)
         if "split_fractions" in values:
             values["split_fractions"] = tuple(values["split_fractions"])
         return cls(**values)
@@ -73,7 +85,10 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except TrainConfigError as exc:
+            raise TrainConfigError(f"{path}: {exc}") from None
 
 
 # Named protocols: "paper" is Vidal et al. (2021) as published; "product" is the recipe of the

@@ -8,6 +8,11 @@ by Ray (``max_retries``) and picks up at its last finished epoch, and re-running
 command skips finished repetitions. The run folder must be on storage every worker sees
 (a shared file system on a cluster; the local disk for ``ray.init()`` on one machine).
 Merging is the ordinary ``lungseg-train evaluate`` + ``report`` step.
+
+A local instance (no ``--ray-address``) keeps every Ray process on the loopback address:
+Ray's control ports (GCS, raylet, workers, agents) must not listen on the network for a run
+on one machine. A cluster is whatever ``--ray-address`` names; securing it is the cluster's
+business (a private network, Ray's token authentication or TLS: see the README).
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from lungseg.train.pipeline import Run, train_repetition
 log = logging.getLogger(__name__)
 
 WORKER_PID = "worker.pid"
+
+LOOPBACK = "127.0.0.1"
+# Ray on Linux rewrites a loopback node address to the machine's network address (its
+# multi-node default) unless this is off; it is read when ray is imported, and Ray's own
+# processes inherit it. With the node address 127.0.0.1 Ray's gRPC servers listen on loopback.
+_RAY_MULTI_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _train_one(run_dir: str, stage: str, rep: int, threads: int) -> dict:
@@ -46,6 +57,8 @@ def run_stage_on_ray(run: Run, stage: str, address: str | None = None, workers: 
     connects to a running cluster (``"auto"`` or ``"ray://host:10001"``). On a CUDA run each
     task asks Ray for ``gpu_fraction`` of a GPU (0.25 packs four repetitions on one GPU).
     """
+    if not address:
+        os.environ[_RAY_MULTI_NODE_ENV] = "0"  # before `import ray`, which reads it
     try:
         import ray
     except ImportError as exc:
@@ -53,8 +66,10 @@ def run_stage_on_ray(run: Run, stage: str, address: str | None = None, workers: 
 
     started = not ray.is_initialized()
     if started:
-        kwargs = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
-        ray.init(**kwargs, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        else:
+            _init_local_ray(ray, workers or os.cpu_count())
     try:
         gpu = gpu_fraction if run.config.device.startswith("cuda") else 0
         threads = max(1, (os.cpu_count() or 1) // max(1, workers or 1))
@@ -68,6 +83,27 @@ def run_stage_on_ray(run: Run, stage: str, address: str | None = None, workers: 
     for result in results:
         log.info("%s rep %d finished on Ray", result["stage"], result["rep"])
     return results
+
+
+def _init_local_ray(ray, num_cpus: int | None) -> None:
+    """Start a new local Ray instance whose processes all listen on loopback only.
+
+    ``address="local"`` always starts a new instance (never joins a cluster found through
+    ``RAY_ADDRESS`` or a running ``ray start``). Fails closed: if Ray still took a network
+    address for the node, it is shut down and the run refused.
+    """
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if getattr(constants, "ENABLE_RAY_CLUSTER", False):  # ray was imported before the variable was set
+        constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=False,
+             dashboard_host=LOOPBACK, log_to_driver=True, configure_logging=False)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"local Ray took the node address {node_ip}, not {LOOPBACK}: refusing to expose "
+                           "its ports; start a loopback-only instance (ray start --head --node-ip-address "
+                           f"{LOOPBACK}) and pass --ray-address")
+    log.info("local Ray instance on %s (%s CPUs)", LOOPBACK, num_cpus)
 
 
 def run_stage(run: Run, stage: str, executor: str = "local", ray_address: str | None = None,

@@ -52,7 +52,7 @@ def score_bundle(model: Path | None, records: list[Record], extra_args: list[str
     """Run ``lungseg-segment`` on ``records`` and score the masks; per-image rows plus means."""
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         out = Path(tmp)
-        args = [str(r.image) for r in records] + ["--out", str(out), "--json", str(out / "lines.jsonl")]
+        args = [str(r.image) for r in records] + ["--out", str(out), "--json-out", str(out / "lines.jsonl")]
         if model is not None:
             args += ["--model", str(model)]
         code = segment_main(args + (extra_args or []))

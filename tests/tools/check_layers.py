@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 try:  # Python 3.11+
@@ -37,12 +38,18 @@ def stage(root: Path, target: Path) -> None:
             shutil.copy2(file, dest / file.name)
 
 
+def _version(package: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in metadata.version(package).split(".")[:2] if p.isdigit())
+
+
 def lint_imports(staged: Path, argv: list[str] = ()) -> subprocess.CompletedProcess:
     """Run ``lint-imports`` on a staged tree with this project's contracts (output captured)."""
     env = dict(os.environ, PYTHONPATH=str(staged))
     lint = Path(sys.executable).with_name("lint-imports")
-    cmd = [str(lint) if lint.exists() else "lint-imports", str(ROOT / "pyproject.toml"), "--no-logo", "--no-cache",
-           *argv]
+    config = [str(ROOT / "pyproject.toml")]
+    if _version("import-linter") < (2, 16):  # before 2.16 the file comes with --config (Python 3.10 resolves 2.15)
+        config.insert(0, "--config")
+    cmd = [str(lint) if lint.exists() else "lint-imports", *config, "--no-logo", "--no-cache", *argv]
     return subprocess.run(cmd, cwd=staged, env=env, capture_output=True, text=True)
 
 

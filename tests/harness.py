@@ -1,6 +1,9 @@
 """The project's own robustness harness for ``lungseg-edge``: a mutation fuzzer and a kill -9 soak.
 
-``python -m lungseg.edge_runtime.harness fuzz --inputs 2000 --memory-limit 1500000000``
+A test tool, not part of the package (it reads ``tests/fixtures``): ``make fuzz`` and ``make soak`` run it
+at full size, ``tests/test_fuzz.py`` and ``tests/test_soak.py`` (the ``robustness`` tier) briefly.
+
+``python tests/harness.py fuzz --inputs 2000 --memory-limit 1500000000``
     writes valid chest radiographs (made from the committed fixture images, in four
     transfer syntaxes, plus pydicom's own test files relabelled as CR) and thousands of
     mutations of them -- truncations, byte flips, garbled VRs, huge Rows/Columns/frames
@@ -11,13 +14,13 @@
     with a reason file), every valid input processed, and no poison loop (the second
     run decides nothing anew).
 
-``python -m lungseg.edge_runtime.harness soak --files 300 --kills 15``
+``python tests/harness.py soak --files 300 --kills 15``
     runs the daemon while a sender drops files (some renamed from ``.part``, some
     written in two halves), SIGKILLs it at random moments and restarts it, then checks:
     0 lost, 0 duplicated, 0 partial outputs, ledger consistent, every SC readable (and
     ``dciodvfy``-clean where dicom3tools is installed).
 
-``python -m lungseg.edge_runtime.harness isolation FILE... --repeat 5``
+``python tests/harness.py isolation FILE... --repeat 5``
     measures what the decode worker costs per file: the same files decoded in this
     process and through the worker (send, decode, pickle the radiograph back).
 
@@ -46,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this file is tests/harness.py
 FIXTURE_IMAGES = REPO_ROOT / "tests" / "fixtures" / "cxr" / "images"
 UID_ROOT = "1.2.826.0.1.3680043.10.1082.9"
 PYDICOM_SEEDS = ("MR_small_RLE.dcm", "JPEG2000.dcm", "JPEGLSNearLossless_16.dcm", "CT_small.dcm", "RG1_UNCR.dcm",
@@ -548,7 +551,7 @@ def _default_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lungseg.edge_runtime.harness",
+    parser = argparse.ArgumentParser(prog="python tests/harness.py",
                                      description="Fuzz and kill -9 soak of lungseg-edge; one summary line each. "
                                      "Exit 0 when every check holds, 1 otherwise.")
     sub = parser.add_subparsers(dest="command", required=True)
