@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["loopback_guard"]  # the suite may only use loopback sockets (tests/loopback_guard.py)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 FIXTURE_MANIFEST = FIXTURES / "cxr" / "manifest.csv"

@@ -352,6 +352,7 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
         box.start()
         kill_after = max(1, (2 * count) // 3) if kill_after is None else kill_after
         if kill_after == 0:  # the PACS is down before the burst starts
+            summary["outputs_before_restart"] = orthanc.instance_count() - count
             orthanc.kill()
         code, output = storescu(box.scp_port, files)
         if code != 0:
@@ -359,12 +360,13 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
         if kill_after > 0:  # Orthanc crashes in the middle of the burst
             wait_for(f"{kill_after} outputs in Orthanc", lambda: orthanc.instance_count() >= count + kill_after,
                      timeout, interval=0.05)
+            # outputs it held when it went down (one more may land between this count and the kill)
+            summary["outputs_before_restart"] = orthanc.instance_count() - count
             orthanc.kill()
         wait_for("a failed delivery while Orthanc is down",
                  lambda: box.scrape().get("lungseg_forward_failed_total", 0) > 0, timeout)
         time.sleep(2.0)
-        orthanc.start()  # ... and comes back
-        summary["outputs_before_restart"] = orthanc.instance_count() - count
+        orthanc.start()  # ... and comes back (the forwarder may deliver before Orthanc answers a query)
         wait_for(f"{3 * count} outputs in Orthanc", lambda: orthanc.instance_count() >= 4 * count, timeout)
         # refusals: a non-image SOP class, and a calling AE that is not on the allow-list
         sr_code, sr_output = storescu(box.scp_port, [sr])

@@ -100,9 +100,8 @@ def _init_local_ray(ray, num_cpus: int | None) -> None:
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         ray.shutdown()
-        raise RuntimeError(f"local Ray took the node address {node_ip}, not {LOOPBACK}: refusing to expose "
-                           "its ports; start a loopback-only instance (ray start --head --node-ip-address "
-                           f"{LOOPBACK}) and pass --ray-address")
+        raise RuntimeError(f"local Ray took the node address {node_ip}, not {LOOPBACK}: refusing to expose its "
+                           "ports on the network (see the README on clusters for a loopback-only instance)")
     log.info("local Ray instance on %s (%s CPUs)", LOOPBACK, num_cpus)
 
 
