@@ -18,9 +18,11 @@ $(VENV)/.samples: $(VENV)/.runtime
 	$(PY) -m pip install -q pydicom-data
 	touch $@
 
-# development: the runtime + training, Ray, pytest, ruff (torch pinned to a CPU build by constraints.txt)
+# development: the runtime + training, Ray, pytest, ruff (torch pinned to a CPU build by constraints.txt), and
+# OpenVINO + NNCF so the OpenVINO backend's tests run (openvino wheel 59 MB, ~180 MB installed; nncf 0.8 MB + scipy,
+# scikit-learn)
 $(VENV)/.installed: $(VENV)/.runtime pyproject.toml constraints.txt
-	$(PY) -m pip install -q -c constraints.txt -e ".[train,cluster,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,cluster,dev,openvino-export]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -48,6 +48,8 @@ BOUNDS: dict[str, Bound] = {
                                                "process (pixel_array through the same plugin)"),
     "uncompressed_vs_yardstick": Bound("<=", 1.5, "1955x1841 uncompressed file: the whole non-inference path / "
                                                   "yardstick"),
+    "sc_off_vs_yardstick": Bound("<=", 1.0, "the same JPEG 2000 file with sc = false (SEG + SR only): the whole "
+                                            "non-inference path, its reduced decode included / yardstick"),
     "burst_speedup": Bound(">=", 1.5, "burst throughput, defaults / 0.1.0 path"),
     "daemon_peak_rss_mib": Bound("<", 700.0, "lungseg-edge's peak RSS in the burst, MiB"),
     "ort_cpu_vs_pytorch_p50": Bound("<=", 1.0, "onnxruntime CPU fp32 p50 / PyTorch eager p50, batch 1"),

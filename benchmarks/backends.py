@@ -3,7 +3,9 @@
 Names (stable, used as JSON keys): ``pytorch`` (the checkpoint, eager CPU: the
 reference), ``onnxruntime-cpu`` (model.onnx), ``onnxruntime-fp16``
 (model.fp16.onnx, on CUDA when onnxruntime has it, else CPU), ``onnxruntime-int8``
-(model.int8.onnx, CPU), ``onnxruntime-cuda`` (model.onnx) and ``tensorrt-fp16``.
+(model.int8.onnx, CPU), ``onnxruntime-cuda`` (model.onnx), ``tensorrt-fp16``, and where the ``[openvino]``
+extra is installed ``openvino-int8`` (the NNCF IR), ``openvino-bf16`` (model.onnx, native bf16 CPUs only) and
+``openvino-fp32`` (model.onnx).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from lungseg.bundle import ONNX_FP16, ONNX_INT8, Bundle
-from lungseg.predictors import BackendUnavailableError, OnnxRuntimePredictor, Predictor
+from lungseg.openvino_runtime import load_openvino, openvino_installed
+from lungseg.predictors import BackendOptions, BackendUnavailableError, OnnxRuntimePredictor, Predictor
 from lungseg.tensorrt_runtime import load_engine_predictor
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,12 @@ class Backend:
         if self.predictor is None:
             return {"available": False, "reason": self.reason}
         device = "cuda" if self.predictor.backend in ("cuda", "tensorrt") else "cpu"
-        return {"available": True, "precision": self.predictor.precision, "device": device,
-                "model": Path(self.predictor.model_path).name}
+        described: dict[str, str | bool | None] = {"available": True, "precision": self.predictor.precision,
+                                                   "device": device, "model": Path(self.predictor.model_path).name}
+        isa = getattr(self.predictor, "isa", None)
+        if isa:
+            described["isa"] = str(isa)
+        return described
 
 def _pytorch(checkpoint: Path | None, threads: int) -> Predictor:
     if checkpoint is None or not checkpoint.is_file():
@@ -80,6 +87,10 @@ def discover(bundle: Bundle, checkpoint: Path | None, threads: int) -> list[Back
         "onnxruntime-cuda": lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cuda"),
         "tensorrt-fp16": lambda: load_engine_predictor(bundle),
     }
+    if openvino_installed():
+        options = BackendOptions(threads=threads)
+        for precision in ("int8", "bf16", "fp32"):
+            factories[f"openvino-{precision}"] = lambda p=precision: load_openvino(bundle, p, options)
     backends = []
     for name, factory in factories.items():
         try:

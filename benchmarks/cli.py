@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="batch sizes for inference latency (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=None, metavar="R",
                         help="timed runs per batch size (default: enough for ~8 images, at least 2)")
+    parser.add_argument("--cpu-rounds", type=int, default=10, metavar="R",
+                        help="interleaved rounds of the CPU backends' side-by-side table (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser

@@ -92,10 +92,16 @@ def per_file_stages(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _both_paths(bundle: Path, prefix: str) -> Iterator[tuple[str, tuple[str, ...], Path, Path]]:
-    """``(label, extra args, bundle, work folder)`` for the defaults, then the 0.1.0 path, each with a
-    temp folder of its own (removed when the caller moves on)."""
-    for label, extra in (("default", ()), ("legacy", LEGACY_ARGS)):
+#: the defaults without the overlay SC (SEG + SR only): the fast path's stage table
+SC_OFF_ARGS: tuple[str, ...] = ("--no-sc",)
+
+
+def _both_paths(bundle: Path, prefix: str, *,
+                sc_off: bool = False) -> Iterator[tuple[str, tuple[str, ...], Path, Path]]:
+    """``(label, extra args, bundle, work folder)`` for the defaults, (``sc_off``: then without the SC,) then
+    the 0.1.0 path, each with a temp folder of its own (removed when the caller moves on)."""
+    paths = (("default", ()), *((("sc_off", SC_OFF_ARGS),) if sc_off else ()), ("legacy", LEGACY_ARGS))
+    for label, extra in paths:
         with tempfile.TemporaryDirectory(prefix=f"lungseg-{prefix}-{label}-") as tmp:
             work = Path(tmp)
             yield label, extra, (bundle if label == "default" else legacy_bundle(bundle, work / "bundle")), work
@@ -104,8 +110,9 @@ def _both_paths(bundle: Path, prefix: str) -> Iterator[tuple[str, tuple[str, ...
 def stage_comparison(sources: Sequence[Path], bundle: Path, *, copies: int, threads: int | None,
                      backend: str = "cpu") -> dict[str, Any]:
     """Stage tables of the default and the 0.1.0 path (one ``--once`` run each, batch size 1)."""
-    result: dict[str, Any] = {"copies": copies, "legacy_args": " ".join(LEGACY_ARGS)}
-    for label, extra, model, work in _both_paths(bundle, "stages"):
+    result: dict[str, Any] = {"copies": copies, "legacy_args": " ".join(LEGACY_ARGS),
+                              "sc_off_args": " ".join(SC_OFF_ARGS)}
+    for label, extra, model, work in _both_paths(bundle, "stages", sc_off=True):
         run = end_to_end.run_edge(sources, copies * len(sources) + 1, model, work, backend=backend,
                                   threads=threads, extra_args=("--batch-size", "1", *extra))
         if "skipped" in run:
@@ -220,6 +227,14 @@ def acceptance(stages: dict[str, Any], burst: dict[str, Any], parity: dict[str, 
         missing=f"no stage timings for {uncompressed}", file=uncompressed,
         non_inference_ms=entry["non_inference_ms"] if entry else None, yardstick_ms=yardstick,
         legacy=(legacy.get(uncompressed or "") or {}).get("non_inference_ms"))
+    sc_off = (stages.get("sc_off", {}).get("per_file", {}) or {}).get(j2k or "")
+    skipped = stages.get("skipped") or (None if j2k else "the DICOM set has no such file")
+    if not stages.get("skipped") and "sc_off" not in stages:
+        skipped = "no --no-sc run in this stage table"
+    out["sc_off_vs_yardstick"] = row(
+        bounds["sc_off_vs_yardstick"], sc_off["non_inference_ms"] / yardstick if sc_off and yardstick else None,
+        skipped=skipped, missing=f"no --no-sc stage timings for {j2k}", file=j2k,
+        non_inference_ms=sc_off["non_inference_ms"] if sc_off else None, yardstick_ms=yardstick)
     default = burst.get("default", {})
     out["burst_speedup"] = row(bounds["burst_speedup"], burst.get("speedup"), skipped=burst.get("skipped"),
                                missing="the burst wrote no files on one of the paths")

@@ -11,6 +11,7 @@ import numpy as np
 from lungseg.metrics import METRIC_NAMES
 
 from .acceptance import BOUNDS, PARITY, PERFORMANCE, describe, row, verdict
+from .cpu_backends import text_lines as cpu_backend_lines
 from .dicom_path import STAGES
 
 
@@ -45,7 +46,9 @@ def _dicom_sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, l
         sections.append((f"DICOM path, stage by stage {cpu}", [f"skipped: {stages['skipped']}"]))
     else:
         rows = []
-        for label in ("default", "legacy"):
+        for label in ("default", "sc_off", "legacy"):
+            if label not in stages:  # a result from before the sc_off path
+                continue
             for name, row in stages[label]["per_file"].items():
                 st, parts = row["stages_ms"], row["write_parts_ms"]
                 detail = ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if v >= 0.5)
@@ -57,6 +60,8 @@ def _dicom_sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, l
                          [*_table(["file", "path", *STAGES, "non-inference", "non-inf / infer", "with gate",
                                    "write parts"], rows, markdown),
                           "", f"legacy = the 0.1.0 path: `{stages['legacy_args']}` on the fp32 model alone",
+                          *([f"sc_off = the defaults with `{stages['sc_off_args']}` (SEG + SR only)"]
+                            if "sc_off" in stages else []),
                           "", "non-inference = decode + preprocess + postprocess + qa + write; the image gate "
                           "(a second model) is added in 'with gate'"]))
     burst = dicom["burst"]
@@ -173,6 +178,8 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[tuple[str, list[st
         ["backend", "status"],
         [[name, f"{b['precision']} on {b['device']} ({b['model']})" if b["available"] else f"skipped: {b['reason']}"]
          for name, b in result["backends"].items()], markdown)))
+    if result.get("cpu_backends", {}).get("rows"):
+        sections.append(("CPU backends side by side", cpu_backend_lines(result["cpu_backends"])[1:]))
     parity = result["parity"]
     rows = []
     for name, r in parity["results"].items():

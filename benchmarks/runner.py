@@ -30,7 +30,7 @@ from lungseg.export.samples import (
 from lungseg.gate import load_gate
 from lungseg.predictors import OnnxRuntimePredictor, Predictor
 
-from . import dicom_path, latency, system
+from . import cpu_backends, dicom_path, latency, system
 from .acceptance import Bound, row, verdict
 from .backends import CHECKPOINT_NAME, CPU_FP32, REFERENCE, Backend, discover
 from .compute import count_conv_flops, gemm_gflops, latency_floor
@@ -144,6 +144,8 @@ def run(args: argparse.Namespace, bundle: Bundle, samples: list[Sample], bounds:
         timing["batches"][backend.name] = latency.batch_latency(backend.predictor, batch, batch_sizes=args.batch_sizes,
                                                                 repeats=args.repeats)
     compute = _compute(bundle, backends, threads)
+    cpu_side_by_side = cpu_backends.compare_cpu(bundle, list(backends.values()), batch, threads=threads,
+                                                rounds=args.cpu_rounds)
     rows["ort_cpu_vs_pytorch_p50"] = _ort_vs_pytorch(timing["batches"], backends, bounds["ort_cpu_vs_pytorch_p50"])
     timing["memory"] = latency.peak_memory()
     golden = parity["golden"]
@@ -168,6 +170,7 @@ def run(args: argparse.Namespace, bundle: Bundle, samples: list[Sample], bounds:
         "parity": parity,
         "latency": timing,
         "compute": compute,
+        "cpu_backends": cpu_side_by_side,
         "acceptance": rows,
         "dicom_path": dicom,
     }

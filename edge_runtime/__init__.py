@@ -16,15 +16,20 @@ Modules, one job each:
 ``codes``            outcome statuses, reason codes and QA flag codes (enums)
 ``sidecar``          the JSON sidecar: typed, versioned, with its JSON Schema (``sidecar.schema.json``)
 ``names``            keyed-hash file references (no file names leave the process)
-``dicom_out``        overlay Secondary Capture and binary Segmentation (highdicom)
 ``overlay``          drawing the mask, legend, areas and caption (cv2)
 ``ledger``           SQLite ledger (WAL) keyed by SOPInstanceUID and content sha256
 ``quarantine``       rejected inputs with a reason file
+``audit``            the hash-chained audit trail (``<state>/audit``) and ``lungseg-edge audit verify|show``
+``retention``        the disk guard (low free space pauses work) and age-based retention
 ``fsio``             atomic, fsynced writes; reading inputs without following links
 ``backend_status``   the serving backend's state for operators (``<state>/backend.json``)
 ``service_metrics``  Prometheus metrics and ``/healthz`` (the ``[metrics]`` extra; Dice is :mod:`lungseg.metrics`)
 ``forward``          C-STORE forwarding of the outputs to a PACS, from a durable queue
 ``receiver``         a DICOM Storage SCP writing into the watch folder
+``scp_guard``        the receiver's connection limits (handshake deadline, per-host caps, evicting idle sockets)
+``tls``              DICOM TLS contexts for the receiver and the forwarder
+``drift_monitor``    input/output drift against the bundle's reference (rolling windows, gauges)
+``drift_report``     ``lungseg-edge drift``: the drift report (text, JSON, histogram PNG)
 ``sdnotify``         systemd's notify protocol
 ``logs``             text or JSON-lines logging without patient data
 ``samples``          sample DICOMs for the demo (pydicom-data)

@@ -38,7 +38,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from lungseg.edge_runtime import service_metrics
+from lungseg.edge_runtime import audit, service_metrics
 from lungseg.edge_runtime.codes import DuplicateReason, QuarantineReason, RetryReason, SkipReason, Status
 from lungseg.edge_runtime.config import EdgeConfig
 from lungseg.edge_runtime.fsio import InputTooLargeError, NotRegularFileError, lstat_input, read_input, sha256_of
@@ -129,6 +129,7 @@ class Admission:
         failures = self._failures[key] = self._failures.get(key, 0) + 1
         delay = min(self.config.retry_seconds * 2 ** (failures - 1), self.config.max_retry_seconds)
         name = self.label(path)
+        service_metrics.fault(code)  # the /healthz fault clock: started by the first, not reset by retries
         log.error("%s (%s); %s", what, describe(exc) if exc is not None else code,
                   "left undone by this --once run" if self.config.once else f"will retry in {delay:.0f} s",
                   extra={"event": code, "file": name, "attempt": failures})
@@ -209,6 +210,8 @@ class Admission:
         if known is not None and known["status"] in (Status.DONE, Status.DUPLICATE):
             self.ledger.record_duplicate(sha256=sha, sop_uid=known["sop_uid"], name=key, size=size,
                                          code=DuplicateReason.SAME_CONTENT)
+            audit.record("process", file=key, sha256=sha, sop=known["sop_uid"], outcome="duplicate",
+                         code=str(DuplicateReason.SAME_CONTENT))
             self.settled(key)
             log.info("identical content already handled; no new output",
                      extra={"event": "duplicate", "file": name, "first_file": known["name"],
@@ -256,6 +259,8 @@ class Admission:
         previous = self.ledger.instance(sop_uid)
         if previous is not None:
             self.ledger.record_duplicate(sha256=sha, sop_uid=sop_uid, name=key, size=size)
+            audit.record("process", file=key, sha256=sha, sop=sop_uid, study=str(ds.StudyInstanceUID),
+                         outcome="duplicate", code="same_sop_instance")
             self.settled(key)
             log.info("duplicate of an instance already processed; no new output",
                      extra={"event": "duplicate", "file": name, "sop": uid_ref(sop_uid),
@@ -281,7 +286,9 @@ class Admission:
 
     def _decode(self, data: bytes, name: str) -> Radiograph | DecodeFailure:
         min_side = int(getattr(self.config, "decode_min_side", 0) or 0)
-        display = True  # the overlay SC shows the source at full resolution: decode it once at full size
+        # the overlay SC shows the source at full resolution: decode it once at full size (without an SC, only
+        # the reduced resolution the model needs)
+        display = bool(getattr(self.config, "sc", True))
         if self.decoder is None:
             try:
                 return decode_in_process(data, name, self.limits, min_side, display)

@@ -50,6 +50,7 @@ def report_backend_to_metrics(status: dict[str, Any]) -> bool:
         if status.get("demotions"):
             last = status["demotions"][-1]
             service_metrics.count("backend_demotions", backend=str(last.get("from")), to=str(last.get("to")))
+            service_metrics.backend_demoted(f"{last.get('from')} -> {last.get('to')}")
     except Exception as exc:  # metrics must never take the service down
         log.warning("metrics set_backend failed: %s", exc)
         return False
@@ -61,6 +62,9 @@ def describe(status: dict[str, Any]) -> list[str]:
     selftest = status.get("selftest") or {}
     lines = [f"backend:                {status.get('backend')} ({status.get('precision')}, "
              f"{status.get('model_file')})"]
+    choice = status.get("choice") or {}
+    if choice.get("reason"):
+        lines.append(f"chosen by:              {choice.get('by')}: {choice['reason']}")
     if selftest.get("dice_mean") is not None:
         lines.append(f"self-test:              {'passed' if selftest.get('passed') else 'FAILED'}, mean Dice "
                      f"{selftest['dice_mean']:.4f}, min {selftest['dice_min']:.4f} on {selftest.get('n_images')} "
@@ -88,6 +92,7 @@ def backend_options(config: Any) -> Any:
     defaults = BackendOptions()
     return BackendOptions(
         threads=getattr(config, "threads", None),
+        cpu_choice=getattr(config, "cpu_backend", None) or defaults.cpu_choice,
         engine_cache=Path(config.state_dir) / "engines",
         dla_core=getattr(config, "dla_core", None),
         cuda_graph=bool(getattr(config, "cuda_graph", False)),

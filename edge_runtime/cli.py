@@ -8,6 +8,7 @@ model, DICOM, image and watching code (numpy, cv2, pydicom, onnxruntime: each im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sqlite3
@@ -16,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from lungseg.bundle import ModelNotFoundError, resolve_bundle
+from lungseg.edge_runtime import audit, drift_report
 from lungseg.edge_runtime.config import (
     BACKENDS,
     ConfigError,
@@ -26,6 +28,7 @@ from lungseg.edge_runtime.config import (
     load_toml,
     sample_toml,
 )
+from lungseg.edge_runtime.fsio import sha256_of
 from lungseg.edge_runtime.ledger import LEDGER_NAME, Ledger, LedgerLockedError, StateLock
 from lungseg.edge_runtime.logs import setup_logging
 from lungseg.edge_runtime.samples import gather_samples
@@ -135,7 +138,120 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_build_engine(sub)
     _add_reprocess(sub)
+    _add_audit(sub)
+    _add_forward(sub)
+    drift_report.add_parser(sub)  # issue 23
     return parser
+
+
+def _add_forward(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("forward", help="list or retry dead-lettered outputs (not delivered to the PACS)",
+                       description="An output the forwarder gave up on (forward_max_attempts failures, or missing "
+                       "from disk) is dead-lettered: `list` shows them, `retry` queues them again with a fresh "
+                       "attempt count (the running service picks them up within a second).",
+                       epilog="exit codes: 0 done (list: none dead-lettered); 1 list: some are dead-lettered; "
+                       "2 usage error; 5 no ledger in the state folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="forward_command", required=True, metavar="ACTION")
+    for q in (actions.add_parser("list", help="the dead letters"),
+              actions.add_parser("retry", help="queue dead letters again")):
+        q.add_argument("--state", type=Path, required=True, help="the --state folder (or <out>/.lungseg-state)")
+        q.add_argument("--json", action="store_true", help="print JSON")
+    actions.choices["retry"].add_argument("paths", nargs="*", metavar="OUTPUT",
+                                          help="output paths as listed (default: all)")
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    if not (args.state / LEDGER_NAME).is_file():
+        print(f"lungseg-edge forward: no ledger in {args.state}", file=sys.stderr)
+        return 5
+    from lungseg.edge_runtime.logs import uid_ref
+
+    try:
+        ledger = Ledger(args.state, readonly=args.forward_command == "list")
+        try:
+            if args.forward_command == "retry":
+                queued = ledger.forward_retry(args.paths or None)
+            else:
+                dead = ledger.forward_dead()
+        finally:
+            ledger.close()
+    except sqlite3.Error as exc:
+        print(f"lungseg-edge forward: cannot use the ledger in {args.state}: {exc}", file=sys.stderr)
+        return 5
+    if args.forward_command == "retry":
+        print(json.dumps({"queued": queued}) if args.json else f"{queued} dead letter(s) queued again")
+        return 0
+    for row in dead:
+        row["sop_uid"] = uid_ref(row["sop_uid"])  # the paths are named by UID already; the UID itself is hashed
+    if args.json:
+        print(json.dumps({"dead_letters": dead}, indent=2))
+    else:
+        for row in dead:
+            print(f"{row['path']}  attempts {row['attempts']}  {row['last_error']}")
+        print(f"{len(dead)} dead letter(s)")
+    return 1 if dead else 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="check the audit trail, or show what happened to one file or instance",
+                       description="The audit trail (<state>/audit/*.jsonl) is hash-chained: `verify` checks every "
+                       "line of every file in order; `show` lists the events about one file (by its path: its "
+                       "reference and content hash are computed as the service does) or one SOP Instance UID.",
+                       epilog="exit codes: 0 chain intact / events found; 1 chain broken (the first bad file:line "
+                       "is named) / no event found; 2 usage error; 5 no audit trail in the state folder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = actions.add_parser("verify", help="check the hash chain of every audit file")
+    show = actions.add_parser("show", help="the events about one file or SOP instance")
+    for q in (verify, show):
+        q.add_argument("--state", type=Path, required=True, help="the --state folder (or <out>/.lungseg-state)")
+        q.add_argument("--json", action="store_true", help="print JSON")
+    which = show.add_mutually_exclusive_group(required=True)
+    which.add_argument("--file", type=Path, metavar="PATH", help="a file as it lies (or lay) in the watch folder")
+    which.add_argument("--sop", metavar="UID", help="a SOPInstanceUID")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    folder = args.state / audit.FOLDER
+    if not audit.trail_files(folder):
+        print(f"lungseg-edge audit: no audit trail in {folder}", file=sys.stderr)
+        return 5
+    if args.audit_command == "verify":
+        checked, problem = audit.verify(folder)
+        if args.json:
+            print(json.dumps({"ok": problem is None, "lines": checked, "files": len(audit.trail_files(folder)),
+                              "problem": None if problem is None else {"file": str(problem.path),
+                                                                       "line": problem.line,
+                                                                       "reason": problem.reason}}))
+        elif problem is None:
+            print(f"audit trail intact: {checked} line(s) in {len(audit.trail_files(folder))} file(s)")
+        else:
+            print(f"audit trail broken at {problem} ({checked} line(s) before it are intact)", file=sys.stderr)
+        return 0 if problem is None else 1
+    hasher = audit.Hasher(args.state)
+    files: set[str] = set()
+    shas: set[str] = set()
+    sops: set[str] = set()
+    if args.file is not None:
+        path = Path(args.file).absolute()
+        with contextlib.suppress(OSError):
+            path = path.resolve()
+        files.add(hasher.file_ref(path))
+        if path.is_file():
+            shas.add(sha256_of(path))
+    else:
+        sops = hasher.uid_forms(args.sop)
+    events = audit.find(folder, files, shas, sops)
+    if args.json:
+        print(json.dumps({"query": {"file_ref": sorted(files), "sha256": sorted(shas), "sop": sorted(sops)},
+                          "events": events}, indent=2))
+    elif not events:
+        print("no audit event about this file or instance", file=sys.stderr)
+    else:
+        for event in events:
+            print(audit.describe(event))
+    return 0 if events else 1
 
 
 def _add_reprocess(sub: argparse._SubParsersAction) -> None:
@@ -326,7 +442,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "config": cmd_config, "render": cmd_render, "status": cmd_status, "demo": cmd_demo,
-               "build-engine": cmd_build_engine, "reprocess": cmd_reprocess}[args.command]
+               "build-engine": cmd_build_engine, "reprocess": cmd_reprocess, "audit": cmd_audit,
+               "forward": cmd_forward, "drift": drift_report.cmd_drift}[args.command]
     return handler(args)
 
 

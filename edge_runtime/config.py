@@ -32,8 +32,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (JetPack 6) needs the tomli backport
     import tomli as tomllib
 
-BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "openvino")  # lungseg.predictors.BACKENDS (kept import-free)
+# lungseg.predictors.CPU_CHOICES
+CPU_BACKEND_CHOICES = ("fastest", "chain", "openvino-int8", "openvino-bf16", "openvino-fp32", "cpu-int8", "cpu-fp32")
 QUARANTINE_MODES = ("copy", "move")
+ROOT_POLICIES = ("warn", "refuse", "allow")
 SC_SYNTAXES = ("explicit", "rle", "jpegls")
 SC_STYLES = ("outline", "filled-outline")
 SC_VERIFY = ("parse", "decode")
@@ -48,6 +51,8 @@ class ConfigError(LungsegError, ValueError):
 FOLDERS, MODEL, OUTPUTS, WATCHING, FAULTS, UNTRUSTED, FORWARD, RECEIVER, METRICS, LOGGING = (
     "Folders", "Model and inference", "Outputs", "Watching", "Output faults and quarantine", "Untrusted input",
     "Forwarding to a PACS", "DICOM receiver", "Metrics and health check", "Logging")
+
+AUDIT_RETENTION = "Audit trail, disk guard and retention"
 
 SECTIONS: tuple[tuple[str, str], ...] = (  # the sample file's order, and the --help groups
     (FOLDERS, ""),
@@ -75,6 +80,14 @@ SECTIONS: tuple[tuple[str, str], ...] = (  # the sample file's order, and the --
     (LOGGING, "Logs, sidecars and quarantine names identify a file by a keyed hash of its path (\"f-\" + 16 hex "
      "digits; the key is <state>/name-key), never by its name, which may carry a patient's name. UIDs are "
      "logged as hashes and patient names/IDs never."),
+    (AUDIT_RETENTION, (
+     "The audit trail is an append-only, hash-chained JSON Lines file, <state>/audit/audit.jsonl: one line per "
+     "receive, process, output, forward, quarantine, retention deletion, start, configuration or model change, "
+     "self-test and demotion (lungseg-edge audit verify / audit show). Files are named by their reference and "
+     "content hash, UIDs by a keyed hash. The disk guard: below the free-space watermark (watch, output or state "
+     "folder) the receiver answers C-STORE with 0xA700 (out of resources), the folder path takes no new work "
+     "and /healthz answers 503 with the reason; work resumes by itself once 10 % more than the watermark is "
+     "free. Retention (0 days: keep) deletes only what the ledger has handled, each deletion audited.")),
 )
 
 SAMPLE_HEADER = """\
@@ -114,21 +127,35 @@ class EdgeConfig(GateOptions):
         help="model bundle folder (from lungseg-export) or a single .onnx file"))
     backend: str = field(default="auto", metadata=setting(
         section=MODEL, choices=BACKENDS,
-        help="inference backend; auto = TensorRT engine -> onnxruntime CUDA -> onnxruntime CPU (each fallback is "
-        "logged)"))
+        help="inference backend; auto = TensorRT engine -> onnxruntime CUDA -> CPU (OpenVINO where the [openvino] "
+        "extra is installed, onnxruntime; see cpu_backend); each fallback is logged"))
     threads: int | None = field(default=None, metadata=setting(
         section=MODEL, commented=True, sample=4, default_text="onnxruntime's", help="CPU inference threads"))
+    cpu_backend: str = field(default="fastest", metadata=setting(
+        section=MODEL, choices=CPU_BACKEND_CHOICES,
+        help="which CPU backend serves: fastest = where OpenVINO is installed ([openvino] extra), self-test and "
+        "time every CPU candidate on the golden set at start-up and serve the fastest that passes (measured once "
+        "per bundle, CPU and runtime versions, kept in <state>/engines; why is in backend.json); chain = the first "
+        "that passes, OpenVINO int8 -> bf16 -> fp32 -> onnxruntime int8 -> fp32; a candidate's name pins it "
+        "first"))
     threshold: float | None = field(default=None, metadata=setting(
         section=MODEL, commented=True, sample=0.5, metavar="P", default_text="the model's own, else 0.5",
         help="probability threshold"))
     batch_size: int = field(default=4, metadata=setting(
         section=MODEL, help="most files per inference batch when several are waiting"))
     # --- outputs
-    seg: bool = field(default=False, metadata=setting(
-        section=OUTPUTS, sample=True, help="also write a DICOM Segmentation (BINARY, segment \"Lung\") per input"))
+    sc: bool = field(default=True, metadata=setting(
+        section=OUTPUTS, help="write the overlay Secondary Capture (the source at full resolution with the lung "
+        "outline, areas and review banner); off: SEG + SR only, and the source is decoded at the reduced "
+        "resolution alone (the fast path)"))
+    seg: bool = field(default=True, metadata=setting(
+        section=OUTPUTS, help="write a DICOM Segmentation (BINARY, segment \"Lung\") per input"))
     sr: bool = field(default=True, metadata=setting(
         section=OUTPUTS, help="beside the SEG, write a DICOM SR Measurement Report (TID 1500): lung areas, QA flags "
         "and gate decisions, referencing the SEG's segment and naming the model"))
+    gsps: bool = field(default=False, metadata=setting(
+        section=OUTPUTS, help="also write a Grayscale Softcopy Presentation State (.pr.dcm): the lung contours and "
+        "areas drawn over the original image by viewers that apply presentation states, no pixels re-encoded"))
     sc_style: str = field(default="outline", metadata=setting(
         section=OUTPUTS, choices=SC_STYLES,
         help="overlay style: outline (the radiograph untouched inside the lungs) or filled-outline (a light fill)"))
@@ -145,10 +172,10 @@ class EdgeConfig(GateOptions):
         "comparing every pixel (decode)"))
     decode_min_side: int = field(default=256, metadata=setting(
         section=OUTPUTS, metavar="PX",
-        help="decode and draw at the coarsest 1/2^k resolution whose short side stays >= this many pixels (JPEG "
-        "2000 is decoded at that level; 0: full resolution, slower; 256 is the model's input size, so the network "
-        "never sees an upsampled image). The SC is drawn at the decoded size: 512 doubles it for about twice the "
-        "decoding time"))
+        help="the model's input is made from the coarsest 1/2^k resolution whose short side stays >= this many "
+        "pixels (256 is the model's input size, so the network never sees an upsampled image; 0: full resolution). "
+        "With the SC on, the source is decoded once at full size for the overlay and this is its area reduction; "
+        "with sc = false, JPEG 2000 is decoded at that level directly"))
     postprocess_resolution: str = field(default="model", metadata=setting(
         section=OUTPUTS, choices=POSTPROCESS_RESOLUTIONS,
         help="postprocess and measure at the model's resolution and upscale the mask once (model) or at native "
@@ -189,6 +216,9 @@ class EdgeConfig(GateOptions):
     quarantine_mode: str = field(default="copy", metadata=setting(
         section=FAULTS, choices=QUARANTINE_MODES,
         help="copy rejected inputs to the quarantine folder, or move them there (out of the watch folder)"))
+    run_as_root: str = field(default="warn", metadata=setting(
+        section=FAULTS, choices=ROOT_POLICIES,
+        help="when started as root: log a warning, refuse to start (exit 2), or allow silently"))
     # --- untrusted input
     isolate_decode: bool = field(default=True, metadata=setting(
         section=UNTRUSTED, help="decode in a memory- and time-limited worker process (off: in-process)"))
@@ -213,6 +243,10 @@ class EdgeConfig(GateOptions):
     forward_retry_seconds: float = field(default=60.0, metadata=setting(
         section=FORWARD, commented=True, metavar="S",
         help="first retry delay after a failed delivery, doubling up to an hour"))
+    forward_max_attempts: int = field(default=12, metadata=setting(
+        section=FORWARD, commented=True, metavar="N",
+        help="failed deliveries of one output before it is dead-lettered (kept, /healthz 503, `lungseg-edge "
+        "forward retry` sends it again); a C-ECHO probe brings retries forward when the peer is back"))
     # --- receiver
     scp_port: int | None = field(default=None, metadata=setting(
         section=RECEIVER, commented=True, sample=11112, metavar="PORT", default_text="none, no receiver",
@@ -225,6 +259,38 @@ class EdgeConfig(GateOptions):
     scp_allow: list[str] = field(default_factory=list, metadata=setting(
         section=RECEIVER, commented=True, sample=["PORTABLE1"], metavar="AET,AET", default_text="empty, any",
         help="calling AE titles allowed to send; others are rejected"))
+    # --- DICOM TLS (edge_runtime/tls.py): TLS 1.2+ only; see INSTALL.md "DICOM TLS"
+    scp_tls_cert: Path | None = field(default=None, metadata=setting(
+        section=RECEIVER, commented=True, sample="/etc/lungseg/tls/server.crt", metavar="PEM",
+        default_text="none, plain DICOM",
+        help="the receiver's certificate (PEM, leaf first, then any intermediates); set: the receiver speaks "
+        "DICOM TLS only and refuses plain connections"))
+    scp_tls_key: Path | None = field(default=None, metadata=setting(
+        section=RECEIVER, commented=True, sample="/etc/lungseg/tls/server.key", metavar="PEM",
+        default_text="in scp_tls_cert", help="the private key of scp_tls_cert (unencrypted PEM, readable by the "
+        "service only)"))
+    scp_tls_ca: Path | None = field(default=None, metadata=setting(
+        section=RECEIVER, commented=True, sample="/etc/lungseg/tls/senders-ca.crt", metavar="PEM",
+        default_text="none", help="CA bundle that signs the senders' (modalities') client certificates"))
+    scp_tls_require_client_cert: bool = field(default=True, metadata=setting(
+        section=RECEIVER, commented=True,
+        help="with TLS: refuse senders without a client certificate signed by scp_tls_ca (mutual "
+        "authentication); false: a client certificate is verified only when one is presented"))
+    forward_tls: bool = field(default=False, metadata=setting(
+        section=FORWARD, commented=True,
+        help="send to the PACS over DICOM TLS: its certificate is verified and its name checked"))
+    forward_tls_ca: Path | None = field(default=None, metadata=setting(
+        section=FORWARD, commented=True, sample="/etc/lungseg/tls/pacs-ca.crt", metavar="PEM",
+        default_text="the system trust store", help="CA bundle that signs the PACS certificate"))
+    forward_tls_cert: Path | None = field(default=None, metadata=setting(
+        section=FORWARD, commented=True, sample="/etc/lungseg/tls/client.crt", metavar="PEM",
+        default_text="none", help="our client certificate, for a PACS that requires mutual authentication"))
+    forward_tls_key: Path | None = field(default=None, metadata=setting(
+        section=FORWARD, commented=True, sample="/etc/lungseg/tls/client.key", metavar="PEM",
+        default_text="in forward_tls_cert", help="the private key of forward_tls_cert"))
+    forward_tls_server_name: str | None = field(default=None, metadata=setting(
+        section=FORWARD, commented=True, sample="pacs.example.org", metavar="NAME", default_text="forward_host",
+        help="the name (DNS or IP subject alternative name) the PACS certificate must carry"))
     # --- metrics and health
     metrics_port: int | None = field(default=None, metadata=setting(
         section=METRICS, commented=True, sample=9464, metavar="PORT", default_text="none, no endpoint",
@@ -234,6 +300,10 @@ class EdgeConfig(GateOptions):
     health_stale_seconds: float = field(default=600.0, metadata=setting(
         section=METRICS, commented=True, metavar="S",
         help="/healthz answers 503 when work has waited this long and nothing succeeded meanwhile"))
+    health_fault_seconds: float = field(default=120.0, metadata=setting(
+        section=METRICS, commented=True, metavar="S",
+        help="/healthz answers 503 when faults of the box (outputs not writable, no memory) went on this long "
+        "with no file processed since the first (retries do not reset the clock)"))
     # --- logging
     log_json: bool = field(default=False, metadata=setting(
         section=LOGGING, sample=True, help="one JSON object per log line (journald-friendly)"))
@@ -245,6 +315,44 @@ class EdgeConfig(GateOptions):
     verbose: int = field(default=0, metadata=setting(
         section=LOGGING, short="-v", count=True,
         help="more logging: 0 = info, 1 (-v) = debug, 2 (-vv) = debug including libraries"))
+
+    # --- audit trail, disk guard and retention (edge_runtime/audit.py, edge_runtime/retention.py)
+    audit: bool = field(default=True, metadata=setting(
+        section=AUDIT_RETENTION, help="keep the audit trail in <state>/audit"))
+    audit_uids: bool = field(default=False, metadata=setting(
+        section=AUDIT_RETENTION, help="write SOP and study UIDs in clear in the audit trail instead of a keyed hash"))
+    audit_max_mb: int = field(default=64, metadata=setting(
+        section=AUDIT_RETENTION, metavar="MB",
+        help="start a new audit file at this size (the chain continues; old files are kept)"))
+    disk_min_free_mb: int = field(default=512, metadata=setting(
+        section=AUDIT_RETENTION, metavar="MB", help="disk guard: least free space in MB (0: not checked)"))
+    disk_min_free_percent: float = field(default=2.0, metadata=setting(
+        section=AUDIT_RETENTION, metavar="PCT",
+        help="disk guard: least free space in percent of the file system (0: not checked)"))
+    retention_received_days: float = field(default=0.0, metadata=setting(
+        section=AUDIT_RETENTION, metavar="DAYS",
+        help="delete files the receiver wrote into the watch folder this long after arrival, once processed "
+        "(0: keep)"))
+    retention_watch_files: bool = field(default=False, metadata=setting(
+        section=AUDIT_RETENTION,
+        help="let retention_received_days also delete the device's own processed files in the watch folder"))
+    retention_output_days: float = field(default=0.0, metadata=setting(
+        section=AUDIT_RETENTION, metavar="DAYS",
+        help="delete outputs this old, unless still to be forwarded (0: keep)"))
+    retention_quarantine_days: float = field(default=0.0, metadata=setting(
+        section=AUDIT_RETENTION, metavar="DAYS", help="delete quarantined files this old (0: keep)"))
+    retention_log_days: float = field(default=0.0, metadata=setting(
+        section=AUDIT_RETENTION, metavar="DAYS", help="delete crash logs (crash.log.*) this old (0: keep)"))
+
+    # --- drift monitor (edge_runtime/drift_monitor.py; issue 23) ---
+    drift: bool = field(default=True, metadata=setting(
+        section=METRICS, help="drift monitor: compare recent images' descriptors with the bundle's "
+        "drift_reference.json (off, said once in the log, when the bundle has none); lungseg-edge drift reports"))
+    drift_window: int = field(default=100, metadata=setting(
+        section=METRICS, metavar="N", help="drift monitor: images in the count window (the other window: 24 h)"))
+    drift_site_after: int = field(default=500, metadata=setting(
+        section=METRICS, metavar="N",
+        help="drift monitor: the site's first N images become its own second reference (0: never)"))
 
     # --- derived locations -------------------------------------------------
     @property
@@ -305,6 +413,8 @@ class EdgeConfig(GateOptions):
                 raise ConfigError(f"{name} must not be negative (0: no limit / full resolution)")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
+        if not (self.sc or self.seg):
+            raise ConfigError("sc = false needs seg = true: with neither an SC nor a SEG there is nothing to write")
         for name in ("decode_timeout_seconds", "decode_memory_mb", "max_file_mb", "max_pixels", "max_frames"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
@@ -329,8 +439,20 @@ class EdgeConfig(GateOptions):
                 raise ConfigError(f"scp_ae and scp_allow entries must be 1-16 ASCII characters, not {title!r}")
         if self.scp_port is not None and self.once:
             raise ConfigError("the DICOM receiver (scp_port) runs with the service, not with --once")
+        if self.drift_window < 20 or self.drift_site_after < 0:  # drift monitor (issue 23)
+            raise ConfigError("drift_window must be at least 20 and drift_site_after not negative")
+        for name in ("audit_max_mb", "disk_min_free_mb", "disk_min_free_percent", "retention_received_days",
+                     "retention_output_days", "retention_quarantine_days", "retention_log_days"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.disk_min_free_percent >= 100:
+            raise ConfigError("disk_min_free_percent must be below 100")
         if self.health_stale_seconds <= 0:
             raise ConfigError("health_stale_seconds must be positive")
+        if self.health_fault_seconds <= 0:
+            raise ConfigError("health_fault_seconds must be positive")
+        if self.forward_max_attempts < 1:
+            raise ConfigError("forward_max_attempts must be at least 1")
         watch = self.watch.resolve()
         for name in ("out", "state"):
             other = getattr(self, name)

@@ -26,6 +26,9 @@ import _thread
 import contextlib
 import dataclasses
 import faulthandler
+import functools
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -36,9 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lungseg.atomic import atomic_write
 from lungseg.bundle import Bundle, ModelNotFoundError, resolve_bundle
 from lungseg.dicom_decode import value_validation_off
-from lungseg.edge_runtime import service_metrics, services
+from lungseg.edge_runtime import audit, drift_monitor, service_metrics, services
 from lungseg.edge_runtime.admission import UNEXPLAINED_DEATHS, Outcome
 from lungseg.edge_runtime.backend_status import backend_options
 from lungseg.edge_runtime.codes import Status
@@ -48,7 +52,9 @@ from lungseg.edge_runtime.forward import Forwarder, ForwardUnavailableError
 from lungseg.edge_runtime.fsio import remove_stale_temps
 from lungseg.edge_runtime.ledger import Ledger, LedgerLockedError, OutputLock, StateLock
 from lungseg.edge_runtime.pipeline import Processor
+from lungseg.edge_runtime.retention import DiskGuard, ReceivedFiles, Retention
 from lungseg.edge_runtime.sdnotify import Notifier
+from lungseg.edge_runtime.tls import TlsError, forward_tls_args
 from lungseg.edge_runtime.watcher import ReadyTracker, make_observer
 from lungseg.errors import LungsegError
 from lungseg.predictors import BackendUnavailableError, Selection, select_predictor
@@ -72,6 +78,7 @@ TICK_SECONDS = 0.2
 WATCH_CHECK_SECONDS = 1.0
 ONCE_RETRIES = 2  # --once: short retries of a transient fault (memory, disk) before leaving the file undone
 CRASH_LOG = "crash.log"
+RETENTION_INTERVAL_SECONDS = 3600.0
 UNDONE = "undone"  # files a --once run leaves for the next run (a total, not an outcome status)
 
 _T = TypeVar("_T")
@@ -135,6 +142,10 @@ def _run(config: EdgeConfig, stop: threading.Event | None) -> int:
         log.error("watch folder %s does not exist or is not a folder", config.watch)
         return EXIT_USAGE
     stop = stop or threading.Event()
+    try:
+        _check_root(config)
+    except StartupError as exc:
+        return exc.code
     # Everything acquired is released in reverse order when this block ends, however it ends; the signal
     # handlers are restored and systemd is told STOPPING first (``first_out`` is left before ``resources``).
     with contextlib.ExitStack() as resources, contextlib.ExitStack() as first_out:
@@ -170,6 +181,7 @@ def _lock_folders(config: EdgeConfig, resources: contextlib.ExitStack) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         state.mkdir(parents=True, exist_ok=True)
+        _make_private(state, config.quarantine_dir)
         resources.callback(StateLock(state).acquire().release)
         resources.callback(OutputLock(out).acquire().release)
     except LedgerLockedError as exc:
@@ -180,30 +192,73 @@ def _lock_folders(config: EdgeConfig, resources: contextlib.ExitStack) -> None:
         raise StartupError(EXIT_STATE) from exc
 
 
+def _make_private(*folders: Path) -> None:
+    """Mode 0700 for the state and quarantine folders (ledger, audit, full PHI copies), whatever the umask."""
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if folder.stat().st_uid == os.geteuid() and folder.stat().st_mode & 0o077:
+                folder.chmod(0o700)
+        except OSError as exc:  # e.g. a read-only folder: the start goes on, the next write fault is reported
+            log.warning("cannot make %s private (%s)", folder, exc.strerror or exc, extra={"event": "not_private"})
+
+
+def _check_root(config: EdgeConfig) -> None:
+    """``run_as_root``: a warning (default) or a refusal when started as root."""
+    if os.geteuid() != 0 or config.run_as_root == "allow":
+        return
+    if config.run_as_root == "refuse":
+        log.error("refusing to run as root (run_as_root = \"refuse\"): run as a service user, see INSTALL.md",
+                  extra={"event": "root_refused"})
+        raise StartupError(EXIT_USAGE)
+    log.warning("running as root: a service user is safer (see INSTALL.md; run_as_root = \"allow\" hides this)",
+                extra={"event": "root_warning"})
+
+
 def _serve(config: EdgeConfig, stop: threading.Event, notifier: Notifier, resources: contextlib.ExitStack) -> int:
     """Start everything (each part registered in ``resources`` for its teardown), then run the loop."""
     ledger = _open_ledger(config, resources)
+    if config.audit:
+        try:
+            audit.open_trail(config.state_dir, config.audit_uids, config.audit_max_mb << 20)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot open the audit trail in %s (%s): check it with `lungseg-edge audit verify`, move a "
+                      "damaged file aside (or set audit = false)", config.state_dir / audit.FOLDER, exc,
+                      extra={"event": "audit_failed"})
+            raise StartupError(EXIT_STATE) from exc
+        resources.callback(audit.close_trail)
     resources.callback(service_metrics.disable)
     _start_service(services.start_metrics, config)
+    disk = DiskGuard([config.watch_dir, config.out_dir, config.state_dir], config.disk_min_free_mb,
+                     config.disk_min_free_percent)
+    resources.callback(service_metrics.add_problem_source(disk.check))
     bundle, selection = _load_model(config)
+    if config.drift:  # the drift monitor (issue 23): off, said once, when the bundle has no reference
+        drift_monitor.start(bundle.root, config.state_dir, config.drift_window, config.drift_site_after)
+        resources.callback(drift_monitor.stop)
     forwarder = _make_forwarder(config, resources)
     service_metrics.set_backend(selection.predictor.backend, selection.predictor.precision)  # the Processor may refine
     processor = Processor(config, selection.predictor, bundle, ledger, stop, selection.fallbacks)
     resources.callback(processor.close)
     _log_ready(config, processor, selection)
+    _audit_start(config, processor)
+    hasher = audit.Hasher(config.state_dir, config.audit_uids)
+    received = ReceivedFiles(config.state_dir, hasher)
+    retention = Retention(config, ledger, received, hasher)
     tracker = _make_tracker(config)
     observer = _WatchGuard(config, tracker)
     resources.callback(observer.stop)
     if not config.once:
         observer.start()
     service_metrics.set_queue_probe(services.watch_queue_probe(tracker))
-    receiver = _start_service(services.start_receiver, config)
+    receiver = _start_service(functools.partial(services.start_receiver, disk_guard=disk.check, received=received),
+                              config)
     if receiver is not None:
         resources.callback(receiver.stop)
     found = tracker.scan()
     log.info("%d file(s) already in the watch folder", found, extra={"event": "scan", "files": found})
     notifier.ready(f"watching, {found} file(s) queued at start")
-    code = _loop(config, processor, tracker, notifier, stop, observer)
+    code = _loop(config, processor, tracker, notifier, stop, observer, disk, retention)
     if forwarder is not None and config.once and not stop.is_set():
         forwarder.send_due(ledger, limit=10_000)  # one attempt for everything queued
     return code
@@ -257,13 +312,15 @@ def _make_forwarder(config: EdgeConfig, resources: contextlib.ExitStack) -> Forw
         return None
     try:
         forwarder = Forwarder(config.out_dir, config.state_dir, config.forward_host, config.forward_port,
-                              config.forward_ae, config.forward_calling_ae, config.forward_retry_seconds)
-    except ForwardUnavailableError as exc:
+                              config.forward_ae, config.forward_calling_ae, config.forward_retry_seconds,
+                              config.forward_max_attempts)
+        forwarder.tls_args = forward_tls_args(config)  # DICOM TLS when forward_tls is on
+    except (ForwardUnavailableError, TlsError) as exc:
         log.error("%s", exc)
         raise StartupError(EXIT_USAGE) from exc
     resources.callback(forwarder.stop)
-    log.warning("forwarding outputs to %s@%s:%d", config.forward_ae, config.forward_host,
-                config.forward_port, extra={"event": "forward_config"})
+    log.warning("forwarding outputs to %s@%s:%d%s", config.forward_ae, config.forward_host,
+                config.forward_port, " over TLS" if forwarder.tls_args else "", extra={"event": "forward_config"})
     if not config.once:
         forwarder.start()
     return forwarder
@@ -280,6 +337,31 @@ def _log_ready(config: EdgeConfig, processor: Processor, selection: Selection) -
                "fallbacks": selection.fallbacks, "model": prov.model_name, "model_version": prov.model_version,
                "seg": config.seg, "batch_size": config.batch_size},
     )
+
+
+def _audit_start(config: EdgeConfig, processor: Processor) -> None:
+    """Audit the start, and a configuration or model change since the last start (``<state>/audit/last-start.json``)."""
+    if not audit.enabled():
+        return
+    prov = processor.provenance
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    current = {"config_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest(),
+               "bundle_sha256": prov.bundle_sha256, "model_version": f"{prov.model_name} {prov.model_version}"}
+    marker = config.state_dir / audit.FOLDER / "last-start.json"
+    previous: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads(marker.read_text())
+    audit.record("start", software_version=prov.software_version, backend=prov.backend, precision=prov.precision,
+                 **current)
+    if previous and previous.get("config_sha256") != current["config_sha256"]:
+        audit.record("config_change", previous=previous.get("config_sha256"), config_sha256=current["config_sha256"])
+    if previous and (previous.get("bundle_sha256"), previous.get("model_version")) != \
+            (current["bundle_sha256"], current["model_version"]):
+        audit.record("model_change", previous=previous.get("model_version"),
+                     previous_bundle_sha256=previous.get("bundle_sha256"),
+                     model_version=current["model_version"], bundle_sha256=current["bundle_sha256"])
+    with contextlib.suppress(OSError):
+        atomic_write(marker, json.dumps(current))
 
 
 def _make_tracker(config: EdgeConfig) -> ReadyTracker:
@@ -386,16 +468,29 @@ def _watch_for_crashes(state: Path, ledger: Ledger) -> Callable[[], None]:
 
 
 def _loop(config: EdgeConfig, processor: Processor, tracker: ReadyTracker, notifier: Notifier,
-          stop: threading.Event, guard: _WatchGuard | None = None) -> int:
+          stop: threading.Event, guard: _WatchGuard | None = None, disk: DiskGuard | None = None,
+          retention: Retention | None = None) -> int:
     totals = {str(status): 0 for status in (Status.DONE, Status.DUPLICATE, Status.QUARANTINED, Status.SEEN,
                                             Status.SKIPPED)}
     totals.update({UNDONE: 0, str(Status.ABANDONED): 0})
     next_rescan = time.monotonic() + config.rescan_seconds
     once_retries: dict[Path, int] = {}
+    next_sweep = 0.0
     while not stop.is_set():
         notifier.ping()
         if guard is not None:
             guard.check()
+        if retention is not None and retention.active and time.monotonic() >= next_sweep:
+            next_sweep = time.monotonic() + RETENTION_INTERVAL_SECONDS
+            try:
+                retention.sweep()
+            except (OSError, sqlite3.Error) as exc:
+                log.error("retention sweep failed (%s)", exc, extra={"event": "retention_failed"})
+        if disk is not None and disk.check():  # low on space: the files wait in the folder, none is lost
+            if config.once:
+                break
+            stop.wait(TICK_SECONDS)
+            continue
         batch = tracker.take_ready(limit=config.batch_size)
         if batch:
             for outcome in processor.process(batch):

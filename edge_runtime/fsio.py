@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import stat
 from pathlib import Path
 
 from lungseg.atomic import TEMP_SUFFIX, atomic_write, fsync_dir, fsync_file, temp_name, write_synced
+
+log = logging.getLogger("lungseg.edge")
 
 # Faults of the output side (retried with backoff); any other error while writing outputs
 # comes from the input and is the input's fault.
@@ -122,6 +125,10 @@ class StagedFiles:
         self._synced.add(tmp)
         return tmp
 
+    def mark_synced(self, tmp: Path) -> None:
+        """``tmp`` (from :meth:`stage`) was written and fsynced by its caller (:func:`write_synced`)."""
+        self._synced.add(tmp)
+
     def publish(self) -> list[Path]:
         for tmp, _ in self._staged:
             if tmp not in self._synced:
@@ -167,8 +174,13 @@ def remove_stale_temps(root: Path) -> int:
     if not root.is_dir():
         return 0
     for path in root.rglob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             path.unlink()
-            removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # e.g. a read-only folder: leave it (never a reason not to start)
+            log.warning("cannot remove the stale temp file %s (%s)", path.name, exc.strerror or exc)
+            continue
+        removed += 1
     return removed
 

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,13 @@ CREATE TABLE IF NOT EXISTS forward (
     attempts   INTEGER NOT NULL DEFAULT 0,
     next_try   REAL NOT NULL,
     last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS forward_dead (
+    path       TEXT PRIMARY KEY,
+    sop_uid    TEXT,
+    attempts   INTEGER NOT NULL,
+    last_error TEXT,
+    dead_at    REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -355,6 +363,37 @@ class Ledger:
         with self.transaction():
             self.db.execute("UPDATE forward SET attempts=attempts+1, next_try=?, last_error=? WHERE path=?",
                             (next_try, error, path))
+
+    def forward_dead_letter(self, path: str, error: str) -> None:
+        """Give up on an output: moved from the queue to ``forward_dead`` (``forward_retry`` brings it back)."""
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO forward_dead SELECT path, sop_uid, attempts + 1, ?, ? FROM forward "
+                            "WHERE path=?", (error, time.time(), path))
+            self.db.execute("DELETE FROM forward WHERE path=?", (path,))
+
+    def forward_dead(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT path, sop_uid, attempts, last_error, dead_at FROM forward_dead "
+                               "ORDER BY dead_at, path").fetchall()
+        return [dict(zip(("path", "sop_uid", "attempts", "last_error", "dead_at"), row, strict=True)) for row in rows]
+
+    def forward_dead_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM forward_dead").fetchone()[0])
+
+    def forward_retry(self, paths: Sequence[str] | None = None) -> int:
+        """Queue dead letters again (all, or those in ``paths``) with a fresh attempt count; returns how many."""
+        with self.transaction():
+            rows = self.forward_dead() if paths is None else [r for r in self.forward_dead() if r["path"] in paths]
+            for row in rows:
+                self.db.execute("INSERT OR REPLACE INTO forward VALUES (?, ?, 'pending', 0, 0, NULL)",
+                                (row["path"], row["sop_uid"]))
+                self.db.execute("DELETE FROM forward_dead WHERE path=?", (row["path"],))
+        return len(rows)
+
+    def forward_reschedule(self, now: float) -> int:
+        """Every pending output due now (the peer answered a C-ECHO again); returns how many were waiting."""
+        with self.transaction():
+            return int(self.db.execute("UPDATE forward SET next_try=? WHERE status='pending' AND next_try>?",
+                                       (now, now)).rowcount)
 
     # --- reporting -----------------------------------------------------------
     def counts(self) -> dict[str, Any]:

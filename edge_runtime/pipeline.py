@@ -36,18 +36,16 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-import lungseg
 from lungseg.bundle import Bundle, sha256_file
-from lungseg.edge_runtime import service_metrics, stages
+from lungseg.dicom_out import Provenance
+from lungseg.edge_runtime import audit, drift_monitor, service_metrics, stages
 from lungseg.edge_runtime.admission import PASSTHROUGH, Admission, Admitted, Outcome, describe
 from lungseg.edge_runtime.backend_status import report_backend_to_metrics, write_backend_status
 from lungseg.edge_runtime.codes import QuarantineReason, RetryReason, Status
 from lungseg.edge_runtime.config import EdgeConfig
-from lungseg.edge_runtime.dicom_out import Provenance
 from lungseg.edge_runtime.fsio import StagedFiles, is_output_fault
 from lungseg.edge_runtime.ledger import Ledger
 from lungseg.edge_runtime.logs import uid_ref
@@ -72,13 +70,6 @@ class MonitoredPredictor(Predictor, Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-def software_version() -> str:
-    try:
-        return version("lungseg")
-    except Exception:
-        return getattr(lungseg, "__version__", "unknown")
-
-
 def allocation_failure(exc: BaseException) -> bool:
     """An inference runtime that could not allocate (onnxruntime raises ``Fail``/``RuntimeException``)."""
     text = str(exc).lower()
@@ -88,13 +79,7 @@ def allocation_failure(exc: BaseException) -> bool:
 def start_provenance(bundle: Bundle, predictor: Predictor, threshold: float) -> Provenance:
     """What produced the outputs, at start-up (the model file hashed once)."""
     model_file = Path(getattr(predictor, "model_path", bundle.onnx))
-    return Provenance(
-        model_name=bundle.name, model_version=bundle.version,
-        model_sha256=sha256_file(model_file), model_file=model_file.name,
-        backend=predictor.backend, precision=predictor.precision,
-        software_version=software_version(), threshold=threshold,
-        bundle_sha256=bundle.sha256, device_uid=bundle.device_uid,
-    )
+    return Provenance.of(bundle, model_file, predictor.backend, predictor.precision, threshold)
 
 
 class Processor:
@@ -137,6 +122,7 @@ class Processor:
         status = predictor.status()
         write_backend_status(self.config.state_dir, status)
         report_backend_to_metrics(status)
+        self._demotions_audited = audit.record_backend(status, getattr(self, "_demotions_audited", -1))
 
     def backend_health(self) -> BackendHealth | None:
         """Self-test and demotions of the serving backend, for the sidecar (``None`` for a plain predictor)."""
@@ -147,7 +133,10 @@ class Processor:
         selftest = current.get("selftest") or {}
         return BackendHealth(selftest={k: selftest.get(k) for k in ("passed", "dice_mean", "dice_min", "n_images",
                                                                      "reason")},
-                             demotions=current.get("demotions", []))
+                             demotions=current.get("demotions", []),
+                             backend_choice={"device": current.get("device"),
+                                             **{k: v for k, v in (current.get("choice") or {}).items()
+                                                if k in ("by", "chosen", "reason", "ms_per_image_b1")}})
 
     def close(self) -> None:
         """Stop the decode worker."""
@@ -284,32 +273,48 @@ class Processor:
         ref = stages.reference(ds, item.name)
         clock.mark("reference")
         measured = stages.measure(radiograph, segmentation)
+        drift_monitor.observe(radiograph.pixels, radiograph.native_shape or radiograph.pixels.shape[:2],
+                              segmentation.final_mask, measured.flags)
         clock.mark("measure")
         rendering = stages.render(radiograph, segmentation, measured, prov, config.sc_max_side,
-                                  config.sc_style)
+                                  config.sc_style) if config.sc else None
         paths = stages.output_paths(self.out, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), config.seg,
-                                    config.sr)
+                                    config.sr, sc=config.sc, gsps=config.gsps)
         clock.mark("render")
-        sc = stages.encode_sc(ref, rendering, prov, config.sc_syntax)
+        sc = stages.encode_sc(ref, rendering, prov, config.sc_syntax) if rendering is not None else None
         clock.mark("sc_encode")
-        seg = stages.encode_seg(ref, segmentation, rendering, prov) if config.seg else None
-        clock.mark("seg_encode")
-        sr = stages.encode_sr(ref, radiograph, measured, seg, prov) if seg is not None and paths.sr else None
-        clock.mark("sr_encode")
         with StagedFiles() as staged:
-            stages.write_sc(staged, paths.sc, sc, rendering.rgb, decode=config.sc_verify == "decode", clock=clock)
+            # the SC's bytes are written and fsynced on a thread while the SEG and SR are encoded here
+            sc_write = (stages.BackgroundScWrite(staged, paths.sc, sc, rendering.rgb,
+                                                 decode=config.sc_verify == "decode")
+                        if sc is not None and rendering is not None and paths.sc is not None else None)
+            try:
+                seg = stages.encode_seg(ref, segmentation, stages.review_text(measured), prov) if config.seg else None
+                clock.mark("seg_encode")
+                sr = stages.encode_sr(ref, radiograph, measured, seg, prov) if seg is not None and paths.sr else None
+                clock.mark("sr_encode")
+                gsps = stages.encode_gsps(ref, radiograph, segmentation, measured, prov) if paths.gsps else None
+            except BaseException:
+                if sc_write is not None:
+                    sc_write.join()  # before its temp file is discarded
+                raise
+            if sc_write is not None:
+                sc_write.wait(clock)
             if seg is not None and paths.seg is not None:
                 stages.write_seg(staged, paths.seg, seg, segmentation.mask)
             clock.mark("seg_save_verify")
             if sr is not None and paths.sr is not None:
                 stages.write_sr(staged, paths.sr, sr)
             clock.mark("sr_save_verify")
+            if gsps is not None and paths.gsps is not None:
+                stages.write_gsps(staged, paths.gsps, gsps)
+                clock.mark("gsps")
             write_ms = clock.elapsed_ms()
             write_stages = clock.stages_ms()
             timings = stages.file_timings(item.decode_ms, segmentation.timings_ms, write_ms)
             serving = stages.Serving(prov, self.fallbacks, self.backend_health())
             sidecar = stages.sidecar_for(item, ref, measured, rendering, sc, seg, paths, serving, timings_ms=timings,
-                                         write_stages_ms=write_stages, batch_size=batch_size, sr=sr)
+                                         write_stages_ms=write_stages, batch_size=batch_size, sr=sr, gsps=gsps)
             published = stages.publish(staged, paths, sidecar)
         outputs = [p.relative_to(self.out).as_posix() for p in published]
         return self._record(item, outputs, measured.flags, clock, timings, write_stages, write_ms)
@@ -324,6 +329,13 @@ class Processor:
                                 forward=[o for o in outputs if o.endswith(".dcm")] if self.config.forward_host else [])
         total_write = clock.elapsed_ms()
         stages.record_metrics({**timings, "write": total_write}, flags)
+        audit.record("process", file=item.key, sha256=item.sha256, sop=str(ds.SOPInstanceUID),
+                     study=str(ds.StudyInstanceUID), outcome="done", qa=flags, backend=prov.backend,
+                     precision=prov.precision, model_version=f"{prov.model_name} {prov.model_version}",
+                     bundle_sha256=prov.bundle_sha256, model_sha256=prov.model_sha256)
+        audit.record("output", file=item.key, sop=str(ds.SOPInstanceUID),
+                     outputs=sorted(o.rsplit("/", 1)[-1][len(str(ds.SOPInstanceUID)) + 1:] for o in outputs),
+                     forward=bool(self.config.forward_host))
         log.info("processed", extra={"event": "processed", "file": item.name, "sop": uid_ref(str(ds.SOPInstanceUID)),
                                      "timings_ms": {**timings, "write": round(total_write, 2)},
                                      "write_stages_ms": {**write_stages, "publish": round(total_write - write_ms, 2)},

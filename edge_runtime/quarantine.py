@@ -23,6 +23,7 @@ import logging
 import os
 from pathlib import Path
 
+from lungseg.edge_runtime import audit
 from lungseg.edge_runtime.fsio import atomic_write_bytes
 from lungseg.edge_runtime.ledger import Ledger
 
@@ -74,6 +75,8 @@ class Quarantine:
         atomic_write_bytes(self.folder / (target.name + REASON_SUFFIX),
                            (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode())
         self.ledger.record_quarantine(sha256=sha, name=name, size=size, code=code)
+        audit.record("quarantine", file=name, sha256=sha, outcome="quarantined", code=code, mode=self.mode,
+                     kept=kept)
         return target
 
 

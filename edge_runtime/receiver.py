@@ -20,6 +20,26 @@ receiver
   ``0x0000 Success``. The watcher ignores hidden names, so no partial file is
   ever a candidate; a sender whose C-STORE failed knows the image is not here.
 
+Duplicate SOP Instance UIDs: the first acknowledged instance is kept. A resend of
+identical bytes is idempotent (``0x0000``, nothing rewritten, nothing doubled). A
+different instance under a UID already stored is never written over it: its bytes
+are kept aside in ``conflicts_dir`` (``<uid ref>-<sha256 prefix>.dcm`` plus a
+``.reason.json`` with both sha256s) and the C-STORE is answered ``0x0111``
+(Failure: Duplicate SOP Instance, PS3.7 Annex C, listed among the Storage statuses
+by pynetdicom): the sender keeps its image and shows a failure an operator must
+reconcile, rather than a success that would hide a swapped image.
+
+Limits before success: with ``limits`` set (the daemon's
+:class:`lungseg.dicom_decode.DecodeLimits`: ``max_file_mb``, ``max_pixels``,
+``max_frames``), an instance over one of them is refused with ``0xA700`` (out of
+resources) and nothing is written, instead of being acknowledged and quarantined
+later.
+
+Connections are disciplined by :class:`~lungseg.edge_runtime.scp_guard.ConnectionGuard`
+(negotiation deadline, a negotiation pool that evicts the oldest, per-host and total caps
+on established associations, a total deadline per association). A command whose Affected
+SOP Instance UID differs from the data set's is refused with ``0xC000``.
+
 Other C-STORE failure statuses: ``0xA900`` (data set does not match the SOP class of
 its presentation context), ``0xC000`` (cannot understand: no usable
 SOPInstanceUID), ``0xA700`` (out of resources: the instance could not be written,
@@ -29,15 +49,21 @@ e.g. disk full).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import Iterable
+import os
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from lungseg.atomic import atomic_write
+from lungseg.edge_runtime import audit
 from lungseg.edge_runtime import service_metrics as metrics
 from lungseg.edge_runtime.fsio import TEMP_SUFFIX
 from lungseg.edge_runtime.logs import uid_ref, valid_uid
+from lungseg.edge_runtime.retention import ReceivedFiles
+from lungseg.edge_runtime.scp_guard import ConnectionGuard
 
 log = logging.getLogger("lungseg.edge.receiver")
 
@@ -52,9 +78,12 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # a different instance under a UID already stored (kept aside)
 
-MAX_ASSOCIATIONS = 8
+MAX_ASSOCIATIONS = 8  # established associations; connections still negotiating have their own pool
 TIMEOUT_SECONDS = 60.0
+NETWORK_TIMEOUT_SECONDS = 30.0  # silence on a connection (a drip is bounded by the guard's deadlines)
+MAX_PDU_BYTES = 16382  # the largest P-DATA PDU a sender may send us (pynetdicom's default, set explicitly)
 
 
 class ReceiverUnavailableError(RuntimeError):
@@ -106,6 +135,13 @@ class StorageReceiver:
         self.port, self.bind, self.ae_title = int(port), bind, ae_title
         self.allowed_calling = [a.strip() for a in allowed_calling if a.strip()]
         self._server: Any = None
+        self.disk_guard: Callable[[], str | None] | None = None  # the reason free space is low (retention.py)
+        self.received: ReceivedFiles | None = None  # what retention may delete later
+        self.ssl_context: Any = None  # DICOM TLS (edge_runtime/tls.py): set, plain connections are refused
+        self.conflicts_dir: Path | None = None  # where a conflicting duplicate is kept aside (None: not kept)
+        self.limits: Any = None  # DecodeLimits checked before 0x0000 (None: not checked here)
+        self.guard = ConnectionGuard()  # deadlines, negotiation pool, per-host cap (scp_guard.py)
+        self._store_lock = threading.Lock()  # the duplicate check and the write, one instance at a time
 
     # --- C-STORE -------------------------------------------------------------
     def _target(self, sop_uid: str) -> Path:
@@ -114,6 +150,83 @@ class StorageReceiver:
     def _write(self, data: bytes, final: Path) -> None:
         """Hidden temp file beside ``final``, fsync, rename, fsync the folder (:func:`lungseg.atomic.atomic_write`)."""
         atomic_write(final, data, mode=0o644)
+
+    @staticmethod
+    def _stored_sha(final: Path) -> str | None:
+        """The sha256 of the instance already stored at ``final`` (``None``: nothing there)."""
+        try:
+            fd = os.open(final, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return None
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def _keep_conflict(self, data: bytes, sop_uid: str, first_sha: str, sha: str, calling: str) -> Path | None:
+        """Keep a conflicting duplicate aside with both hashes; returns where (``None``: not kept)."""
+        if self.conflicts_dir is None:
+            return None
+        import datetime
+        import json
+
+        ref = (uid_ref(sop_uid) or "uid").replace(":", "-")
+        target = self.conflicts_dir / f"{ref}-{sha[:12]}.dcm"
+        reason = {"code": "duplicate_conflict", "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds"), "sop": uid_ref(sop_uid), "first_sha256": first_sha, "sha256": sha,
+                  "size": len(data), "calling_ae": calling, "kept": target.name}
+        self.conflicts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(target, data, mode=0o600)
+        atomic_write(target.with_name(target.name + ".reason.json"), json.dumps(reason, indent=2) + "\n",
+                     mode=0o600)
+        return target
+
+    def _over_limit(self, ds: Any, size: int) -> str | None:
+        """Which of :attr:`limits` the instance exceeds (``file_too_large``...), or ``None``."""
+        limits = self.limits
+        if limits is None:
+            return None
+        if size > limits.max_file_bytes:
+            return "file_too_large"
+        try:
+            pixels = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0)
+            frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):  # left to the decoder, which quarantines it with its reason
+            return None
+        if pixels > limits.max_pixels:
+            return "too_many_pixels"
+        if frames > limits.max_frames:
+            return "too_many_frames"
+        return None
+
+    def _store_once(self, data: bytes, sha: str, final: Path, sop_uid: str, calling: str) -> int | None:
+        """Write ``data`` unless the UID is taken: ``None`` when written, else the status to answer."""
+        with self._store_lock:
+            first_sha = self._stored_sha(final)
+            if first_sha is None:
+                self._write(data, final)
+                return None
+        if first_sha == sha:  # an identical resend: already acknowledged, nothing to do
+            log.info("identical resend of a stored instance: acknowledged again, not rewritten",
+                     extra={"event": "received_again", "calling_ae": calling, "sop": uid_ref(sop_uid)})
+            audit.record("receive", outcome="duplicate_identical", status="0x0000", sha256=sha, sop=sop_uid,
+                         calling_ae=calling)
+            return STATUS_SUCCESS
+        kept: Path | None = None
+        try:
+            kept = self._keep_conflict(data, sop_uid, first_sha, sha, calling)
+        except OSError as exc:
+            log.error("cannot keep a conflicting duplicate aside (%s)", exc.strerror or exc,
+                      extra={"event": "scp_conflict_not_kept", "sop": uid_ref(sop_uid)})
+        log.error("C-STORE refused: a different instance under a SOP Instance UID already stored (first sha256 "
+                  "%s, this one %s); the first is kept%s", first_sha[:12], sha[:12],
+                  f", this one set aside as {kept.name}" if kept else "",
+                  extra={"event": "scp_refused", "calling_ae": calling, "sop": uid_ref(sop_uid), "status": "0x0111"})
+        metrics.count("refused", reason="duplicate_conflict")
+        audit.record("receive", outcome="refused", status="0x0111", reason="duplicate_conflict", sha256=sha,
+                     first_sha256=first_sha, sop=sop_uid, calling_ae=calling, path=kept)
+        return STATUS_DUPLICATE_SOP_INSTANCE
 
     def handle_store(self, event: Any) -> int:
         """``EVT_C_STORE``: check, write atomically, answer with a status."""
@@ -126,6 +239,7 @@ class StorageReceiver:
             log.warning("C-STORE refused: SOP class %s is not a CR/DX image", context_class,
                         extra={"event": "scp_refused", "calling_ae": calling, "status": "0x0122"})
             metrics.count("refused", reason="sop_class")
+            audit.record("receive", outcome="refused", status="0x0122", reason="sop_class", calling_ae=calling)
             return STATUS_SOP_CLASS_NOT_SUPPORTED
         try:
             ds = event.dataset
@@ -135,27 +249,66 @@ class StorageReceiver:
             log.warning("C-STORE refused: unreadable data set (%s)", type(exc).__name__,
                         extra={"event": "scp_refused", "calling_ae": calling, "status": "0xC000"})
             metrics.count("refused", reason="unreadable")
+            audit.record("receive", outcome="refused", status="0xC000", reason="unreadable", calling_ae=calling)
             return STATUS_CANNOT_UNDERSTAND
         if sop_class != context_class:
             log.warning("C-STORE refused: SOP class %s sent on a %s context", sop_class or "(none)", context_class,
                         extra={"event": "scp_refused", "calling_ae": calling, "status": "0xA900"})
             metrics.count("refused", reason="sop_class_mismatch")
+            audit.record("receive", outcome="refused", status="0xA900", reason="sop_class_mismatch",
+                         calling_ae=calling, sop=sop_uid)
             return STATUS_SOP_CLASS_MISMATCH
         if not valid_uid(sop_uid):
             log.warning("C-STORE refused: no valid SOPInstanceUID",
                         extra={"event": "scp_refused", "calling_ae": calling, "status": "0xC000"})
             metrics.count("refused", reason="invalid_uid")
+            audit.record("receive", outcome="refused", status="0xC000", reason="invalid_uid", calling_ae=calling)
+            return STATUS_CANNOT_UNDERSTAND
+        command_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        if command_uid != sop_uid:  # the command names one instance, the data set another (or none)
+            log.warning("C-STORE refused: the command's and the data set's SOP Instance UIDs differ",
+                        extra={"event": "scp_refused", "calling_ae": calling, "status": "0xC000"})
+            metrics.count("refused", reason="uid_mismatch")
+            audit.record("receive", outcome="refused", status="0xC000", reason="uid_mismatch", calling_ae=calling,
+                         sop=sop_uid)
             return STATUS_CANNOT_UNDERSTAND
         final = self._target(sop_uid)
+        low = self.disk_guard() if self.disk_guard is not None else None
+        if low:  # nothing is written: the sender keeps the image and retries later
+            log.error("C-STORE refused: %s", low, extra={"event": "scp_refused", "calling_ae": calling,
+                                                         "sop": uid_ref(sop_uid), "status": "0xA700"})
+            metrics.count("refused", reason="disk_low")
+            audit.record("receive", outcome="refused", status="0xA700", reason="disk_low", calling_ae=calling,
+                         sop=sop_uid)
+            return STATUS_OUT_OF_RESOURCES
         try:
-            self._write(event.encoded_dataset(include_meta=True), final)
+            data = event.encoded_dataset(include_meta=True)
+            over = self._over_limit(ds, len(data))
+            if over:  # refused before anything is written or acknowledged
+                log.error("C-STORE refused: the instance exceeds a configured limit (%s)", over,
+                          extra={"event": "scp_refused", "calling_ae": calling, "sop": uid_ref(sop_uid),
+                                 "status": "0xA700"})
+                metrics.count("refused", reason=over)
+                audit.record("receive", outcome="refused", status="0xA700", reason=over, calling_ae=calling,
+                             sop=sop_uid)
+                return STATUS_OUT_OF_RESOURCES
+            sha = hashlib.sha256(data).hexdigest()
+            answer = self._store_once(data, sha, final, sop_uid, calling)
+            if answer is not None:
+                return answer
         except OSError as exc:
+            audit.record("receive", outcome="refused", status="0xA700", reason="write_failed", calling_ae=calling,
+                         sop=sop_uid)
             log.error("C-STORE refused: cannot write the instance (%s)", exc.strerror or exc,
                       extra={"event": "scp_refused", "calling_ae": calling, "sop": uid_ref(sop_uid),
                              "status": "0xA700"})
             metrics.count("refused", reason="write_failed")
             return STATUS_OUT_OF_RESOURCES
         metrics.count("received")
+        audit.record("receive", outcome="stored", path=final, sha256=sha, sop=sop_uid,
+                     study=str(ds.get("StudyInstanceUID", "")), calling_ae=calling)
+        if self.received is not None:
+            self.received.add(final, len(data), sha)
         metrics.observe_stage("receive", time.perf_counter() - t0)
         log.info("received", extra={"event": "received", "calling_ae": calling, "sop": uid_ref(sop_uid)})
         return STATUS_SUCCESS
@@ -163,9 +316,14 @@ class StorageReceiver:
     def _rejected(self, event: Any) -> None:
         """``EVT_ACCEPTED``/``EVT_REJECTED`` bookkeeping: count and log refused associations."""
         calling = event.assoc.requestor.ae_title
-        log.warning("association rejected (calling AE %r, called AE %r)", calling, event.assoc.acceptor.ae_title,
-                    extra={"event": "scp_association_rejected", "calling_ae": calling})
-        metrics.count("refused", reason="association")
+        # titles we accept, yet rejected: pynetdicom's local limit (maximum_associations), not a wrong AE title
+        titles_ok = (event.assoc.acceptor.ae_title.strip() == self.ae_title.strip()
+                     and (not self.allowed_calling or calling.strip() in self.allowed_calling))
+        reason = "local_limit" if titles_ok else "association"
+        log.warning("association rejected (calling AE %r, called AE %r): %s", calling, event.assoc.acceptor.ae_title,
+                    "local limit" if titles_ok else "AE title not accepted",
+                    extra={"event": "scp_association_rejected", "calling_ae": calling, "reason": reason})
+        metrics.count("refused", reason=reason)
 
     def _accepted(self, event: Any) -> None:
         assoc = event.assoc
@@ -195,8 +353,11 @@ class StorageReceiver:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = MAX_ASSOCIATIONS
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_SECONDS
+        self.guard.max_established = MAX_ASSOCIATIONS
+        ae.maximum_associations = MAX_ASSOCIATIONS + 4 * self.guard.pending_cap  # a backstop: the guard enforces
+        ae.acse_timeout = ae.dimse_timeout = TIMEOUT_SECONDS
+        ae.network_timeout = NETWORK_TIMEOUT_SECONDS
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.require_called_aet = True
         if self.allowed_calling:
             ae.require_calling_aet = self.allowed_calling
@@ -208,10 +369,13 @@ class StorageReceiver:
                 ae.add_supported_context(context.abstract_syntax, syntaxes[:4])
         ae.add_supported_context(VERIFICATION)
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
-                               (evt.EVT_ACCEPTED, self._accepted)]
+                               (evt.EVT_ACCEPTED, self._accepted), *self.guard.handlers()]
+        self.guard.start()
         try:
-            self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers)
+            self._server = ae.start_server((self.bind, self.port), block=False, evt_handlers=handlers,
+                                           ssl_context=self.ssl_context)
         except OSError as exc:
+            self.guard.stop()
             raise ReceiverUnavailableError(f"cannot listen on {self.bind}:{self.port}: {exc.strerror or exc}") \
                 from exc
         host, port = self._server.server_address[:2]
@@ -227,3 +391,4 @@ class StorageReceiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.guard.stop()

@@ -8,7 +8,18 @@ Off by default. :func:`enable` creates the metrics (in a private registry) and
 * ``GET /metrics``  the Prometheus text format;
 * ``GET /healthz``  ``200`` with a JSON body when healthy, ``503`` when work has
   been waiting longer than ``stale_seconds`` and nothing succeeded in that time
-  (files to segment, or outputs to deliver; judged separately).
+  (files to segment, or outputs to deliver; judged separately), when faults of the
+  box (an output that cannot be written, no memory, ...) went on for ``fault_seconds``
+  with no file processed since the first of them (a clock that retries do not reset),
+  when the backend's self-test failed or it was demoted, when outputs were
+  dead-lettered, or when a registered source (:func:`add_problem_source`: the disk
+  guard, the receiver) reports a problem. Each problem has a short code in the body
+  (``reasons``) and in ``lungseg_health_problem{reason=...}``.
+
+The HTTP server is bounded: at most :data:`HTTP_MAX_CONNECTIONS` connections are
+open at once (a new one closes the oldest), and a connection that sends nothing for
+:data:`HTTP_TIMEOUT_SECONDS` (or is not done after :data:`HTTP_DEADLINE_SECONDS`)
+is dropped, so idle sockets hold neither threads nor file descriptors for long.
 
 Everything else in the runtime calls the module-level functions
 (:func:`count`, :func:`observe_stage`, :func:`set_backend`, ...). They do nothing
@@ -18,11 +29,13 @@ extra) is not installed, so callers never need to check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -33,6 +46,13 @@ log = logging.getLogger("lungseg.edge.metrics")
 PREFIX = "lungseg"
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEFAULT_STALE_SECONDS = 600.0
+DEFAULT_FAULT_SECONDS = 120.0
+HTTP_MAX_CONNECTIONS = 16
+HTTP_TIMEOUT_SECONDS = 5.0
+HTTP_DEADLINE_SECONDS = 15.0
+#: health problem codes (the ``reason`` label of ``lungseg_health_problem``)
+HEALTH_REASONS = ("files_stale", "forward_stale", "faults", "selftest_failed", "backend_demoted", "dead_letters",
+                  "other")
 
 #: counter name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -46,6 +66,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "forwarded": ("Outputs delivered by C-STORE, by kind (sc, seg)", ("kind",)),
     "forward_failed": ("C-STORE delivery attempts that failed (each is retried later)", ()),
     "backend_demotions": ("Inference backend demotions after errors, from backend to backend", ("backend", "to")),
+    "faults": ("Faults of the box while processing a file (output not writable, no memory, ...), by code", ("code",)),
+    "forward_dead_lettered": ("Outputs given up on after forward_max_attempts or when missing (dead letters)", ()),
+    "http_refused": ("HTTP connections to /metrics and /healthz closed at once: too many open", ()),
 }
 
 
@@ -56,7 +79,7 @@ class MetricsUnavailableError(LungsegError, RuntimeError):
 class _Metrics:
     """The live metric objects (one private registry per enabled run)."""
 
-    def __init__(self, stale_seconds: float):
+    def __init__(self, stale_seconds: float, fault_seconds: float = DEFAULT_FAULT_SECONDS):
         from prometheus_client import (
             CollectorRegistry,
             Counter,
@@ -91,6 +114,19 @@ class _Metrics:
         self.last_forward = Gauge(f"{PREFIX}_last_forward_timestamp_seconds", "Unix time of the last output "
                                   "delivered", registry=self.registry)
         self.healthy = Gauge(f"{PREFIX}_healthy", "1 when /healthz reports healthy", registry=self.registry)
+        self.problem = Gauge(f"{PREFIX}_health_problem", "1 while /healthz reports this problem, by reason",
+                             ("reason",), registry=self.registry)
+        for reason in HEALTH_REASONS:
+            self.problem.labels(reason=reason).set(0)
+        self.dead_gauge = Gauge(f"{PREFIX}_forward_dead_letters", "Outputs dead-lettered (not delivered, given up "
+                                "on until `lungseg-edge forward retry`)", registry=self.registry)
+        self.fault_seconds = float(fault_seconds)
+        self.fault_since: float | None = None  # the first fault since the last file processed; retries keep it
+        self.fault_code = ""
+        self.fault_count = 0
+        self.selftest_failed = False
+        self.demoted: str | None = None
+        self.dead_letters = 0
         Gauge(f"{PREFIX}_start_timestamp_seconds", "Unix time the service started",
               registry=self.registry).set(self.started)
         self.queue_probe: Callable[[], tuple[int, float]] | None = None
@@ -112,29 +148,64 @@ class _Metrics:
                 self.waiting_files, self.oldest_wait = int(depth), float(oldest)
                 self.watch_depth.set(depth)
                 self.watch_oldest.set(oldest)
-        self.healthy.set(1 if self.health()[0] else 0)
+        ok, body = self.health()
+        self.healthy.set(1 if ok else 0)
+        for reason in HEALTH_REASONS:
+            self.problem.labels(reason=reason).set(1 if reason in body["reasons"] else 0)
 
     def health(self, now: float | None = None) -> tuple[bool, dict[str, Any]]:
         now = time.time() if now is None else now
         waiting_files = self.waiting_files
-        problems = []
+        problems: list[str] = []
+        reasons: list[str] = []
+
+        def problem(reason: str, text: str) -> None:
+            problems.append(text)
+            if reason not in reasons:
+                reasons.append(reason)
+
         stale = self.stale_seconds
         since_success = now - (self.success_at or self.started)
         if waiting_files and self.oldest_wait > stale and since_success > stale:
-            problems.append(f"{waiting_files} file(s) waiting and none processed for {since_success:.0f} s")
+            problem("files_stale", f"{waiting_files} file(s) waiting and none processed for {since_success:.0f} s")
         since_forward = now - (self.forward_at or self.started)
         forward_wait = now - self.forward_waiting_since if self.forward_waiting_since is not None else 0.0
         if self.forward_waiting and forward_wait > stale and since_forward > stale:
-            problems.append(f"{self.forward_waiting} output(s) waiting for delivery and none delivered for "
-                            f"{since_forward:.0f} s")
-        body = {"healthy": not problems, "problems": problems, "waiting_files": waiting_files,
+            problem("forward_stale", f"{self.forward_waiting} output(s) waiting for delivery and none delivered for "
+                    f"{since_forward:.0f} s")
+        if self.fault_since is not None and now - self.fault_since >= self.fault_seconds:
+            problem("faults", f"{self.fault_count} fault(s) of the box ({self.fault_code}, the last) and no file "
+                    f"processed for {now - self.fault_since:.0f} s")
+        if self.selftest_failed:
+            problem("selftest_failed", "the backend's self-test failed")
+        if self.demoted:
+            problem("backend_demoted", f"the backend was demoted ({self.demoted})")
+        if self.dead_letters:
+            problem("dead_letters", f"{self.dead_letters} output(s) dead-lettered (see `lungseg-edge forward list`)")
+        for source in list(_problem_sources):  # e.g. the disk guard (edge_runtime/retention.py), the receiver
+            try:
+                found = source()
+            except Exception:  # a probe must never fail the health check itself
+                log.exception("health problem source failed")
+                continue
+            if found:
+                problem("other", found)
+        body = {"healthy": not problems, "problems": problems, "reasons": reasons, "waiting_files": waiting_files,
                 "waiting_outputs": self.forward_waiting, "seconds_since_success": round(since_success, 1),
-                "seconds_since_forward": round(since_forward, 1), "stale_seconds": self.stale_seconds}
+                "seconds_since_forward": round(since_forward, 1), "stale_seconds": self.stale_seconds,
+                "fault_seconds": self.fault_seconds, "dead_letters": self.dead_letters}
         return not problems, body
 
 
 _state: _Metrics | None = None
-_server: ThreadingHTTPServer | None = None
+_problem_sources: list[Callable[[], str | None]] = []
+
+
+def add_problem_source(source: Callable[[], str | None]) -> Callable[[], None]:
+    """``/healthz`` also reports ``source()``'s problem (a reason, or ``None``); returns what removes it."""
+    _problem_sources.append(source)
+    return lambda: _problem_sources.remove(source) if source in _problem_sources else None
+_server: _BoundedHTTPServer | None = None
 
 
 def available() -> bool:
@@ -150,12 +221,12 @@ def enabled() -> bool:
     return _state is not None
 
 
-def enable(stale_seconds: float = DEFAULT_STALE_SECONDS) -> None:
+def enable(stale_seconds: float = DEFAULT_STALE_SECONDS, fault_seconds: float = DEFAULT_FAULT_SECONDS) -> None:
     """Create the metrics (replacing any from an earlier run in this process)."""
     global _state
     if not available():
         raise MetricsUnavailableError("metrics need prometheus-client (pip install 'lungseg[metrics]')")
-    _state = _Metrics(stale_seconds)
+    _state = _Metrics(stale_seconds, fault_seconds)
 
 
 def disable() -> None:
@@ -191,6 +262,34 @@ def set_backend(backend: str, precision: str, selftest: bool | None = None) -> N
         return
     state.backend.info({"backend": str(backend), "precision": str(precision)})
     state.selftest.set(-1 if selftest is None else int(bool(selftest)))
+    state.selftest_failed = selftest is False
+
+
+def backend_demoted(reason: str) -> None:
+    """The backend was demoted (``from -> to``): unhealthy until the service restarts."""
+    if _state is not None:
+        _state.demoted = str(reason)[:200]
+
+
+def fault(code: str) -> None:
+    """A fault of the box on one file (retried later). The fault clock starts at the first fault since the last
+    file processed; retries do not reset it."""
+    state = _state
+    if state is None:
+        return
+    if state.fault_since is None:
+        state.fault_since = time.time()
+    state.fault_code = str(code)
+    state.fault_count += 1
+    state.counters["faults"].labels(code=str(code)).inc()
+
+
+def set_dead_letters(count_: int) -> None:
+    """How many outputs are dead-lettered (the forwarder calls this after every round)."""
+    state = _state
+    if state is not None:
+        state.dead_letters = int(count_)
+        state.dead_gauge.set(count_)
 
 
 def processed_ok() -> None:
@@ -199,6 +298,7 @@ def processed_ok() -> None:
     if state is not None:
         state.success_at = time.time()
         state.last_success.set(state.success_at)
+        state.fault_since, state.fault_count = None, 0
 
 
 def forwarded_ok() -> None:
@@ -219,6 +319,33 @@ def set_forward_queue(waiting: int) -> None:
             state.forward_waiting_since = None
         state.forward_waiting = int(waiting)
         state.forward_depth.set(waiting)
+
+
+def set_drift(comparisons: Mapping[tuple[str, str], Any]) -> None:
+    """Publish the drift monitor's comparisons, ``(reference, window) -> Comparison | None``
+    (:mod:`lungseg.edge_runtime.drift_monitor`); labels are bounded: 2 references x 2 windows x the descriptors."""
+    state = _state
+    if state is None:
+        return
+    from prometheus_client import Gauge
+
+    with state.lock:
+        gauges = getattr(state, "drift_gauges", None)
+        if gauges is None:
+            labels = ("reference", "window")
+            gauges = state.drift_gauges = (  # type: ignore[attr-defined]
+                Gauge(f"{PREFIX}_drift_score", "Drift: combined score of the window against the reference "
+                      "(alarm at >= 1; -1 while not enough images)", labels, registry=state.registry),
+                Gauge(f"{PREFIX}_drift_psi", "Drift: population stability index of one descriptor",
+                      ("descriptor", *labels), registry=state.registry),
+                Gauge(f"{PREFIX}_drift_window_images", "Drift: images in the window", labels,
+                      registry=state.registry))
+    score, psi, images = gauges
+    for (reference, window), comparison in comparisons.items():
+        score.labels(reference=reference, window=window).set(-1 if comparison is None else comparison.score)
+        images.labels(reference=reference, window=window).set(0 if comparison is None else comparison.n)
+        for descriptor, value in ({} if comparison is None else comparison.psi).items():
+            psi.labels(descriptor=descriptor, reference=reference, window=window).set(value)
 
 
 def set_queue_probe(probe: Callable[[], tuple[int, float]] | None) -> None:
@@ -252,6 +379,7 @@ def health() -> tuple[bool, dict[str, Any]]:
 # --- HTTP -------------------------------------------------------------------------
 class _Handler(BaseHTTPRequestHandler):
     server_version = "lungseg-edge"
+    timeout = HTTP_TIMEOUT_SECONDS  # socket timeout: a silent or dripping client is dropped
 
     def do_GET(self) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -274,6 +402,79 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
 
+def _shut(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, but at most ``max_connections`` at once.
+
+    When all are taken, the oldest connection is closed to make room for the new one: idle or
+    dripping sockets cannot lock a scraper (or the health check) out, and never hold more than
+    ``max_connections`` threads and descriptors."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], max_connections: int = HTTP_MAX_CONNECTIONS):
+        self.closing = threading.Event()  # first: a failed bind calls server_close() from super().__init__
+        super().__init__(address, _Handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.open: dict[socket.socket, float] = {}  # oldest first
+        self.open_lock = threading.Lock()
+        threading.Thread(target=self._reap, name="lungseg-metrics-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        """One thread for every connection's deadline: a client dripping a byte per timeout cannot keep its slot."""
+        while not self.closing.wait(1.0):
+            limit = time.monotonic() - HTTP_DEADLINE_SECONDS
+            with self.open_lock:
+                late = [request for request, opened in self.open.items() if opened < limit]
+            for request in late:
+                _shut(request)
+
+    def server_close(self) -> None:
+        self.closing.set()
+        super().server_close()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with self.open_lock:
+                oldest = next(iter(self.open), None)
+            if oldest is not None:
+                count("http_refused")  # the oldest connection is dropped for this one
+                _shut(oldest)
+            if not self.slots.acquire(timeout=1.0):
+                count("http_refused")
+                self.shutdown_request(request)
+                return
+        with self.open_lock:
+            self.open[request] = time.monotonic()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(request)
+            raise
+
+    def _release(self, request: socket.socket) -> None:
+        with self.open_lock:
+            self.open.pop(request, None)
+        self.slots.release()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        request, address = super().get_request()
+        request.settimeout(HTTP_TIMEOUT_SECONDS)
+        return request, address
+
+
 def serve(port: int, bind: str = "127.0.0.1") -> tuple[str, int]:
     """Serve ``/metrics`` and ``/healthz`` in a background thread; returns the bound (host, port).
 
@@ -281,8 +482,7 @@ def serve(port: int, bind: str = "127.0.0.1") -> tuple[str, int]:
     global _server
     if _state is None:
         raise RuntimeError("metrics.enable() first")
-    server = ThreadingHTTPServer((bind, int(port)), _Handler)
-    server.daemon_threads = True
+    server = _BoundedHTTPServer((bind, int(port)))
     threading.Thread(target=server.serve_forever, name="lungseg-metrics", daemon=True).start()
     _server = server
     host, bound_port = server.server_address[:2]

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from lungseg.edge_runtime import service_metrics
 from lungseg.edge_runtime.config import EdgeConfig
 from lungseg.edge_runtime.receiver import ReceiverUnavailableError, StorageReceiver
+from lungseg.edge_runtime.retention import ReceivedFiles
+from lungseg.edge_runtime.tls import TlsError, receiver_context
 from lungseg.edge_runtime.watcher import ReadyTracker
 from lungseg.errors import LungsegError
 
@@ -31,7 +33,7 @@ def start_metrics(config: EdgeConfig) -> None:
     if config.metrics_port is None:
         return
     try:
-        service_metrics.enable(config.health_stale_seconds)
+        service_metrics.enable(config.health_stale_seconds, config.health_fault_seconds)
         host, port = service_metrics.serve(config.metrics_port, config.metrics_bind)
     except service_metrics.MetricsUnavailableError as exc:
         raise ServiceError(str(exc)) from exc
@@ -48,17 +50,32 @@ def watch_queue_probe(tracker: ReadyTracker) -> Callable[[], tuple[int, float]]:
     return lambda: (tracker.pending(), tracker.oldest_wait())
 
 
-def start_receiver(config: EdgeConfig) -> StorageReceiver | None:
+def start_receiver(config: EdgeConfig, disk_guard: Callable[[], str | None] | None = None,
+                   received: ReceivedFiles | None = None) -> StorageReceiver | None:
     """Start the DICOM Storage SCP into the watch folder when ``scp_port`` is set; returns it (or ``None``).
 
-    The caller stops it (:meth:`StorageReceiver.stop`)."""
+    ``disk_guard`` (the reason free space is low, or ``None``) refuses stores with 0xA700 while it answers;
+    ``received`` notes every stored file for retention. The caller stops it (:meth:`StorageReceiver.stop`)."""
     if config.scp_port is None:
         return None
     try:
         receiver = StorageReceiver(config.watch_dir, config.scp_port, config.scp_ae, config.scp_bind,
                                    config.scp_allow)
-        receiver.remove_stale_temps()
+        receiver.disk_guard, receiver.received = disk_guard, received
+        receiver.conflicts_dir = config.quarantine_dir / "receiver-conflicts"  # duplicate UIDs kept aside
+        receiver.limits = config.decode_limits()  # max_file_mb, max_pixels, max_frames before 0x0000
+        receiver.ssl_context = receiver_context(config)  # DICOM TLS when scp_tls_cert is set
+        try:
+            receiver.remove_stale_temps()
+        except OSError as exc:  # e.g. a temp left in a read-only folder: not a reason to refuse to start
+            log.warning("cannot remove a stale receiver temp file (%s)", exc.strerror or exc,
+                        extra={"event": "stale_temp_kept"})
         receiver.start()
-    except ReceiverUnavailableError as exc:
+        if receiver.ssl_context is not None:
+            log.warning("DICOM receiver: TLS only, client certificates %s",
+                        "required" if config.scp_tls_require_client_cert else
+                        "verified when presented" if config.scp_tls_ca else "not requested",
+                        extra={"event": "scp_tls"})
+    except (ReceiverUnavailableError, TlsError) as exc:
         raise ServiceError(str(exc)) from exc
     return receiver

@@ -58,16 +58,21 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class Outputs:
-    secondary_capture: OutputFile
+    secondary_capture: OutputFile | None  # None with sc = false
     segmentation: OutputFile | None = None
     structured_report: OutputFile | None = None  # the TID 1500 Measurement Report
+    presentation_state: OutputFile | None = None  # the GSPS (gsps = true)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"secondary_capture": self.secondary_capture.to_dict()}
+        out = {}
+        if self.secondary_capture is not None:
+            out["secondary_capture"] = self.secondary_capture.to_dict()
         if self.segmentation is not None:
             out["segmentation"] = self.segmentation.to_dict()
         if self.structured_report is not None:
             out["structured_report"] = self.structured_report.to_dict()
+        if self.presentation_state is not None:
+            out["presentation_state"] = self.presentation_state.to_dict()
         return out
 
 
@@ -77,12 +82,16 @@ class Rendered:
 
     rows: int
     columns: int
-    sc_rows: int
-    sc_columns: int
     decoded_level: int
-    style: str  # the overlay's: "outline" or "filled-outline"
-    text_boxes: dict[str, list[int]]  # where the overlay's text went: [x0, y0, x1, y1] in SC pixels
-    text_strip_rows: int  # rows added below the image for text the lungs left no room for (usually 0)
+    # the overlay SC's (absent from the document with sc = false)
+    sc_rows: int | None = None
+    sc_columns: int | None = None
+    style: str | None = None  # the overlay's: "outline" or "filled-outline"
+    text_boxes: dict[str, list[int]] | None = None  # where the overlay's text went: [x0, y0, x1, y1] in SC pixels
+    text_strip_rows: int | None = None  # rows added below the image for text the lungs left no room for (usually 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class BackendHealth:
 
     selftest: dict[str, Any]
     demotions: list[dict[str, Any]]
+    # how the serving backend was chosen (lungseg.predictors.FallbackPredictor.choice) and the device it runs on
+    backend_choice: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ class Sidecar:
             "source": dataclasses.asdict(self.source),
             "outputs": self.outputs.to_dict(),
             "pixel_spacing_mm": self.pixel_spacing_mm,
-            "rendered": dataclasses.asdict(self.rendered),
+            "rendered": self.rendered.to_dict(),
             **self.areas.to_dict(),
             "qa": self.qa,
             "timings_ms": self.timings_ms,

@@ -23,9 +23,11 @@ quarantined, an output fault retried). :class:`StageClock` times the stages from
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,11 +41,12 @@ from pydicom import dcmread
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 
-from lungseg.edge_runtime import dicom_out, service_metrics
+from lungseg import dicom_out, dicom_results
+from lungseg.dicom_out import Provenance
+from lungseg.edge_runtime import service_metrics
 from lungseg.edge_runtime.admission import Admitted
 from lungseg.edge_runtime.codes import QAFlag
-from lungseg.edge_runtime.dicom_out import Provenance
-from lungseg.edge_runtime.fsio import StagedFiles
+from lungseg.edge_runtime.fsio import StagedFiles, write_synced
 from lungseg.edge_runtime.overlay import render_overlay, turned_orientation
 from lungseg.edge_runtime.sidecar import (
     Areas,
@@ -56,13 +59,15 @@ from lungseg.edge_runtime.sidecar import (
     SourceInfo,
 )
 from lungseg.gate import GateModel, GatePolicy, Refused, flag_words, gated_segment
+from lungseg.gsps import build_gsps
 from lungseg.imaging import Radiograph
-from lungseg.inference import Segmentation, named_lung_areas
-from lungseg.plausibility import ShapeModel, mask_qa
+from lungseg.inference import Segmentation
+from lungseg.measurement import MaskMeasurement, measure_mask, sr_values
+from lungseg.plausibility import ShapeModel
 from lungseg.postprocess import PostprocessConfig
 from lungseg.predictors import Predictor
-from lungseg.spacing_check import SpacingCheck, check_spacing
-from lungseg.sr_report import AlgorithmIdentity, LungMeasurements, build_measurement_report
+from lungseg.spacing_check import SpacingCheck
+from lungseg.sr_report import LungMeasurements
 
 log = logging.getLogger("lungseg.edge")
 
@@ -77,9 +82,14 @@ class StageClock:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self._marks: list[tuple[str, float]] = []
+        self._overlapped: dict[str, float] = {}
 
     def mark(self, stage: str) -> None:
         self._marks.append((stage, time.perf_counter()))
+
+    def add(self, stage: str, ms: float) -> None:
+        """A stage timed on another thread, overlapping the marked ones (reported, not part of their sum)."""
+        self._overlapped[stage] = round(ms, 2)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start) * 1000
@@ -89,7 +99,7 @@ class StageClock:
         for stage, at in self._marks:
             out[stage] = round((at - before) * 1000, 2)
             before = at
-        return out
+        return {**out, **self._overlapped}
 
 
 # --- gate, segment -------------------------------------------------------------------------------------
@@ -175,14 +185,6 @@ class Measurement:
         return self.qa["flags"]
 
 
-def area_report(mask: np.ndarray, spacing_mm: tuple[float, float] | None, patient_orientation: Any,
-                native_pixels_per_pixel: tuple[float, float] = (1.0, 1.0)) -> Areas:
-    """Areas in (native) pixels always, in cm² (total and per lung) only when the spacing is usable
-    (:func:`lungseg.inference.named_lung_areas`, the vocabulary ``lungseg-segment`` writes too)."""
-    named = named_lung_areas(mask, spacing_mm, patient_orientation, native_pixels_per_pixel)
-    return Areas(named["lung_area_px"], named.get("lung_area_px_by_lung"), named.get("lung_areas_cm2"))
-
-
 def area_lines(areas: Areas) -> list[str]:
     """The areas as the overlay and the SC's comments give them (per lung, then the total)."""
     cm2 = areas.lung_areas_cm2
@@ -192,44 +194,22 @@ def area_lines(areas: Areas) -> list[str]:
         f"total: {cm2['total']:.1f} cm2"]
 
 
-def qa_report(mask: np.ndarray, raw_qa: dict[str, Any]) -> dict[str, Any]:
-    """The QA of a segmentation: the gated path's (``raw_qa`` with flags) or the core mask checks."""
-    if "flags" in raw_qa:
-        return dict(raw_qa)
-    qa = mask_qa(mask)
-    return {**qa, "review": list(qa["flags"]), **raw_qa}
-
-
 def _is_correction(flag: str) -> bool:
     code = QAFlag.of(flag)
     return code is not None and code.is_correction
 
 
 def measure(radiograph: Radiograph, segmentation: Segmentation) -> Measurement:
-    """Areas and QA from the model-resolution mask, and their wording."""
-    orientation = radiograph.dataset.get("PatientOrientation") if radiograph.dataset is not None else None
-    areas = area_report(segmentation.final_mask, radiograph.pixel_spacing_mm, orientation,
-                        segmentation.native_pixels_per_pixel)
-    qa = qa_report(segmentation.final_mask, segmentation.qa)
-    spacing = check_spacing(segmentation.final_mask, radiograph.pixel_spacing_mm, native_shape=radiograph.source_shape,
-                            spacing_source=radiograph.facts.get("spacing_source"),
-                            calibration_type=_text(radiograph, "PixelSpacingCalibrationType"),
-                            patient_age=_text(radiograph, "PatientAge"))
-    if spacing.flags:
-        qa = {**qa, "flags": [*qa["flags"], *spacing.flags]}
-    if spacing.checked or radiograph.pixel_spacing_mm is not None:
-        qa = {**qa, "spacing": spacing.to_dict()}
+    """Areas and QA (:func:`lungseg.measurement.measure_mask`, as ``lungseg-segment``'s), and their wording."""
+    core = measure_mask(radiograph, segmentation)
+    areas = Areas(core.areas["lung_area_px"], core.areas.get("lung_area_px_by_lung"), core.areas.get("lung_areas_cm2"))
+    qa = core.qa
     lines = area_lines(areas)
     review = [flag_words(f) for f in qa.get("review", qa["flags"])]
     notes = [flag_words(f) for f in qa["flags"] if _is_correction(f)]
     if qa["flags"]:
         lines.append("QA: " + ", ".join(qa["flags"]))
-    return Measurement(areas, qa, lines, review, notes, spacing)
-
-
-def _text(radiograph: Radiograph, keyword: str) -> str | None:
-    value = radiograph.dataset.get(keyword) if radiograph.dataset is not None else None
-    return str(value) if value not in (None, "") else None
+    return Measurement(areas, qa, lines, review, notes, core.spacing)
 
 
 # --- render --------------------------------------------------------------------------------------------
@@ -297,11 +277,14 @@ def render(radiograph: Radiograph, segmentation: Segmentation, measured: Measure
                              is not None,
                              areas=measured.lines, review=measured.review, notes=notes, style=style,
                              patient_orientation=orientation)
-    review = measured.review
-    review_text = "REVIEW: " + ", ".join(review) if review else ""
-    comments = "; ".join([f"{dicom_out.CAPTION}.", *([review_text] if review else []), *notes,
-                          *measured.lines])
-    return Rendering(overlay.rgb, review_text, comments, style, overlay.boxes, overlay.strip_rows)
+    review = review_text(measured)
+    comments = "; ".join([f"{dicom_out.CAPTION}.", *([review] if review else []), *notes, *measured.lines])
+    return Rendering(overlay.rgb, review, comments, style, overlay.boxes, overlay.strip_rows)
+
+
+def review_text(measured: Measurement) -> str:
+    """``"REVIEW: flag, ..."`` when a flag needs review, else ``""`` (the SC's banner, the SEG's description)."""
+    return "REVIEW: " + ", ".join(measured.review) if measured.review else ""
 
 
 # --- encode --------------------------------------------------------------------------------------------
@@ -312,62 +295,60 @@ def encode_sc(ref: Reference, rendering: Rendering, provenance: Provenance, synt
         return dicom_out.build_sc(ref.dataset, rendering.rgb, provenance, syntax=syntax, comments=rendering.comments)
 
 
-def encode_seg(ref: Reference, segmentation: Segmentation, rendering: Rendering, provenance: Provenance) -> Dataset:
-    """The binary Segmentation of the native-size mask (its description says REVIEW when flagged)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dicom_out.build_seg(ref.dataset, segmentation.mask, provenance, review=rendering.review_text)
+def encode_seg(ref: Reference, segmentation: Segmentation, review: str, provenance: Provenance) -> Dataset:
+    """The binary Segmentation of the native-size mask (its description says ``review`` when flagged)."""
+    return dicom_results.segmentation(ref.dataset, segmentation, review, provenance)
 
 
-_SIDES = {"right_lung": "right", "left_lung": "left"}
+def core_measurement(measured: Measurement) -> MaskMeasurement:
+    """The edge's measurement as the core states it (:mod:`lungseg.measurement`)."""
+    return MaskMeasurement(measured.areas.to_dict(), measured.qa, measured.spacing)
 
 
 def sr_measurements(radiograph: Radiograph, measured: Measurement) -> LungMeasurements:
-    """What the SR states: areas in cm² when the spacing is usable and plausible, else in pixels (see
-    :mod:`lungseg.sr_report`); the QA flags and gate decisions."""
-    areas = measured.areas
-    cm2 = areas.lung_areas_cm2
-    reliable = cm2 is not None and measured.spacing.areas_reliable
-    reason = measured.spacing.reason
-    px = {"total": int(areas.lung_area_px)}
-    px.update({_SIDES[k]: int(v) for k, v in (areas.lung_area_px_by_lung or {}).items() if k in _SIDES})
-    by_cm2 = None
-    if cm2 is not None:
-        by_cm2 = {"total": float(cm2["total"])}
-        by_cm2.update({_SIDES[k]: float(v) for k, v in cm2.items() if k in _SIDES})
-    return LungMeasurements(areas_cm2=by_cm2, areas_px=px, areas_reliable=reliable, reliability_reason=reason,
-                            spacing_source=radiograph.facts.get("spacing_source"), qa_flags=tuple(measured.flags))
+    """What the SR states (:func:`lungseg.measurement.sr_values`, as ``lungseg-segment``'s SR)."""
+    return sr_values(radiograph, core_measurement(measured))
 
 
 def encode_sr(ref: Reference, radiograph: Radiograph, measured: Measurement, seg: Dataset,
               provenance: Provenance) -> Dataset:
     """The TID 1500 Measurement Report: the areas and QA of ``seg``'s lung segment, the model as device."""
-    identity = AlgorithmIdentity(name=provenance.model_name, version=provenance.model_version,
-                                 bundle_sha256=provenance.bundle_sha256, device_uid=provenance.device_uid,
-                                 software_version=provenance.software_version, manufacturer=dicom_out.MANUFACTURER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_measurement_report(ref.dataset, seg, sr_measurements(radiograph, measured), identity,
-                                        equipment=[provenance.equipment()])
+    return dicom_results.measurement_report(ref.dataset, radiograph, core_measurement(measured), seg, provenance)
+
+
+def encode_gsps(ref: Reference, radiograph: Radiograph, segmentation: Segmentation, measured: Measurement,
+                provenance: Provenance) -> Dataset:
+    """The presentation state: the lung contours, areas and review banner over the original image."""
+    return build_gsps(ref.dataset, segmentation.mask, measured.lines, review_text(measured), provenance,
+                      radiograph.facts)
+
+
+def write_gsps(staged: StagedFiles, path: Path, gsps: Dataset) -> None:
+    """Stage the presentation state, then parse the bytes written back."""
+    _write_read_back(staged, path, gsps, "GraphicAnnotationSequence", "presentation state")
 
 
 # --- write ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OutputPaths:
-    """``<out>/<StudyInstanceUID>/<source SOPInstanceUID>.{sc.dcm,seg.dcm,json}``."""
+    """``<out>/<StudyInstanceUID>/<source SOPInstanceUID>.{sc.dcm,seg.dcm,sr.dcm,json}`` (``None``: not written)."""
 
-    sc: Path
+    sc: Path | None
     sidecar: Path
     seg: Path | None = None
     sr: Path | None = None
+    gsps: Path | None = None
 
 
-def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool, sr: bool = False) -> OutputPaths:
+def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool, sr: bool = False,
+                 sc: bool = True, gsps: bool = False) -> OutputPaths:
     """Where one file's outputs go; the SR only beside a SEG (it references the SEG's segment)."""
     folder = out / study_uid
-    return OutputPaths(sc=folder / f"{source_sop_uid}.sc.dcm", sidecar=folder / f"{source_sop_uid}.json",
+    return OutputPaths(sc=folder / f"{source_sop_uid}.sc.dcm" if sc else None,
+                       sidecar=folder / f"{source_sop_uid}.json",
                        seg=folder / f"{source_sop_uid}.seg.dcm" if seg else None,
-                       sr=folder / f"{source_sop_uid}.sr.dcm" if seg and sr else None)
+                       sr=folder / f"{source_sop_uid}.sr.dcm" if seg and sr else None,
+                       gsps=folder / f"{source_sop_uid}.pr.dcm" if gsps else None)
 
 
 def write_sc(staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool,
@@ -382,15 +363,60 @@ def write_sc(staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, d
     clock.mark("sc_verify")
 
 
+class BackgroundScWrite:
+    """:func:`write_sc` on a thread of its own, started before the SEG and SR are encoded: writing and
+    fsyncing the SC's megabytes release the GIL, so the encoding runs meanwhile. The SC is staged first,
+    from the calling thread (the order of the outputs is kept); :meth:`wait` joins and re-raises."""
+
+    def __init__(self, staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool) -> None:
+        self._staged, self._tmp = staged, staged.stage(path)
+        self._error: BaseException | None = None
+        self._clock = StageClock()
+        self._thread = threading.Thread(target=self._run, args=(sc, rgb, decode), name="lungseg-sc-write",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, sc: Dataset, rgb: np.ndarray, decode: bool) -> None:
+        try:
+            encoded = io.BytesIO()
+            sc.save_as(encoded, enforce_file_format=True)
+            write_synced(self._tmp, encoded.getbuffer())
+            self._clock.mark("sc_save")
+            encoded.seek(0)
+            dicom_out.verify_sc(encoded, rgb, decode=decode)
+            self._clock.mark("sc_verify")
+        except BaseException as exc:  # re-raised in the calling thread by wait()
+            self._error = exc
+
+    def join(self) -> None:
+        """Wait for the thread without raising (before the staged files are discarded)."""
+        self._thread.join()
+
+    def wait(self, clock: StageClock) -> None:
+        """Join; re-raise the writer's error; report its stages (``sc_save``, ``sc_verify``) in ``clock``."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._staged.mark_synced(self._tmp)
+        for stage, ms in self._clock.stages_ms().items():
+            clock.add(stage, ms)
+        clock.mark("sc_wait")
+
+
 def write_sr(staged: StagedFiles, path: Path, sr: Dataset) -> None:
     """Stage the SR, then parse the bytes written back (a report that does not parse is never published)."""
+    _write_read_back(staged, path, sr, "ContentSequence", "SR")
+
+
+def _write_read_back(staged: StagedFiles, path: Path, ds: Dataset, keyword: str, what: str) -> None:
+    """Stage ``ds`` at ``path`` (written and fsynced), then parse the bytes written: same instance, ``keyword``."""
     encoded = io.BytesIO()
-    sr.save_as(encoded, enforce_file_format=True)
+    ds.save_as(encoded, enforce_file_format=True)
     staged.write(path, encoded.getbuffer())
     encoded.seek(0)
     back = dcmread(encoded)
-    if back.SOPInstanceUID != sr.SOPInstanceUID or "ContentSequence" not in back:
-        raise dicom_out.OutputVerificationError(f"{path.name}: the SR written does not read back")
+    if back.SOPInstanceUID != ds.SOPInstanceUID or keyword not in back:
+        raise dicom_out.OutputVerificationError(f"{path.name}: the {what} written does not read back")
 
 
 def write_seg(staged: StagedFiles, path: Path, seg: Dataset, mask: np.ndarray) -> None:
@@ -429,9 +455,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering: Rendering, sc: Dataset,
-                seg: Dataset | None, paths: OutputPaths, serving: Serving, *, timings_ms: dict[str, float],
-                write_stages_ms: dict[str, float], batch_size: int, sr: Dataset | None = None) -> Sidecar:
+def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering: Rendering | None,
+                sc: Dataset | None, seg: Dataset | None, paths: OutputPaths, serving: Serving, *,
+                timings_ms: dict[str, float], write_stages_ms: dict[str, float], batch_size: int,
+                sr: Dataset | None = None, gsps: Dataset | None = None) -> Sidecar:
     """The sidecar of one file's outputs."""
     radiograph, ds, prov = item.radiograph, item.dataset, serving.provenance
     spacing = radiograph.pixel_spacing_mm
@@ -442,16 +469,21 @@ def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering
         rows=radiograph.source_shape[0], columns=radiograph.source_shape[1], attributes_emptied_in_outputs=ref.emptied)
     outputs = Outputs(
         OutputFile(paths.sc.name, str(sc.SOPInstanceUID), str(sc.SeriesInstanceUID),
-                   transfer_syntax=sc.file_meta.TransferSyntaxUID.name),
+                   transfer_syntax=sc.file_meta.TransferSyntaxUID.name)
+        if sc is not None and paths.sc is not None else None,
         OutputFile(paths.seg.name, str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID))
         if seg is not None and paths.seg is not None else None,
         OutputFile(paths.sr.name, str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID))
-        if sr is not None and paths.sr is not None else None)
+        if sr is not None and paths.sr is not None else None,
+        OutputFile(paths.gsps.name, str(gsps.SOPInstanceUID), str(gsps.SeriesInstanceUID))
+        if gsps is not None and paths.gsps is not None else None)
     rendered = Rendered(rows=int(radiograph.pixels.shape[0]), columns=int(radiograph.pixels.shape[1]),
-                        sc_rows=rendering.shape[0], sc_columns=rendering.shape[1],
-                        decoded_level=radiograph.facts.get("decoded_level", 0), style=rendering.style,
-                        text_boxes={k: list(v) for k, v in rendering.text_boxes.items()},
-                        text_strip_rows=rendering.strip_rows)
+                        decoded_level=radiograph.facts.get("decoded_level", 0))
+    if rendering is not None:
+        rendered = dataclasses.replace(rendered, sc_rows=rendering.shape[0], sc_columns=rendering.shape[1],
+                                       style=rendering.style,
+                                       text_boxes={k: list(v) for k, v in rendering.text_boxes.items()},
+                                       text_strip_rows=rendering.strip_rows)
     return Sidecar(
         disclaimer=dicom_out.CAPTION, processed_at=_now(), source=source, outputs=outputs,
         pixel_spacing_mm=list(spacing) if spacing else None, rendered=rendered, areas=measured.areas, qa=measured.qa,

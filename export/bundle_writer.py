@@ -36,6 +36,7 @@ from lungseg.bundle import (
 from lungseg.engine_cache import EngineCache
 from lungseg.export.int8 import measure_speedup, quantize_int8
 from lungseg.export.samples import SampleSourceError, default_source, load_samples, model_batch
+from lungseg.openvino_runtime import OPENVINO_INT8_BIN, OPENVINO_INT8_XML, OpenVINOPredictor
 from lungseg.predictors import BackendOptions, BackendUnavailableError, OnnxRuntimePredictor, Predictor
 from lungseg.selftest import write_golden
 from lungseg.tensorrt_build import EngineBuildError, EngineSettings
@@ -50,6 +51,8 @@ from lungseg.tensorrt_runtime import (
 )
 
 from .int8 import SPEED_BATCH, QuantOptions
+from .openvino_int8 import REQUIRED as OPENVINO_REQUIRED
+from .openvino_int8 import quantize_openvino_int8
 from .parity import (
     DEFAULT_MIN_DICE_FP32,
     DEFAULT_MIN_DICE_REDUCED,
@@ -64,8 +67,8 @@ from .parity import (
 
 log = logging.getLogger(__name__)
 
-VARIANTS = (ONNX_FP16, ONNX_INT8, ENGINE_FP16, ENGINE_MANIFEST, PARITY, GOLDEN, BUNDLE_MANIFEST,
-            GATE_ONNX, GATE_MANIFEST, SHAPE_MODEL)
+VARIANTS = (ONNX_FP16, ONNX_INT8, OPENVINO_INT8_XML, OPENVINO_INT8_BIN, ENGINE_FP16, ENGINE_MANIFEST, PARITY, GOLDEN,
+            BUNDLE_MANIFEST, GATE_ONNX, GATE_MANIFEST, SHAPE_MODEL)
 # committed CC BY 4.0 fixtures (tests/fixtures/cxr) that make up the bundle's self-test golden set
 GOLDEN_IDS = ("0e132bd64729", "355c06b0444a", "05878ee1390b", "ead2c3ca8955")
 INT8_REQUIRED = (0.995, 0.98)  # mean and worst-image mask Dice vs PyTorch, on images not used for calibration
@@ -83,6 +86,7 @@ class ExportOptions:
     min_dice_reduced_given: bool = False  # an explicit --min-dice-reduced replaces the int8 requirement
     threads: int | None = None
     model_version: str | None = None  # the bundle's one version (default: the checkpoint's)
+    openvino: bool = False  # also the OpenVINO int8 IR (NNCF post-training quantisation; the [openvino] extra)
 
 
 class _Checker:
@@ -129,7 +133,8 @@ def _finish(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
     meta = read_onnx_metadata(bundle / ONNX_FP32) if (bundle / ONNX_FP32).is_file() else {}
     write_bundle_manifest(bundle, {"model_name": meta.get("model_name"), "model_version": meta.get("model_version"),
                                    "lungseg_version": lungseg.__version__, "golden": report.get("golden"),
-                                   "int8": report["models"].get(ONNX_INT8, {}).get("quantization")})
+                                   "int8": report["models"].get(ONNX_INT8, {}).get("quantization"),
+                                   "openvino_int8": report["models"].get(OPENVINO_INT8_XML, {}).get("quantization")})
     return report
 
 
@@ -180,8 +185,26 @@ def _try_engine(bundle: Path, checker: _Checker,
         predictor.close()
 
 
+def add_openvino_int8(bundle: Path, calibration: np.ndarray, calibration_ids: list[str],
+                      checker: _Checker) -> dict[str, Any]:
+    """NNCF int8 IR of ``bundle/model.onnx`` into ``bundle``, parity-checked by ``checker`` (held-out images)."""
+    quantization = quantize_openvino_int8(bundle / ONNX_FP32, bundle, calibration)
+    predictor = OpenVINOPredictor(bundle / OPENVINO_INT8_XML, "int8",
+                                  options=BackendOptions(threads=checker.options.threads))
+    try:
+        entry = checker.check(OPENVINO_INT8_XML, predictor).to_dict()
+    finally:
+        predictor.close()
+    entry["quantization"] = quantization
+    entry["calibration_ids"] = list(calibration_ids)
+    entry["required_dice"], entry["required_dice_min"] = OPENVINO_REQUIRED
+    entry["passed"] = bool(entry["dice_mean"] >= OPENVINO_REQUIRED[0] and entry["dice_min"] >= OPENVINO_REQUIRED[1])
+    return entry
+
+
 def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str, Any], options: ExportOptions,
-                  calibration: np.ndarray | None = None) -> dict[str, Any]:
+                  calibration: np.ndarray | None = None,
+                  openvino_calibration: tuple[np.ndarray, list[str]] | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` into ``out`` and check every model; returns (and writes) the parity report."""
     # torch and onnx (the [train] extra) load here: the engine path of this module runs on the device without them
     from lungseg.export.fp16 import convert_fp16
@@ -228,6 +251,8 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
             log.warning("int8 speedup %.2fx is below the %.1fx target", entry["speed"]["speedup"],
                         entry["speed"]["target"])
         report["models"][ONNX_INT8] = entry
+    if options.openvino and openvino_calibration is not None:
+        report["models"][OPENVINO_INT8_XML] = add_openvino_int8(out, *openvino_calibration, checker)
     return _finish(report, out)
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger("lungseg.export")
 
 EPILOG = f"""\
 outputs (in --out): model.onnx (fp32), model.fp16.onnx (--fp16), model.int8.onnx (--int8),
+  model.openvino.int8.xml/.bin (--openvino: NNCF int8, calibration patients never in the parity set),
   model.fp16.engine + engine.json (--fp16/--engine where TensorRT and a CUDA GPU are present),
   parity.json (every run). Variants from an earlier export in --out are removed first.
 parity: each model vs PyTorch on >= 16 real radiographs; a model passes when its mean mask
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp16", action="store_true",
                         help="also write model.fp16.onnx, and the TensorRT engine where possible")
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ, CPU)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also write model.openvino.int8.xml/.bin: NNCF post-training int8 (performance preset) "
+                        "for the OpenVINO CPU backend, calibrated on --calibration MANIFEST patients absent from the "
+                        "parity set (needs the [openvino] extra and nncf)")
     parser.add_argument("--engine", action="store_true",
                         help=f"like --fp16, but the TensorRT engine is required (exit {EXIT_ENGINE_IMPOSSIBLE} "
                         "if it cannot be built here)")
@@ -59,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", type=Path, metavar="MANIFEST_OR_DIR", default=None,
                         help="int8 calibration radiographs (default: the committed fixtures)")
     parser.add_argument("--parity-data", type=Path, metavar="MANIFEST_OR_DIR", default=None,
-                        help="parity radiographs (default: the committed fixtures tests/fixtures/cxr)")
+                        help="parity radiographs. Default for an export: tests/fixtures/cxr/manifest.csv, present "
+                        "only in a source checkout (an installed lungseg exits 2 and asks for this flag); with "
+                        "--engine-only: none, the bundle's own golden set (golden.npz) alone gates the engine")
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
                         help="use at most N images for parity and for calibration (default: %(default)s)")
     parser.add_argument("--min-dice-fp32", type=float, default=None, metavar="D",
@@ -104,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-only", action="store_true",
                         help="with --gate-checkpoint and --out: replace the gate (and shape model) of the existing "
                         "bundle in --out, leaving its segmenter models untouched; bundle.json is rewritten")
+    parser.add_argument("--drift-reference", type=Path, default=None, metavar="MANIFEST",
+                        help="also write drift_reference.json (the drift monitor's reference: descriptors of these "
+                        "training images, binned) into the bundle; with --drift-only, into the existing bundle in "
+                        "--out, nothing else (bundle.json is rewritten)")
+    parser.add_argument("--drift-only", action="store_true", help="with --drift-reference and --out: see above")
+    parser.add_argument("--drift-max-images", type=int, default=None, metavar="N",
+                        help="use at most N images of --drift-reference (default: all)")
     parser.add_argument("--json", action="store_true", help="print the parity report as JSON on stdout")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.engine_only is None and args.out is None:
         parser.error("--out DIR is required (or --engine-only BUNDLE)")
-    if args.engine_only is not None and (args.out is not None or args.int8 or args.fp16):
+    if args.engine_only is not None and (args.out is not None or args.int8 or args.fp16 or args.openvino):
         parser.error("--engine-only works on an existing bundle: drop --out/--fp16/--int8")
     if args.max_images < 1:
         parser.error("--max-images must be >= 1")

@@ -25,6 +25,7 @@ from lungseg.export.exit_codes import (
     EXIT_USAGE,
 )
 from lungseg.export.int8 import QuantOptions, stratified_calibration
+from lungseg.export.openvino_int8 import patient_disjoint_calibration
 from lungseg.export.parity import (
     DEFAULT_MIN_DICE_FP32,
     DEFAULT_MIN_DICE_REDUCED,
@@ -50,6 +51,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     args.min_dice_reduced = DEFAULT_MIN_DICE_REDUCED if args.min_dice_reduced is None else args.min_dice_reduced
     if args.engine_only is not None:
         return _engine_only(args, settings)
+    if args.drift_only:  # drift monitor reference only (issue 23)
+        if args.drift_reference is None or args.checkpoint is not None or args.int8 or args.fp16 or args.engine:
+            parser.error("--drift-only needs --drift-reference MANIFEST and --out BUNDLE, and no "
+                         "checkpoint/--fp16/--int8")
+        return _drift_reference(args)
     if args.gate_only:
         if args.gate_checkpoint is None or args.checkpoint is not None or args.int8 or args.fp16 or args.engine:
             parser.error("--gate-only needs --gate-checkpoint GATE_PT and --out BUNDLE, and no "
@@ -110,6 +116,7 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
     try:
         parity_batch, data = _parity_batch(args)
         calibration = _calibration_batch(args, data["ids"]) if args.int8 else None
+        openvino_calibration = _openvino_calibration(args, data["ids"]) if args.openvino else None
         if args.int8:  # moved into the int8 entry of parity.json
             data["calibration_overlap"] = getattr(args, "calibration_overlap", 0)
             data["calibration_ids"] = getattr(args, "calibration_ids", [])
@@ -119,7 +126,8 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
     from .onnx_export import OnnxValidationError  # torch, onnx (~1.8 s)
 
     try:
-        report = export_bundle(out, checkpoint, parity_batch, data, _options(args, settings), calibration)
+        report = export_bundle(out, checkpoint, parity_batch, data, _options(args, settings), calibration,
+                               openvino_calibration)
     except OnnxValidationError as exc:
         return _fail(EXIT_EXPORT_FAILED, str(exc))
     engine = report["engine"]
@@ -132,8 +140,25 @@ def _export(args: argparse.Namespace, settings: Any) -> int:
         code = _add_gate(args, out, parity_batch, data)
         if code != EXIT_OK:
             return code
+    if args.drift_reference is not None:
+        code = _drift_reference(args)
+        if code != EXIT_OK:
+            return code
     if args.engine and not engine.get("built"):
         return EXIT_ENGINE_IMPOSSIBLE
+    return EXIT_OK
+
+
+def _drift_reference(args: argparse.Namespace) -> int:
+    """Add drift_reference.json to the bundle in --out (and hash it in bundle.json)."""
+    from .drift_reference import add_drift_reference  # only for --drift-reference, like the other optional steps
+
+    try:
+        summary = add_drift_reference(args.out, args.drift_reference, args.drift_max_images)
+    except (OSError, ValueError) as exc:
+        return _fail(EXIT_USAGE, f"drift reference: {exc}")
+    print(f"drift reference: {summary['images']} images, descriptors {', '.join(summary['descriptors'])} "
+          f"-> drift_reference.json")
     return EXIT_OK
 
 
@@ -162,7 +187,7 @@ def _options(args: argparse.Namespace, settings: Any) -> Any:
     return ExportOptions(fp16=args.fp16 or args.engine, int8=quant, engine=settings,
                          min_dice_fp32=args.min_dice_fp32, min_dice_reduced=args.min_dice_reduced,
                          min_dice_reduced_given=args.min_dice_reduced_given, threads=args.threads,
-                         model_version=args.model_version)
+                         model_version=args.model_version, openvino=args.openvino)
 
 
 def _calibration_batch(args: argparse.Namespace, parity_ids: list[str]) -> Any:
@@ -183,6 +208,16 @@ def _calibration_batch(args: argparse.Namespace, parity_ids: list[str]) -> Any:
     log.info("int8 calibration on %d radiographs", len(samples))
     args.calibration_ids = [s.id for s in samples]
     return model_batch(samples)[0]
+
+
+def _openvino_calibration(args: argparse.Namespace, parity_ids: list[str]) -> tuple[Any, list[str]]:
+    """NNCF calibration inputs: stratified, from patients with no image in the parity (or golden) set."""
+    source = args.calibration
+    manifest = source / "manifest.csv" if source is not None and source.is_dir() else source
+    if manifest is None or manifest.suffix != ".csv" or not manifest.is_file():
+        raise ValueError("--openvino needs --calibration MANIFEST (a manifest.csv with patient ids, so the "
+                         "calibration images share no patient with the parity images)")
+    return patient_disjoint_calibration(manifest, set(parity_ids) | set(GOLDEN_IDS), args.max_images)
 
 
 def _engine_only(args: argparse.Namespace, settings: Any) -> int:

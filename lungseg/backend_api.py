@@ -54,6 +54,9 @@ class BackendOptions:
     dla_core: int | None = None
     cuda_graph: bool = False
     selftest: bool = True
+    # among the CPU candidates: "fastest" (self-test and time each at start-up; used where OpenVINO is installed),
+    # "chain" (the first that passes, in lungseg.predictors.CHAINS order) or one candidate's name, pinned first
+    cpu_choice: str = "fastest"
     # called every few seconds with a status line while a TensorRT engine builds (the edge service
     # extends systemd's start timeout with it; building on an Orin Nano takes minutes)
     build_keepalive: Callable[[str], object] | None = None

@@ -5,6 +5,7 @@ Layout of a bundle folder (written by ``lungseg-export``)::
     model.onnx          fp32, the reference export
     model.fp16.onnx     fp16 weights, fp32 inputs/outputs (optional)
     model.int8.onnx     static QDQ quantisation for the CPU fallback (optional)
+    model.openvino.int8.xml / .bin  NNCF int8 IR for the OpenVINO CPU backend (optional, lungseg-export --openvino)
     model.fp16.engine   TensorRT engine, bound to one GPU + TensorRT version (optional)
     engine.json         what the engine was built for (optional)
     parity.json         export-time parity against PyTorch

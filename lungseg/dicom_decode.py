@@ -279,12 +279,16 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
     lut_shape = _text(ds, "PresentationLUTShape")
     invert = lut_shape == "INVERSE" if lut_shape in {"IDENTITY", "INVERSE"} else photometric == "MONOCHROME1"
 
+    value_range: list[float] = []  # the modality values' range, when that range is the window (no usable VOI)
+
     def render(values: np.ndarray) -> tuple[np.ndarray, str]:
         try:
             values = np.asarray(apply_modality_lut(values, ds))
         except Exception as exc:
             raise UnreadableImageError(path, f"invalid modality LUT/rescale: {type(exc).__name__}: {exc}") from exc
         values, voi = _apply_voi(values, ds, path)
+        if voi.startswith("minmax") and values.size:
+            value_range[:] = [float(values.min()), float(values.max())]
         return to_unit_range(-values if invert else values), voi
 
     rendered = render_with_lut(stored, render)
@@ -304,6 +308,7 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
         "presentation_lut_shape": lut_shape or None,
         "inverted": invert,
         "voi": voi,
+        "minmax_window": tuple(value_range) if voi.startswith("minmax") and value_range else None,
         "bits_stored": _int(ds, "BitsStored", 0) or None,
         "transfer_syntax_uid": str(transfer_syntax),
         "sop_instance_uid": _text(ds, "SOPInstanceUID") or None,

@@ -1,8 +1,11 @@
 """Inference backends behind one interface, a start-up self-test, and demotion at run time.
 
-The chain, best first: TensorRT FP16 engine -> onnxruntime CUDA -> onnxruntime CPU
-int8 -> onnxruntime CPU fp32. At start-up each candidate is built and run on the
-bundle's golden set (:mod:`lungseg.selftest`); the first that passes serves. If it
+The chain, best first: TensorRT FP16 engine -> onnxruntime CUDA -> OpenVINO CPU int8 / bf16 / fp32
+(the ``[openvino]`` extra, :mod:`lungseg.openvino_runtime`) -> onnxruntime CPU int8 -> onnxruntime
+CPU fp32. At start-up each candidate is built and run on the bundle's golden set
+(:mod:`lungseg.selftest`); the first that passes serves. Where OpenVINO is installed, the CPU
+candidates are instead all self-tested and timed on the golden set, and the fastest that passes
+serves (``BackendOptions.cpu_choice``: ``fastest``, ``chain`` or one candidate pinned first). If it
 later fails while running (a CUDA error, a lost GPU), :class:`FallbackPredictor`
 moves to the next candidate that passes its self-test and runs the same batch
 again, so no input is lost to a backend fault. Every choice, failure and demotion
@@ -12,8 +15,11 @@ reported as CPU, never as CUDA.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,21 +29,29 @@ from typing import Any
 
 import numpy as np
 
+from lungseg.atomic import atomic_write
 from lungseg.backend_api import BackendOptions, BackendRuntimeError, BackendUnavailableError, Predictor
 from lungseg.bundle import INPUT_NAME, ONNX_FP32, ONNX_INT8, Bundle
+from lungseg.openvino_runtime import OPENVINO_INT8_XML, load_openvino, openvino_installed
 from lungseg.preprocess import CHANNELS, INPUT_SIZE
 from lungseg.selftest import GoldenSetError, load_golden, run_selftest
 from lungseg.tensorrt_runtime import load_engine_predictor
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "cuda", "cpu")
+BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "openvino")
+OPENVINO_CANDIDATES = ("openvino-int8", "openvino-bf16", "openvino-fp32")
+CPU_CANDIDATES = (*OPENVINO_CANDIDATES, "cpu-int8", "cpu-fp32")
 CHAINS = {
-    "auto": ("tensorrt", "cuda", "cpu-int8", "cpu-fp32"),
+    "auto": ("tensorrt", "cuda", *CPU_CANDIDATES),
     "tensorrt": ("tensorrt",),
     "cuda": ("cuda",),
-    "cpu": ("cpu-int8", "cpu-fp32"),
+    "cpu": CPU_CANDIDATES,
+    "openvino": OPENVINO_CANDIDATES,
 }
+# BackendOptions.cpu_choice: measure and serve the fastest CPU candidate, keep the chain's order, or pin one first
+CPU_CHOICES = ("fastest", "chain", *CPU_CANDIDATES)
+TIMED_RUNS = 2  # start-up timing of each CPU candidate: the best of this many batch-1 runs on a golden image
 CUDNN_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 # onnxruntime session config entries for int8 CPU sessions. Empty on purpose: the export's 7-bit
 # (reduce-range) weights cannot saturate u8xs8 kernels on any CPU, and "session.x64quantprecision"
@@ -123,13 +137,36 @@ Factory = Callable[[], Predictor]
 
 
 def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tuple[str, Factory]]:
-    """The ``(name, factory)`` chain for ``backend`` (see :data:`CHAINS`), skipping files the bundle lacks."""
+    """The ``(name, factory)`` chain for ``backend`` (see :data:`CHAINS`), skipping files the bundle lacks.
+
+    The OpenVINO candidates appear only where the ``openvino`` package is installed (found without importing
+    it) and the bundle was exported for OpenVINO (it has ``model.openvino.int8.xml``, parity-checked at export),
+    or OpenVINO is asked for by name (``backend="openvino"`` or a pinned ``cpu_choice``); elsewhere the chain is
+    the onnxruntime one. A ``cpu_choice`` naming a CPU candidate moves it to the front of the CPU candidates.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if options.cpu_choice not in CPU_CHOICES:
+        raise ValueError(f"unknown cpu_choice {options.cpu_choice!r}; choose from {CPU_CHOICES}")
     int8 = bundle.variant(ONNX_INT8) if bundle.onnx.name == ONNX_FP32 else None
+    asked = backend == "openvino" or options.cpu_choice in OPENVINO_CANDIDATES
+    with_openvino = openvino_installed() and (asked or bundle.variant(OPENVINO_INT8_XML) is not None)
+    names = list(CHAINS[backend])
+    if options.cpu_choice in names:
+        names.remove(options.cpu_choice)
+        first_cpu = next((i for i, n in enumerate(names) if n in CPU_CANDIDATES), len(names))
+        names.insert(first_cpu, options.cpu_choice)
     chain: list[tuple[str, Factory]] = []
-    for name in CHAINS[backend]:
-        if name == "tensorrt":
+    for name in names:
+        if name in OPENVINO_CANDIDATES:
+            if not with_openvino:
+                if asked:
+                    raise BackendUnavailableError("openvino is not installed: pip install 'lungseg[openvino]'")
+                continue
+            if name == "openvino-int8" and bundle.variant(OPENVINO_INT8_XML) is None:
+                continue
+            chain.append((name, _openvino_factory(bundle, name.split("-")[1], options)))
+        elif name == "tensorrt":
             chain.append((name, lambda: load_engine_predictor(bundle, options)))
         elif name == "cuda":
             chain.append((name, lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cuda", options=options)))
@@ -139,6 +176,10 @@ def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tu
         else:
             chain.append((name, lambda: OnnxRuntimePredictor(str(bundle.onnx), device="cpu", options=options)))
     return chain
+
+
+def _openvino_factory(bundle: Bundle, precision: str, options: BackendOptions) -> Factory:
+    return lambda: load_openvino(bundle, precision, options)
 
 
 def _now() -> str:
@@ -152,8 +193,11 @@ class FallbackPredictor:
     ``status()`` is what the sidecar and ``lungseg-edge status`` show.
     """
 
-    def __init__(self, chain: list[tuple[str, Factory]], bundle_root: Path, *, selftest: bool = True):
+    def __init__(self, chain: list[tuple[str, Factory]], bundle_root: Path, *, selftest: bool = True,
+                 measure_cpu: bool = False):
         self._pending = list(chain)
+        self._measure_cpu = measure_cpu
+        self.choice: dict[str, Any] = {"by": "chain order"}
         self._root = bundle_root
         self._selftest = selftest
         self._golden: Any = None
@@ -192,30 +236,88 @@ class FallbackPredictor:
         result = run_selftest(predictor, golden, limit=2 if name == "cpu-fp32" else None)
         return result.passed, result.summary(), {**result.to_dict(), "golden_sha256": golden.sha256[:16]}
 
+    def _load(self, name: str, factory: Factory, errors: list[str]) -> Predictor | None:
+        try:
+            return factory()
+        except BackendUnavailableError as exc:
+            errors.append(f"{name}: {exc}")
+            log.warning("backend %s unavailable: %s", name, exc)
+        except Exception as exc:  # a GPU library failing in an unexpected way must not stop the service
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            log.warning("backend %s failed to start: %s: %s", name, type(exc).__name__, exc)
+        return None
+
+    def _tested(self, name: str, predictor: Predictor, errors: list[str]) -> tuple[bool, str, dict[str, Any]]:
+        passed, summary, record = self._check(name, predictor)
+        record = {"candidate": name, "at": _now(), **record}
+        self.selftests.append(record)
+        if not passed:
+            errors.append(f"{name}: self-test failed: {summary}")
+            log.warning("self-test failed, not using %s: %s", name, summary,
+                        extra={"event": "selftest_failed", "backend": name})
+            _close(predictor)
+        return passed, summary, record
+
+    def _fastest_cpu(self, errors: list[str]) -> tuple[str, Predictor, str, dict[str, Any]] | None:
+        """Self-test and time every CPU candidate at the head of the chain; the fastest that passes, or ``None``.
+
+        The others stay behind it in the chain, fastest first, for demotion (rebuilt and re-tested then).
+        """
+        golden = self._golden_set()
+        cpu: list[tuple[str, Factory]] = []
+        while self._pending and self._pending[0][0] in CPU_CANDIDATES:
+            cpu.append(self._pending.pop(0))
+        timed: list[tuple[float, str, Factory, Predictor, str, dict[str, Any]]] = []
+        for name, factory in cpu:
+            predictor = self._load(name, factory, errors)
+            if predictor is None:
+                continue
+            passed, summary, record = self._tested(name, predictor, errors)
+            if not passed:
+                continue
+            try:
+                ms = _ms_per_image(predictor, golden.inputs[:1])
+            except Exception as exc:  # it passed a moment ago; a failure now disqualifies it all the same
+                errors.append(f"{name}: failed its timed run: {type(exc).__name__}: {exc}")
+                _close(predictor)
+                continue
+            timed.append((ms, name, factory, predictor, summary, record))
+        if not timed:
+            return None
+        timed.sort(key=lambda t: t[0])
+        ms, name, _, predictor, summary, record = timed[0]
+        for _, _, _, other, _, _ in timed[1:]:
+            _close(other)
+        self._pending = [(n, f) for _, n, f, _, _, _ in timed[1:]] + self._pending
+        timings = {n: round(t, 2) for t, n, _, _, _, _ in timed}
+        runner_up = f"; next {timed[1][1]} at {timed[1][0]:.1f} ms" if len(timed) > 1 else ""
+        self.choice = {"by": "measurement", "chosen": name, "ms_per_image_b1": timings,
+                       "not_passed": [c for c, _ in cpu if c not in timings],
+                       "reason": f"fastest of {len(timed)} CPU candidates that passed the self-test: {name} at "
+                                 f"{ms:.1f} ms/image (batch 1, best of {TIMED_RUNS}){runner_up}"}
+        log.warning("CPU backend chosen by measurement: %s", self.choice["reason"],
+                    extra={"event": "backend_measured", "backend": name})
+        return name, predictor, summary, record
+
     def _advance(self, failure: str | None = None) -> None:
         old = self.current
         errors: list[str] = []
         while self._pending:
-            name, factory = self._pending.pop(0)
-            try:
-                predictor = factory()
-            except BackendUnavailableError as exc:
-                errors.append(f"{name}: {exc}")
-                log.warning("backend %s unavailable: %s", name, exc)
-                continue
-            except Exception as exc:  # a GPU library failing in an unexpected way must not stop the service
-                errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                log.warning("backend %s failed to start: %s: %s", name, type(exc).__name__, exc)
-                continue
-            passed, summary, record = self._check(name, predictor)
-            record = {"candidate": name, "at": _now(), **record}
-            self.selftests.append(record)
-            if not passed:
-                errors.append(f"{name}: self-test failed: {summary}")
-                log.warning("self-test failed, not using %s: %s", name, summary,
-                            extra={"event": "selftest_failed", "backend": name})
-                _close(predictor)
-                continue
+            if (old is None and self._measure_cpu and self._selftest and self._pending[0][0] in CPU_CANDIDATES
+                    and self._golden_set() is not None):
+                fastest = self._fastest_cpu(errors)
+                if fastest is None:
+                    continue
+                name, predictor, summary, record = fastest
+            else:
+                name, factory = self._pending.pop(0)
+                loaded = self._load(name, factory, errors)
+                if loaded is None:
+                    continue
+                predictor = loaded
+                passed, summary, record = self._tested(name, predictor, errors)
+                if not passed:
+                    continue
             if summary:
                 log.warning("self-test passed: %s", summary, extra={"event": "selftest_passed", "backend": name})
             self.current, self.current_name, self.selftest = predictor, name, record
@@ -272,9 +374,57 @@ class FallbackPredictor:
     def status(self) -> dict[str, Any]:
         """JSON-friendly: backend in use, its self-test, the fallbacks at start and the demotions since."""
         return {"backend": self.backend, "precision": self.precision,
+                "device": str(getattr(self.current, "device", "")) or _device(self.backend),
+                "isa": getattr(self.current, "isa", None), "choice": self.choice,
                 "model_file": Path(self.model_path).name, "selftest": self.selftest,
                 "fallbacks": list(self.fallbacks), "demotions": list(self.demotions),
                 "remaining": [name for name, _ in self._pending], "updated": _now()}
+
+
+def _device(backend: str) -> str:
+    return "GPU" if backend in ("tensorrt", "cuda") else ("none" if backend == "none" else "CPU")
+
+
+def _ms_per_image(predictor: Predictor, image: np.ndarray, runs: int = TIMED_RUNS) -> float:
+    """Best of ``runs`` timed batch-1 runs on ``image`` (1, 3, S, S), in ms (the self-test warmed it up)."""
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        predictor.predict(image)
+        best = min(best, (time.perf_counter() - start) * 1000)
+    return best
+
+
+def _choice_cache(bundle: Bundle, options: BackendOptions) -> Path | None:
+    """``<engine cache>/cpu-choice-<key>.json``: key = bundle, CPU, runtime versions and threads."""
+    if options.engine_cache is None:
+        return None
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = "".join(line for line in fh if line.startswith(("model name", "flags")))[:4000]
+    except OSError:
+        cpu = platform.processor()
+    key = "|".join([bundle.sha256, cpu, str(os.cpu_count()), str(options.threads), str(_installed("onnxruntime")),
+                    str(_installed("openvino"))])
+    return Path(options.engine_cache) / f"cpu-choice-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _read_choice(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(value, dict) and isinstance(value.get("ms_per_image_b1"), dict)
+    return value if ok else None
+
+
+def _write_choice(path: Path, choice: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps({**choice, "measured_at": _now()}, indent=2) + "\n")
+    except OSError as exc:
+        log.warning("could not keep the CPU backend measurement in %s: %s", path.parent, exc)
 
 
 def _close(predictor: Any) -> None:
@@ -306,7 +456,22 @@ def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None 
     if threads and not options.threads:
         options = BackendOptions(**{**options.__dict__, "threads": threads})
     start = time.perf_counter()
-    predictor = FallbackPredictor(candidates(bundle, backend, options), bundle.root, selftest=options.selftest)
+    chain = candidates(bundle, backend, options)
+    measure = options.cpu_choice == "fastest" and any(name in OPENVINO_CANDIDATES for name, _ in chain)
+    cache = _choice_cache(bundle, options) if measure else None
+    cached = _read_choice(cache) if cache is not None else None
+    if cached is not None:  # measured here before, same bundle, CPU and runtimes: that ranking, first that passes
+        order = {name: i for i, name in enumerate(cached["ms_per_image_b1"])}
+        chain = sorted(chain, key=lambda c: (c[0] in CPU_CANDIDATES, order.get(c[0], len(order))))
+    predictor = FallbackPredictor(chain, bundle.root, selftest=options.selftest,
+                                  measure_cpu=measure and cached is None)
+    if cached is not None:
+        predictor.choice = {**cached, "by": "measurement (cached)", "cache": cache.name if cache else None}
+        if predictor.current_name != cached.get("chosen"):
+            predictor.choice.update(chosen=predictor.current_name, reason=(
+                f"{cached.get('chosen')} was measured fastest but is not usable now; next in the measured ranking"))
+    elif predictor.choice.get("by") == "measurement" and cache is not None:
+        _write_choice(cache, predictor.choice)
     seconds = time.perf_counter() - start
     log.warning(
         "inference backend: %s (%s, %s) chosen in %.2f s%s", predictor.backend, predictor.precision,
@@ -316,6 +481,7 @@ def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None 
     return Selection(predictor, list(predictor.fallbacks), seconds)
 
 
-__all__ = ["BACKENDS", "CHAINS", "INPUT_NAME", "INT8_SESSION_CONFIG", "BackendOptions", "BackendRuntimeError",
+__all__ = ["BACKENDS", "CHAINS", "CPU_CANDIDATES", "CPU_CHOICES", "INPUT_NAME", "INT8_SESSION_CONFIG",
+           "OPENVINO_CANDIDATES", "BackendOptions", "BackendRuntimeError",
            "BackendUnavailableError", "FallbackPredictor", "OnnxRuntimePredictor", "Predictor", "Selection",
            "candidates", "cuda_provider_problem", "select_predictor"]

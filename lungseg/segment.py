@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lungseg.bundle import ModelNotFoundError, resolve_bundle
 from lungseg.gate_options import add_gate_arguments, legacy_auto_orient
+
+if TYPE_CHECKING:  # imported lazily at run time: `lungseg-segment --help` stays instant
+    from lungseg.bundle import Bundle
+    from lungseg.inference import Segmentation
+    from lungseg.measurement import MaskMeasurement
+    from lungseg.radiograph import Radiograph
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -56,6 +64,28 @@ def _failure_reason(path: Path, exc: BaseException) -> str:
     return f"cannot be processed ({type(exc).__name__})"
 
 
+def _write_dicom_results(folder: Path, stem: str, radiograph: Radiograph, segmentation: Segmentation,
+                         measured: MaskMeasurement, bundle: Bundle, threshold: float) -> dict[str, str] | None:
+    """``<stem>.seg.dcm`` and ``<stem>.sr.dcm`` in ``folder`` for a DICOM input (``None`` for an image file)."""
+    from lungseg import dicom_out, dicom_results
+    from lungseg.atomic import atomic_write
+
+    if radiograph.dataset is None:
+        return None
+    provenance = dicom_out.Provenance.of(bundle, Path(bundle.onnx), "cpu", "fp32", threshold)
+    reference, _ = dicom_out.reference_dataset(radiograph.dataset)
+    seg = dicom_results.segmentation(reference, segmentation, measured.review_text(), provenance)
+    sr = dicom_results.measurement_report(reference, radiograph, measured, seg, provenance)
+    written = {}
+    for kind, dataset in (("seg", seg), ("sr", sr)):
+        target = folder / f"{stem}.{kind}.dcm"
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        atomic_write(target, buffer.getvalue())
+        written[kind] = str(target)
+    return written
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lungseg-segment",
@@ -66,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image or DICOM files")
     parser.add_argument("--out", type=Path, required=True, help="output folder for mask PNGs")
+    parser.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                        help="for DICOM inputs, also write <stem>.seg.dcm (DICOM Segmentation) and <stem>.sr.dcm "
+                        "(TID 1500 Measurement Report referencing it: areas, QA flags, the model), as lungseg-edge "
+                        "writes them")
     parser.add_argument("--model", type=Path, default=None,
                         help="ONNX file or bundle folder (default: the shipped model)")
     parser.add_argument("--threshold", type=_probability, default=None,
@@ -99,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lungseg.gate import Refused, gated_segment, load_gate, policy_from_settings  # cv2, numpy, inference
     from lungseg.imaging import UnreadableImageError, read_image  # pydicom and decoders (~0.15 s)
-    from lungseg.inference import named_lung_areas  # numpy (~80 ms alone)
+    from lungseg.measurement import measure_mask  # numpy, the spacing check
     from lungseg.plausibility import load_shape_model  # numpy
     from lungseg.postprocess import PostprocessConfig  # cv2, numpy
     from lungseg.predictors import OnnxRuntimePredictor  # onnxruntime (~90 ms alone)
@@ -118,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
               if args.no_postprocess else PostprocessConfig(threshold=threshold))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
+        if args.dicom_out is not None:
+            args.dicom_out.mkdir(parents=True, exist_ok=True)
         sink = args.json_out.open("w") if args.json_out else sys.stdout
     except OSError as exc:
         log.error("cannot create the output %s: %s", exc.filename or args.out, exc.strerror or exc)
@@ -137,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 out_path = args.out / f"{path.stem}_mask.png"
                 if not cv2.imwrite(str(out_path), result.mask.astype("uint8") * 255):
                     raise OSError(f"could not write {out_path}")
+                measured = measure_mask(radiograph, result, native_areas=True)
+                dicom_files = (_write_dicom_results(args.dicom_out, path.stem, radiograph, result, measured, bundle,
+                                                    threshold)
+                               if args.dicom_out is not None else None)
             except _PASSTHROUGH:
                 raise
             except BaseException as exc:
@@ -145,21 +185,21 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(json.dumps({"input": str(path), "error": reason}), file=sink, flush=True)
                 continue
-            orientation = radiograph.dataset.get("PatientOrientation") if radiograph.dataset is not None else None
             record = {
                 "schema": RESULT_SCHEMA,
                 "input": str(path),
                 "mask": str(out_path),
                 "rows": radiograph.shape[0],
                 "columns": radiograph.shape[1],
-                **named_lung_areas(result.mask, radiograph.pixel_spacing_mm, orientation),
+                **measured.areas,
                 "pixel_spacing_mm": list(radiograph.pixel_spacing_mm) if radiograph.pixel_spacing_mm else None,
                 "model": bundle.name,
                 "model_version": bundle.version,
                 "bundle_sha256": bundle.sha256,
                 "device_uid": bundle.device_uid,
                 "timings_ms": {"decode": decode_ms, **result.timings_ms},
-                **result.qa,
+                **measured.qa,
+                **({"dicom": dicom_files} if args.dicom_out is not None else {}),
             }
             print(json.dumps(record), file=sink, flush=True)
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,25 +93,53 @@ def supported_reason(trt: ModuleType) -> str | None:
     return None
 
 
+_PROCESS_LOGGER: list[tuple[ModuleType, Any]] = []  # (tensorrt module, its one logger) once made
+_LOGGER_LOCK = threading.Lock()
+
+
 def make_logger(trt: ModuleType) -> Any:
-    """A ``trt.ILogger`` that forwards to :mod:`logging` (logger ``lungseg.tensorrt``) and keeps the errors."""
-    severity = trt.ILogger.Severity
-    levels = {severity.INTERNAL_ERROR: logging.CRITICAL, severity.ERROR: logging.ERROR,
-              severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
-    errors_at = {severity.INTERNAL_ERROR, severity.ERROR}
-    trt_log = logging.getLogger("lungseg.tensorrt")
+    """The process's one ``trt.ILogger``, forwarding to :mod:`logging` (logger ``lungseg.tensorrt``).
 
-    class LoggingTrtLogger(trt.ILogger):  # type: ignore[name-defined]  # a class of the runtime-loaded module
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+    TensorRT keeps a single logger pointer per process: a different logger passed to a later Builder or Runtime
+    is ignored while the first one's objects exist (NVIDIA/TensorRT#1475), so every caller gets this same one and
+    reads the errors of its own step with ``errors_since(mark())``.
+    """
+    with _LOGGER_LOCK:
+        if _PROCESS_LOGGER and _PROCESS_LOGGER[0][0] is trt:
+            return _PROCESS_LOGGER[0][1]
+        severity = trt.ILogger.Severity
+        levels = {severity.INTERNAL_ERROR: logging.CRITICAL, severity.ERROR: logging.ERROR,
+                  severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
+        errors_at = {severity.INTERNAL_ERROR, severity.ERROR}
+        trt_log = logging.getLogger("lungseg.tensorrt")
 
-        def log(self, level: Any, msg: str) -> None:
-            trt_log.log(levels.get(level, logging.INFO), "%s", msg)
-            if level in errors_at:
-                self.errors.append(str(msg))
+        class LoggingTrtLogger(trt.ILogger):  # type: ignore[name-defined]  # a class of the runtime-loaded module
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self._errors: deque[tuple[int, str]] = deque(maxlen=200)
+                self._count = 0
+                self._lock = threading.Lock()
 
-    return LoggingTrtLogger()
+            @property
+            def errors(self) -> list[str]:
+                return [msg for _, msg in self._errors]
+
+            def mark(self) -> int:
+                return self._count
+
+            def errors_since(self, mark: int) -> list[str]:
+                return [msg for n, msg in list(self._errors) if n >= mark]
+
+            def log(self, level: Any, msg: str) -> None:
+                trt_log.log(levels.get(level, logging.INFO), "%s", msg)
+                if level in errors_at:
+                    with self._lock:
+                        self._errors.append((self._count, str(msg)))
+                        self._count += 1
+
+        logger = LoggingTrtLogger()
+        _PROCESS_LOGGER[:] = [(trt, logger)]
+        return logger
 
 
 def _progress_monitor(trt: ModuleType) -> Any | None:
@@ -229,11 +258,13 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
     if not onnx_path.is_file():
         raise EngineBuildError(f"{onnx_path.name}: not in the bundle (export it first)")
     logger = make_logger(trt)
+    mark = logger.mark()
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, typing))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "; ".join(logger.errors)
+        errors = ("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                  or "; ".join(logger.errors_since(mark)))
         raise EngineBuildError(f"{onnx_path.name}: TensorRT {trt.__version__} ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
@@ -259,7 +290,7 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
     with _KeepCallerWaiting(keepalive):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError("TensorRT could not build the engine: " + ("; ".join(logger.errors)
+        raise EngineBuildError("TensorRT could not build the engine: " + ("; ".join(logger.errors_since(mark))
                                                                           or "no reason logged"))
     if settings.timing_cache is not None:
         try:

@@ -28,8 +28,10 @@ set_input_shape / set_tensor_address / execute_async_v3``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,11 +68,26 @@ log = logging.getLogger(__name__)
 BUILD_HINT = "lungseg-edge build-engine --model {bundle} --state STATE_DIR"
 
 
+def _bindings_without_front_end() -> bool:
+    """The x86 bindings wheel (module ``tensorrt_bindings``) is there, the front-end (``tensorrt``) is not."""
+    if sys.modules.get("tensorrt_bindings") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("tensorrt_bindings") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def import_tensorrt() -> ModuleType:
     """The ``tensorrt`` module (8.6 or newer), or :class:`BackendUnavailableError` saying why not."""
     try:
         import tensorrt
     except ImportError as exc:
+        if _bindings_without_front_end():
+            raise BackendUnavailableError(
+                "tensorrt-cu12-bindings is installed without the tensorrt-cu12 front-end that provides "
+                "`import tensorrt`: pip install 'tensorrt-cu12>=10.3,<11' (the [gpu] extra; packaging/INSTALL.md)"
+            ) from exc
         raise BackendUnavailableError(f"the tensorrt Python package is not installed ({exc})") from exc
     reason = supported_reason(tensorrt)
     if reason:
@@ -120,14 +137,15 @@ class TensorRTPredictor:
         self._graph_exec: Any = None
         self._graph_stale = False  # another input shape ran since the capture: capture again before replaying
         self._rt = cudart or import_cudart()
-        self._logger = make_logger(trt)
+        self._logger = make_logger(trt)  # the process's one TensorRT logger; this predictor's errors from the mark
+        self._log_mark = self._logger.mark()
         self._runtime = trt.Runtime(self._logger)
         if dla_core is not None:
             self._runtime.DLA_core = int(dla_core)
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
             raise BackendUnavailableError(f"{Path(model_path).name}: TensorRT could not deserialise the engine ("
-                                          + ("; ".join(self._logger.errors) or "no reason logged") + ")")
+                                          + self._logged() + ")")
         names = {self._engine.get_tensor_name(i): self._engine.get_tensor_mode(self._engine.get_tensor_name(i))
                  for i in range(self._engine.num_io_tensors)}
         expected = {INPUT_NAME: trt.TensorIOMode.INPUT, OUTPUT_NAME: trt.TensorIOMode.OUTPUT}
@@ -149,7 +167,7 @@ class TensorRTPredictor:
         context = self._engine.create_execution_context()
         if context is None:
             raise BackendUnavailableError("TensorRT could not create an execution context (out of GPU memory?): "
-                                          + ("; ".join(self._logger.errors) or "no reason logged"))
+                                          + self._logged())
         self._context = context
         try:
             self._io = IOBuffers({INPUT_NAME: self.max_batch * self._in_items * 4,
@@ -175,9 +193,13 @@ class TensorRTPredictor:
         assert self._io is not None and self._io.stream is not None
         self._io.upload(INPUT_NAME, n * self._in_items * 4)
         if not self._context.execute_async_v3(self._io.stream.handle):
-            raise BackendRuntimeError("TensorRT execute_async_v3 failed: " + ("; ".join(self._logger.errors[-3:])
-                                                                              or "no reason logged"))
+            raise BackendRuntimeError("TensorRT execute_async_v3 failed: " + self._logged(last=3))
         self._io.download(OUTPUT_NAME, n * self._out_items * 4)
+
+    def _logged(self, last: int | None = None) -> str:
+        """The TensorRT errors logged since this predictor was made (the last ``last``), or "no reason logged"."""
+        errors = self._logger.errors_since(self._log_mark)
+        return "; ".join(errors[-last:] if last else errors) or "no reason logged"
 
     def _capture_graph(self) -> None:
         """Record upload + inference + download of one image as a CUDA graph (replayed for batch 1)."""

@@ -47,6 +47,8 @@ class FakeTensorRT:
     builds: int = 0
     networks: list[Any] = field(default_factory=list)
     monitor_events: list[str] = field(default_factory=list)
+    process_logger: Any = None  # the first logger given to a Builder or Runtime of this module (one per process)
+    ignored_loggers: int = 0
 
     @property
     def major(self) -> int:
@@ -96,9 +98,25 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
             raise TypeError("tensorrt.ILogger.__init__() must be called when overriding __init__")
         return logger
 
+    # TensorRT keeps one logger pointer per process: a Builder/Runtime given a different logger while one exists
+    # warns and uses the existing one (NVIDIA/TensorRT#1475, TensorRT 8.0; NVIDIA said 8.4.1 fixed the *warning*,
+    # not that several loggers work). When the real library lets a new logger in after every Builder/Runtime is
+    # destroyed is not known from NVIDIA's docs; the fake keeps the first logger for the process (the module).
+    state.process_logger = None
+
+    def adopt_logger(logger: Any) -> ILogger:
+        logger = check_logger(logger)
+        if state.process_logger is None:
+            state.process_logger = logger
+        elif logger is not state.process_logger:
+            state.ignored_loggers += 1
+            state.process_logger.log(Severity.WARNING, "The logger passed into createInferBuilder/Runtime differs from "
+                                     "one already provided; the existing value will be used instead")
+        return state.process_logger
+
     flags = {"EXPLICIT_BATCH": 0} if state.major < 11 else {}
     if state.major >= 10:
-        flags["STRONGLY_TYPED"] = 5
+        flags["STRONGLY_TYPED"] = 1  # NvInfer.h 10.x: kEXPLICIT_BATCH = 0, kSTRONGLY_TYPED = 1
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", flags) if flags else (
         types.SimpleNamespace())
     builder_flags = {"OBEY_PRECISION_CONSTRAINTS": 1, "GPU_FALLBACK": 2}
@@ -124,8 +142,25 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
         def __init__(self, name: str, output: str):
             self.name, self.num_outputs = name, 1
             self._outputs = [Tensor(output)]
-            self.precision: Any = None
+            # ILayer (NvInfer.h 8.6/10.x): precision, precision_is_set, reset_precision(). What precision reads before
+            # it is set is not documented; FLOAT is assumed here (reported by the issue 21 review), so callers must
+            # test precision_is_set, never the value. A non-DataType is a TypeError (pybind11 argument check).
+            self._precision: Any = DataType.FLOAT
+            self.precision_is_set = False
             self.output_types: dict[int, Any] = {}
+
+        @property
+        def precision(self) -> Any:
+            return self._precision
+
+        @precision.setter
+        def precision(self, dtype: Any) -> None:
+            if not isinstance(dtype, DataType):
+                raise TypeError(f"ILayer.precision: expected tensorrt.DataType, got {type(dtype).__name__}")
+            self._precision, self.precision_is_set = dtype, True
+
+        def reset_precision(self) -> None:
+            self._precision, self.precision_is_set = DataType.FLOAT, False
 
         def get_output(self, index: int) -> Tensor:
             return self._outputs[index]
@@ -238,7 +273,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
 
     class Builder:
         def __init__(self, logger: Any):
-            self.logger = check_logger(logger)
+            self.logger = adopt_logger(logger)
 
         def create_network(self, flag_bits: int = 0) -> Network:
             return Network(flag_bits)
@@ -366,7 +401,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
 
     class Runtime:
         def __init__(self, logger: Any):
-            self.logger = check_logger(logger)
+            self.logger = adopt_logger(logger)
             self.DLA_core = -1
 
         def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
@@ -388,8 +423,15 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
     return trt
 
 
-def install(monkeypatch: Any, state: FakeTensorRT) -> types.ModuleType:
-    """Put the fake ``tensorrt`` in ``sys.modules``."""
+def install(monkeypatch: Any, state: FakeTensorRT, *, front_end: bool = True) -> types.ModuleType:
+    """Put the fake TensorRT in ``sys.modules`` as the x86 wheels lay it out.
+
+    ``tensorrt_bindings`` (wheel tensorrt-cu12-bindings) holds the API and ``tensorrt_libs`` (tensorrt-cu12-libs) the
+    shared libraries; only the front-end wheel tensorrt-cu12 provides ``import tensorrt`` (``from tensorrt_bindings
+    import *``). ``front_end=False`` is an install of bindings and libs alone: ``import tensorrt`` fails.
+    """
     module = make_module(state)
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", module)
+    monkeypatch.setitem(sys.modules, "tensorrt_libs", types.ModuleType("tensorrt_libs"))
+    monkeypatch.setitem(sys.modules, "tensorrt", module if front_end else None)  # None: ImportError on import
     return module

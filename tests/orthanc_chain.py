@@ -83,6 +83,7 @@ class Orthanc:
     dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
+    tls: Path | None = None  # a folder from tls_pki.make_pki: the DICOM port speaks TLS only, client certs required
 
     @property
     def dicomweb(self) -> bool:
@@ -103,6 +104,11 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
+        if self.tls is not None:
+            config |= {"DicomTlsEnabled": True, "DicomTlsCertificate": str(self.tls / "server.crt"),
+                       "DicomTlsPrivateKey": str(self.tls / "server.key"),
+                       "DicomTlsTrustedCertificates": str(self.tls / "ca.crt"),
+                       "DicomTlsRemoteCertificateRequired": True}
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return path
@@ -174,6 +180,7 @@ class EdgeBox:
     scp_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    tls: Path | None = None  # tls_pki.make_pki's folder: receiver and forwarder on DICOM TLS, both mutual
 
     def start(self, timeout: float = 120.0) -> EdgeBox:
         watch, out = self.workdir / "watch", self.workdir / "out"
@@ -186,6 +193,11 @@ class EdgeBox:
                "--metrics-port", str(self.metrics_port), "--health-stale-seconds", "120"]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
+        if self.tls is not None:
+            cmd += ["--scp-tls-cert", str(self.tls / "server.crt"), "--scp-tls-key", str(self.tls / "server.key"),
+                    "--scp-tls-ca", str(self.tls / "ca.crt"), "--forward-tls", "--forward-tls-ca",
+                    str(self.tls / "ca.crt"), "--forward-tls-cert", str(self.tls / "client.crt"),
+                    "--forward-tls-key", str(self.tls / "client.key")]
         log = (self.workdir / "lungseg-edge.log").open("wb")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -276,9 +288,12 @@ def make_structured_report(path: Path) -> Path:
     return path
 
 
-def storescu(port: int, files: list[Path], calling: str = UNIT_AE, called: str = EDGE_AE) -> tuple[int, str]:
-    """dcmtk ``storescu``; returns (exit code, its output)."""
-    result = subprocess.run(["storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port),
+def storescu(port: int, files: list[Path], calling: str = UNIT_AE, called: str = EDGE_AE,
+             tls: Path | None = None) -> tuple[int, str]:
+    """dcmtk ``storescu`` (with ``tls``: ``+tls`` with the client certificate); returns (exit code, its output)."""
+    secure = [] if tls is None else ["+tls", str(tls / "client.key"), str(tls / "client.crt"), "-pw",
+                                     "+cf", str(tls / "ca.crt")]
+    result = subprocess.run(["storescu", "-v", *secure, "-aet", calling, "-aec", called, "127.0.0.1", str(port),
                              *map(str, files)], capture_output=True, text=True, timeout=300, check=False)
     return result.returncode, result.stdout + result.stderr
 
@@ -334,19 +349,27 @@ def check_rendered(orthanc: Orthanc, sc: dict[str, Any]) -> tuple[int, int]:
 
 
 def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | None = None,
-              timeout: float = 600.0, per_study: int = 5) -> dict[str, Any]:
+              timeout: float = 600.0, per_study: int = 5, tls: bool = False) -> dict[str, Any]:
     """Run the chain with ``count`` radiographs; kill and restart Orthanc once after it holds ``kill_after``
-    outputs (default: a third of them). Returns the measured summary; raises :class:`ChainError`."""
+    outputs (default: a third of them). With ``tls`` every DICOM hop (unit -> edge, unit -> Orthanc,
+    edge -> Orthanc) is DICOM TLS with client certificates (made here with openssl).
+    Returns the measured summary; raises :class:`ChainError`."""
     t_start = time.monotonic()
     files = make_radiographs(workdir / "unit", count, per_study)
     sr = make_structured_report(workdir / "unit-report" / "report.dcm")
+    pki: Path | None = None
+    if tls:
+        from tls_pki import make_pki  # tests/ is on sys.path (make_radiographs)
+
+        pki = make_pki(workdir / "pki")
     edge_port = free_port()
-    orthanc = Orthanc(workdir / "orthanc", {EDGE_AE: ("127.0.0.1", edge_port), UNIT_AE: ("127.0.0.1", 104)})
-    box = EdgeBox(workdir / "edge", model, pacs_port=orthanc.dicom_port, scp_port=edge_port)
-    summary: dict[str, Any] = {"radiographs": count}
+    orthanc = Orthanc(workdir / "orthanc", {EDGE_AE: ("127.0.0.1", edge_port), UNIT_AE: ("127.0.0.1", 104)},
+                      tls=pki)
+    box = EdgeBox(workdir / "edge", model, pacs_port=orthanc.dicom_port, scp_port=edge_port, tls=pki)
+    summary: dict[str, Any] = {"radiographs": count, "tls": tls}
     try:
         orthanc.start()
-        code, output = storescu(orthanc.dicom_port, files, called=PACS_AE)  # the unit's copy for the PACS
+        code, output = storescu(orthanc.dicom_port, files, called=PACS_AE, tls=pki)  # the unit's copy for the PACS
         if code != 0 or orthanc.instance_count() != count:
             raise ChainError(f"storescu to Orthanc failed ({code}): {output[-1500:]}")
         box.start()
@@ -354,7 +377,7 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
         if kill_after == 0:  # the PACS is down before the burst starts
             summary["outputs_before_restart"] = orthanc.instance_count() - count
             orthanc.kill()
-        code, output = storescu(box.scp_port, files)
+        code, output = storescu(box.scp_port, files, tls=pki)
         if code != 0:
             raise ChainError(f"storescu to lungseg-edge failed ({code}): {output[-1500:]}")
         if kill_after > 0:  # Orthanc crashes in the middle of the burst
@@ -369,11 +392,11 @@ def run_chain(workdir: Path, count: int, model: Path | None, kill_after: int | N
         orthanc.start()  # ... and comes back (the forwarder may deliver before Orthanc answers a query)
         wait_for(f"{3 * count} outputs in Orthanc", lambda: orthanc.instance_count() >= 4 * count, timeout)
         # refusals: a non-image SOP class, and a calling AE that is not on the allow-list
-        sr_code, sr_output = storescu(box.scp_port, [sr])
+        sr_code, sr_output = storescu(box.scp_port, [sr], tls=pki)
         if sr_code == 0 or "Refused: SOPClassNotSupported" not in sr_output:
             raise ChainError(f"the SR was not refused: {sr_output[-800:]}")
         summary["sr_refused"] = "C-STORE status 0x0122 Refused: SOPClassNotSupported"
-        bad_code, bad_output = storescu(box.scp_port, files[:1], calling="INTRUDER")
+        bad_code, bad_output = storescu(box.scp_port, files[:1], calling="INTRUDER", tls=pki)
         if bad_code == 0 or "Association Rejected" not in bad_output:
             raise ChainError(f"the unknown calling AE was not rejected: {bad_output[-800:]}")
         reason = next((line.split("Reason:", 1)[1].strip() for line in bad_output.splitlines() if "Reason:" in line),
@@ -426,7 +449,8 @@ def summary_line(summary: dict[str, Any]) -> str:
             f"({summary['forward_failed']} failed attempts retried), lost {summary['lost']}, "
             f"duplicated {summary['doubled']}; SR refused ({summary['sr_refused']}); "
             f"INTRUDER rejected ({summary['intruder_rejected']}); /metrics matches Orthanc; "
-            f"WADO-RS rendered {summary['wado_rendered']}; {summary['seconds']} s")
+            f"WADO-RS rendered {summary['wado_rendered']}; "
+            f"{'every DICOM hop on mutual TLS; ' if summary.get('tls') else ''}{summary['seconds']} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="model bundle (default: the shipped model)")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--tls", action="store_true", help="every DICOM hop on DICOM TLS with client certificates "
+                        "(needs the openssl CLI and an Orthanc built with DICOM TLS, 1.9+)")
     args = parser.parse_args(argv)
     missing = missing_tools()
     if missing:
@@ -447,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lungseg-integration-") as tmp:
         workdir = args.workdir or Path(tmp)
         try:
-            summary = run_chain(workdir, args.count, args.model)
+            summary = run_chain(workdir, args.count, args.model, tls=args.tls)
         except ChainError as exc:
             print(f"integration: FAILED: {exc} (logs in {workdir} while it exists)", file=sys.stderr)
             if args.workdir is None:

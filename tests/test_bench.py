@@ -32,7 +32,7 @@ import sys
 
 class _NotInstalled:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "tqdm", "onnx"):
+        if name.partition(".")[0] in ("torch", "tqdm", "onnx", "openvino", "nncf"):  # extras, not the runtime
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: runtime-only install)", name=name)
         return None
 
@@ -99,14 +99,15 @@ def test_json_markdown_and_plot(bundle: Path, tmp_path: Path) -> None:
     assert dicom["stages"] == {"skipped": "--skip-e2e"}
     rows = result["acceptance"]
     assert set(rows) == {"j2k_after_decode", "j2k_decode_vs_library", "uncompressed_vs_yardstick", "burst_speedup",
-                         "daemon_peak_rss_mib", "mask_dice_mean", "ort_cpu_vs_pytorch_p50"}
+                         "daemon_peak_rss_mib", "mask_dice_mean", "ort_cpu_vs_pytorch_p50", "sc_off_vs_yardstick"}
     assert rows["j2k_after_decode"] == {**rows["j2k_after_decode"], "passed": None, "skipped": "--skip-e2e"}
     assert dicom["yardstick_ms"] > 0  # the fp32 onnxruntime CPU inference of one image, timed in this run
     assert rows["ort_cpu_vs_pytorch_p50"]["passed"] is True and rows["ort_cpu_vs_pytorch_p50"]["bound"] == 1000
     assert result["verdict"] == {"passed": True, "parity_failed": [], "acceptance_failed": [], "exit_code": 0,
                                  "not_measured": dict.fromkeys(("j2k_after_decode", "j2k_decode_vs_library",
-                                                                "uncompressed_vs_yardstick", "burst_speedup",
-                                                                "daemon_peak_rss_mib"), "--skip-e2e")}
+                                                                "uncompressed_vs_yardstick", "sc_off_vs_yardstick",
+                                                                "burst_speedup", "daemon_peak_rss_mib"),
+                                                               "--skip-e2e")}
     assert "verdict: PASSED" in stdout and "reference: pytorch: the checkpoint in eager PyTorch" in stdout
     assert "PASSED (exit 0); not measured: j2k_after_decode" in stderr
     assert isinstance(result["machine"]["cpu_features"], list)
@@ -281,3 +282,7 @@ def test_dicom_stage_tables_compare_the_default_and_the_legacy_path(bundle: Path
         assert row["n"] == 1 and all(row["stages_ms"][s] > 0 for s in ("decode", "infer", "write"))
         assert row["ratio_non_inference_to_infer"] == pytest.approx(row["non_inference_ms"] / row["stages_ms"]["infer"])
         assert {"render", "sc_encode", "sc_verify", "publish"} <= set(row["write_parts_ms"])
+    off = result["sc_off"]  # the defaults without the SC: no SC stages, a SEG and an SR still written
+    assert off["exit_code"] == 0, off.get("stderr_tail")
+    parts = off["per_file"][sources[0].name]["write_parts_ms"]
+    assert "sc_verify" not in parts and {"seg_encode", "sr_encode"} <= set(parts)

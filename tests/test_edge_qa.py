@@ -1,6 +1,6 @@
 import numpy as np
 
-from lungseg.edge_runtime.stages import qa_report
+from lungseg.measurement import qa_report
 
 
 def _mask(left: int, right: int) -> np.ndarray:

@@ -13,15 +13,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from edge_helpers import SHARED_FILES, dicom_bytes, make_cr, run_once, save, sc_files, shared_dicom_dir, sidecars
 
 from lungseg.bundle import resolve_bundle
+from lungseg.dicom_out import OutputVerificationError, Provenance
 from lungseg.edge_runtime import service_metrics, stages
 from lungseg.edge_runtime.admission import Admission, Admitted
 from lungseg.edge_runtime.codes import QAFlag, QuarantineReason, RetryReason, Status
 from lungseg.edge_runtime.config import EdgeConfig
-from lungseg.edge_runtime.dicom_out import OutputVerificationError, Provenance
 from lungseg.edge_runtime.fsio import StagedFiles
 from lungseg.edge_runtime.isolate import DecodeFailure, decode_in_process
 from lungseg.edge_runtime.ledger import Ledger
@@ -29,6 +30,7 @@ from lungseg.edge_runtime.quarantine import Quarantine
 from lungseg.edge_runtime.sidecar import SCHEMA_FILE, SCHEMA_ID, Sidecar, json_schema
 from lungseg.gate import _WORDS, CORRECTION_PREFIXES, GatePolicy, Refused, load_gate
 from lungseg.inference import Segmentation, lung_areas
+from lungseg.measurement import qa_report
 from lungseg.plausibility import load_shape_model
 from lungseg.postprocess import PostprocessConfig
 from lungseg.predictors import OnnxRuntimePredictor
@@ -243,7 +245,7 @@ def test_measure_without_spacing_says_so_and_words_corrections_apart(real: dict[
 def test_qa_of_an_ungated_mask_flags_it_for_review() -> None:
     mask = np.zeros((100, 100), bool)
     mask[40:42, 40:42] = True
-    qa = stages.qa_report(mask, {})
+    qa = qa_report(mask, {})
     assert qa["flags"] == qa["review"] == ["not_two_lungs", "implausible_area"]
 
 
@@ -280,7 +282,7 @@ def written(tmp_path: Path, real: dict[str, Admitted], segmented: dict[str, Segm
     paths = stages.output_paths(tmp_path, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), seg=True)
     return {"item": item, "seg": seg, "ref": ref, "measured": measured, "rendering": rendering, "paths": paths,
             "sc": stages.encode_sc(ref, rendering, provenance, "explicit"),
-            "seg_ds": stages.encode_seg(ref, seg, rendering, provenance)}
+            "seg_ds": stages.encode_seg(ref, seg, rendering.review_text, provenance)}
 
 
 def test_encode_builds_an_sc_of_the_overlay_and_a_seg_of_the_mask(written: dict) -> None:
@@ -309,6 +311,28 @@ def test_write_refuses_an_sc_that_is_not_the_image_drawn_and_leaves_nothing(writ
     other[0, 0] ^= 255
     with pytest.raises(OutputVerificationError), StagedFiles() as staged:
         stages.write_sc(staged, paths.sc, written["sc"], other, decode=False, clock=stages.StageClock())
+    assert not paths.sc.parent.exists() or not any(paths.sc.parent.iterdir())
+
+
+def test_background_sc_write_keeps_the_order_and_reports_its_stages(written: dict) -> None:
+    """The SC written on its own thread while the SEG is encoded: staged first, published first, timed."""
+    paths, clock = written["paths"], stages.StageClock()
+    with StagedFiles() as staged:
+        sc_write = stages.BackgroundScWrite(staged, paths.sc, written["sc"], written["rendering"].rgb, decode=True)
+        stages.write_seg(staged, paths.seg, written["seg_ds"], written["seg"].mask)  # meanwhile, on this thread
+        sc_write.wait(clock)
+        published = staged.publish()
+    assert published == [paths.sc, paths.seg] and all(p.is_file() for p in published)
+    assert {"sc_save", "sc_verify", "sc_wait"} <= set(clock.stages_ms())
+    assert np.array_equal(pydicom.dcmread(paths.sc).pixel_array, written["rendering"].rgb)
+
+
+def test_background_sc_write_raises_its_error_here_and_leaves_nothing(written: dict) -> None:
+    paths = written["paths"]
+    other = written["rendering"].rgb.copy()
+    other[0, 0] ^= 255
+    with pytest.raises(OutputVerificationError), StagedFiles() as staged:
+        stages.BackgroundScWrite(staged, paths.sc, written["sc"], other, decode=False).wait(stages.StageClock())
     assert not paths.sc.parent.exists() or not any(paths.sc.parent.iterdir())
 
 
@@ -423,7 +447,8 @@ def test_a_sidecar_round_trips_through_its_typed_object(real_sidecars: list[dict
         areas=Areas(d["lung_area_px"], d.get("lung_area_px_by_lung"), d.get("lung_areas_cm2")), qa=d["qa"],
         timings_ms=d["timings_ms"], write_stages_ms=d["write_stages_ms"], decode_parts_ms=d["decode_parts_ms"],
         backend=d["backend"], precision=d["precision"], fallbacks=d["fallbacks"],
-        backend_health=BackendHealth(d["selftest"], d["demotions"]), batch_size=d["batch_size"],
+        backend_health=BackendHealth(d["selftest"], d["demotions"], d.get("backend_choice")),
+        batch_size=d["batch_size"],
         model=ModelInfo(**d["model"]), software_version=d["software"]["lungseg"])
     assert json.loads(sidecar.to_json()) == d
     assert list(json.loads(sidecar.to_json())) == list(d)  # same keys, same order

@@ -28,7 +28,12 @@ from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, ONNX_FP16, resolve_bund
 from lungseg.engine_cache import REFUSED, EngineCache
 from lungseg.predictors import BackendOptions, BackendRuntimeError, BackendUnavailableError, select_predictor
 from lungseg.selftest import load_golden
-from lungseg.tensorrt_runtime import TensorRTPredictor, ensure_engine, load_engine_predictor
+from lungseg.tensorrt_runtime import (
+    TensorRTPredictor,
+    ensure_engine,
+    load_engine_predictor,
+    tensorrt_unavailable_reason,
+)
 
 
 @pytest.fixture
@@ -85,10 +90,10 @@ def test_builder_works_on_86_and_10x(gpu: FakeTensorRT, monkeypatch: pytest.Monk
     assert manifest["typing"].startswith(typing) and manifest["parity"]["passed"]
     assert manifest["onnx_file"] == (ONNX_FP16 if typing == "strong" else "model.onnx")
     if typing == "weak":  # Sigmoid and the output layer pinned to fp32
-        pinned = {layer.name for layer in network.layers if layer.precision is not None}
+        pinned = {layer.name for layer in network.layers if layer.precision_is_set}
         assert pinned == {"/Sigmoid"} and manifest["fp32_layers"] == ["/Sigmoid"]
     else:
-        assert all(layer.precision is None for layer in network.layers)
+        assert not any(layer.precision_is_set for layer in network.layers)
         assert gpu.monitor_events, "IProgressMonitor was not attached on 10.x"
 
 
@@ -318,3 +323,42 @@ def test_a_failing_keepalive_never_fails_the_build(gpu: FakeTensorRT, bundle, tm
 
     options = BackendOptions(engine_cache=tmp_path / "engines-broken", build_keepalive=broken)
     assert ensure_engine(bundle, options)[2] == "built"
+
+
+def test_bindings_without_the_front_end_give_no_tensorrt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """tensorrt-cu12-bindings and -libs alone (the old [gpu] extra) provide no `import tensorrt`: the reason says which
+    package is missing, and only the front-end makes TensorRT usable."""
+    cuda = install_cuda(monkeypatch, FakeCudaRuntime())
+    state = FakeTensorRT(version="10.3.0", cuda=cuda)
+    install_trt(monkeypatch, state, front_end=False)
+    with pytest.raises(ImportError):
+        import tensorrt  # noqa: F401
+    reason = tensorrt_unavailable_reason()
+    assert reason is not None and "tensorrt-cu12 front-end" in reason and "import tensorrt" in reason
+    install_trt(monkeypatch, state, front_end=True)
+    assert tensorrt_unavailable_reason() is None
+
+
+def test_one_process_wide_logger_keeps_the_reasons_of_later_objects(gpu: FakeTensorRT, bundle) -> None:
+    """TensorRT keeps one logger per process (a second one is ignored): after a build, a Runtime's deserialisation
+    error still reaches the reason, and only this Runtime's errors are in it."""
+    engine, _, _ = ensure_engine(bundle, BackendOptions())  # a Builder: the process's logger is now set
+    import tensorrt as trt
+
+    with pytest.raises(BackendUnavailableError, match=r"could not deserialise.*magic tag mismatch") as first:
+        TensorRTPredictor(trt, b"not an engine", model_path=str(engine))
+    with pytest.raises(BackendUnavailableError, match=r"magic tag mismatch") as second:
+        TensorRTPredictor(trt, b"still not an engine", model_path=str(engine))
+    assert str(second.value).count("magic tag mismatch") == 1, "an earlier object's errors leaked into the reason"
+    assert "no reason logged" not in str(first.value)
+    assert gpu.ignored_loggers == 0, "a second TensorRT logger was made (TensorRT would ignore it)"
+
+
+def test_export_help_states_the_parity_data_default_truthfully() -> None:
+    """--parity-data: the fixtures exist only in a source checkout, and --engine-only uses the golden set alone."""
+    from lungseg.export.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if "--parity-data" in a.option_strings)
+    text = " ".join((action.help or "").split())
+    assert action.default is None
+    assert "source checkout" in text and "--engine-only" in text and "golden" in text, text

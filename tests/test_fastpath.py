@@ -188,7 +188,7 @@ def test_sc_options_write_valid_secondary_captures(tmp_path: Path, generated: di
 def test_sc_verification_catches_a_changed_pixel(tmp_path: Path) -> None:
     from edge_helpers import make_cr
 
-    from lungseg.edge_runtime import dicom_out
+    from lungseg import dicom_out
 
     ref, _ = dicom_out.reference_dataset(make_cr("1.2.826.0.1.3680043.10.1082.77", size=64))
     rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
@@ -263,7 +263,7 @@ def test_reference_dataset_is_a_shallow_copy_that_never_changes_the_source() -> 
     """The outputs' reference shares values with the decoded source, but its repairs stay its own."""
     from edge_helpers import make_cr
 
-    from lungseg.edge_runtime import dicom_out
+    from lungseg import dicom_out
 
     source = make_cr("1.2.826.0.1.3680043.10.1082.78", size=32)
     source.PatientSex = "X"  # invalid for the outputs: emptied in the copy

@@ -31,3 +31,18 @@ def test_storescu_to_edge_box_to_orthanc_survives_a_pacs_restart(tmp_path: Path,
         pytest.skip("orthanc-dicomweb not installed: WADO-RS rendering not checked (everything else passed)")
     rows, columns = map(int, summary["wado_rendered"].split("x"))  # the SC: the source full size (+ a text strip)
     assert columns == 384 and rows >= 384
+
+
+def test_the_chain_on_mutual_dicom_tls(tmp_path: Path, tiny_onnx: Path) -> None:
+    """storescu +tls -> the edge receiver on TLS -> the forwarder on TLS -> Orthanc with DicomTlsEnabled."""
+    import shutil
+
+    missing = missing_tools() + ([] if shutil.which("openssl") else ["openssl"])
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian packages orthanc, dcmtk, openssl)")
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the [metrics] extra) is needed for /metrics")
+    summary = run_chain(tmp_path, count=2, model=tiny_onnx, kill_after=0, timeout=120, per_study=2, tls=True)
+    assert summary["tls"] is True
+    assert (summary["sc"], summary["seg"], summary["sr"], summary["lost"], summary["doubled"]) == (2, 2, 2, 0, 0)
+    assert summary["metrics_match"] and summary["edge_exit"] == 0
+    assert "Calling AE" in summary["intruder_rejected"]

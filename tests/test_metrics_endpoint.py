@@ -172,6 +172,9 @@ def test_alert_rules_and_dashboard_use_only_exported_series() -> None:
             metrics.count(name, **{label: "x" for label in labels})
         metrics.observe_stage("decode", 0.1)
         metrics.set_backend("cpu", "fp32", True)
+        from lungseg.drift import Comparison  # the drift gauges exist once the monitor published
+
+        metrics.set_drift({("bundle", "count"): Comparison(50, {"noise": 0.2}, {"noise": 0.3})})
         exported = {line.split("{")[0].split(" ")[0] for line in metrics.render().decode().splitlines()
                     if line and not line.startswith("#")}
     finally:

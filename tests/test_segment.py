@@ -86,3 +86,39 @@ def test_old_auto_orient_form_still_works_with_a_warning(tmp_path, tiny_onnx, fi
     assert code == EXIT_OK
     assert "--auto-orient on|off is deprecated" in caplog.text
     assert (tmp_path / "m" / f"{Path(image).stem}_mask.png").is_file()
+
+
+@pytest.mark.parametrize(("spacing", "in_cm2"), [((1.4, 1.4), True), ((0.15, 0.15), False)])
+def test_dicom_out_writes_a_valid_seg_and_sr_with_the_lines_areas(tmp_path, spacing, in_cm2, capsys) -> None:
+    """``--dicom-out``: the SEG and the TID 1500 SR the edge writes, for a DICOM input (not for a PNG)."""
+    import pydicom
+    from edge_helpers import dciodvfy_errors, make_cr, save
+
+    from lungseg.bundle import default_bundle_dir, resolve_bundle
+    from lungseg.sr_report import read_areas
+
+    bundle = resolve_bundle(default_bundle_dir())
+    ds = make_cr("1.2.826.0.1.3680043.8.498.91.7", size=256, pixel_spacing=spacing)
+    ds.PatientAge = "045Y"
+    source = save(ds, tmp_path / "chest.dcm")
+    png = sorted((Path(__file__).resolve().parent / "fixtures" / "cxr" / "images").glob("*.png"))[0]
+    code = main([str(source), str(png), "--model", str(bundle.root), "--out", str(tmp_path / "m"),
+                 "--dicom-out", str(tmp_path / "dicom"), "--gate", "off"])
+    assert code == EXIT_OK
+    dicom_line, png_line = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+    assert png_line["dicom"] is None  # an image file has no DICOM header to build on
+    seg_path, sr_path = Path(dicom_line["dicom"]["seg"]), Path(dicom_line["dicom"]["sr"])
+    assert (seg_path.name, sr_path.name) == ("chest.seg.dcm", "chest.sr.dcm")
+    assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(seg_path) == []
+    seg, sr = pydicom.dcmread(seg_path), pydicom.dcmread(sr_path)
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == ds.StudyInstanceUID
+    assert seg.SOPInstanceUID in str(sr) and ds.SOPInstanceUID in str(sr)  # the SR references SEG and source
+    assert bundle.device_uid in str(sr) and bundle.version in str(sr)
+    mask = cv2.imread(str(tmp_path / "m" / "chest_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert int((seg.pixel_array > 0).sum()) == int((mask == 255).sum()) == dicom_line["lung_area_px"]
+    total = read_areas(sr)["total"]
+    if in_cm2:
+        assert total.unit == "cm2" and abs(total.value - dicom_line["lung_areas_cm2"]["total"]) <= 0.01
+    else:
+        assert "pixel_spacing_implausible" in dicom_line["flags"]
+        assert total.unit != "cm2" and total.value == dicom_line["lung_area_px"]

@@ -134,7 +134,8 @@ def test_choices_come_from_the_schema(tmp_path: Path) -> None:
 def test_help_prints_the_real_defaults() -> None:
     parser = _run_parser()
     assert _action(parser, "--batch-size").help.endswith("(default: 4)")
-    assert _action(parser, "--seg").help.endswith("(default: off)")
+    assert _action(parser, "--seg").help.endswith("(default: on)")
+    assert _action(parser, "--polling").help.endswith("(default: off)")
     mirror = _action(parser, "--gate-mirror-threshold").help
     assert "default: the bundle's calibrated value" in mirror
     for spec in schema.specs(EdgeConfig):  # every default None is said in words

@@ -2,10 +2,10 @@
 
 *Intensity* (per sample, NumPy, on the letterboxed image **before** the shared
 :func:`lungseg.preprocess.normalise`, so the model still sees exactly the runtime's
-normalisation): gamma, low contrast with scatter haze, blur, quantum noise and thin
-bright lines (tubes, leads, wires). *Geometry* (per batch, torch, on the training
-device): rotation, isotropic scale and translation, applied identically to image,
-lung mask and valid mask.
+normalisation): gamma, low contrast with scatter haze, blur, quantum noise, thin
+bright lines (tubes, leads, wires) and, when asked for, ECG electrodes (bright discs
+with a lead). *Geometry* (per batch, torch, on the training device): rotation,
+isotropic scale and translation, applied identically to image, lung mask and valid mask.
 """
 
 from __future__ import annotations
@@ -45,8 +45,26 @@ def _draw_line(image: np.ndarray, rng: np.random.Generator, value: float) -> Non
             image[np.clip(ys + dy, 0, h - 1), xs] = value
 
 
-def intensity_augment(content: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Portable-unit look for a ``[0, 1]`` MONOCHROME2 content region (float32 in, float32 out)."""
+def _draw_electrode(image: np.ndarray, rng: np.random.Generator, value: float) -> None:
+    """An ECG electrode: a bright disc (snap button, ~2-4 % of the width) with its lead wire, drawn in place."""
+    h, w = image.shape
+    radius = max(1.0, float(rng.uniform(0.01, 0.02)) * w)
+    cy, cx = float(rng.uniform(0, h - 1)), float(rng.uniform(0, w - 1))
+    yy, xx = np.ogrid[:h, :w]
+    image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = value
+    end = rng.uniform(0, 1, size=2) * (h - 1, w - 1)
+    n = int(max(abs(end[0] - cy), abs(end[1] - cx))) + 1
+    ys = np.linspace(cy, end[0], n).round().astype(int)
+    xs = np.linspace(cx, end[1], n).round().astype(int)
+    image[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)] = value
+
+
+def intensity_augment(content: np.ndarray, rng: np.random.Generator, electrodes: float = 0.0) -> np.ndarray:
+    """Portable-unit look for a ``[0, 1]`` MONOCHROME2 content region (float32 in, float32 out).
+
+    ``electrodes``: probability of 1-4 ECG electrodes on top; at 0 no random number is drawn for them, so the
+    other faults stay exactly as they were.
+    """
     x = np.clip(content.astype(np.float32, copy=True), 0.0, 1.0)
     if rng.random() < 0.5:  # exposure / detector response
         x = x ** np.float32(math.exp(rng.uniform(-0.5, 0.5)))
@@ -61,6 +79,9 @@ def intensity_augment(content: np.ndarray, rng: np.random.Generator) -> np.ndarr
     if rng.random() < 0.3:  # tubes, leads, wires: radio-opaque, so bright
         for _ in range(int(rng.integers(1, 4))):
             _draw_line(x, rng, float(rng.uniform(0.8, 1.0)))
+    if electrodes > 0 and rng.random() < electrodes:  # monitoring leads on ICU / bedside films
+        for _ in range(int(rng.integers(1, 5))):
+            _draw_electrode(x, rng, float(rng.uniform(0.85, 1.0)))
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 

@@ -37,6 +37,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=("dice", "dice_bce"), default=None, help="paper: dice; product: dice_bce")
     p.add_argument("--intensity-probability", type=float, default=None,
                    help="probability of portable-image intensity augmentation (paper 0, product 0.8)")
+    p.add_argument("--electrode-probability", type=float, default=None,
+                   help="within the intensity augmentation, probability of ECG electrodes (discs with leads; "
+                   "default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=2, help="threads for image preprocessing")

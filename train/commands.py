@@ -28,6 +28,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     explicit = {
         "loss": args.loss, "intensity_probability": args.intensity_probability, "stage2_lr": args.stage2_lr,
         "stage2_freeze": args.stage2_freeze, "max_epochs": args.max_epochs,
+        "electrode_probability": args.electrode_probability,
         "stage2_max_epochs": args.stage2_max_epochs,
     }
     values.update({k: v for k, v in explicit.items() if v is not None})

@@ -47,6 +47,7 @@ class TrainConfig:
     scale_range: float = 0.0
     translate_fraction: float = 0.0
     intensity_probability: float = 0.0
+    electrode_probability: float = 0.0  # ECG electrodes, within the intensity faults (issue 24)
     stage2_lr: float | None = None
     stage2_freeze: str = "none"  # none | encoder
     loader_workers: int = 0

@@ -82,11 +82,12 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], degrees: float = 0.0, probability: float = 0.0,
-                 seed: int = 0, intensity_probability: float = 0.0):
+                 seed: int = 0, intensity_probability: float = 0.0, electrode_probability: float = 0.0):
         self.samples = list(samples)
         self.degrees = degrees
         self.probability = probability
         self.intensity_probability = intensity_probability
+        self.electrode_probability = electrode_probability
         self.seed = seed
         self.epoch = 0
 
@@ -101,7 +102,8 @@ class SegmentationDataset(Dataset):
             if s.square is None or s.geometry is None:
                 raise ValueError(f"{s.record.id}: intensity augmentation needs the un-normalised image")
             square = s.square.copy()
-            square[s.geometry.content] = intensity_augment(s.square[s.geometry.content], rng)
+            square[s.geometry.content] = intensity_augment(s.square[s.geometry.content], rng,
+                                                           self.electrode_probability)
             image = normalise(square, s.geometry)
         arrays = (image, s.lung, s.valid)
         if self.degrees > 0 and rng.random() < self.probability:

@@ -179,7 +179,8 @@ def train_stage(
     per_sample_rotation = config.geometry == "sample"
     train_loader = DataLoader(
         SegmentationDataset(train_samples, config.rotation_degrees if per_sample_rotation else 0.0,
-                            config.rotation_probability, seed, config.intensity_probability),
+                            config.rotation_probability, seed, config.intensity_probability,
+                            config.electrode_probability),
         batch_size=config.batch_size, shuffle=True, generator=generator,
         drop_last=len(train_samples) > config.batch_size, num_workers=config.loader_workers,
         pin_memory=device.type == "cuda",

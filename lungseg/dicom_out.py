@@ -15,6 +15,8 @@ import datetime
 import logging
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -34,6 +36,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.valuerep import validate_value
+
+import lungseg
+from lungseg.bundle import Bundle, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,14 @@ class OutputVerificationError(RuntimeError):
     """A written output did not read back as what was written."""
 
 
+def software_version() -> str:
+    """This package's installed version."""
+    try:
+        return version("lungseg")
+    except Exception:
+        return getattr(lungseg, "__version__", "unknown")
+
+
 def derived_uid(source_uid: str, kind: str) -> str:
     """``2.25.<uuid5>`` from a source UID and a purpose; the same inputs always give the same UID."""
     return "2.25." + str(uuid.uuid5(UID_NAMESPACE, f"{source_uid}|lungseg-{kind}").int)
@@ -110,6 +123,14 @@ class Provenance:
     threshold: float
     bundle_sha256: str = ""  # identity of the whole bundle (lungseg.bundle.Bundle.sha256)
     device_uid: str = ""  # Contributing Equipment's Device UID, derived from bundle_sha256
+
+    @classmethod
+    def of(cls, bundle: Bundle, model_file: Path, backend: str, precision: str, threshold: float) -> Provenance:
+        """The provenance of outputs made with ``model_file`` of ``bundle`` (the model file hashed here)."""
+        return cls(model_name=bundle.name, model_version=bundle.version, model_sha256=sha256_file(model_file),
+                   model_file=model_file.name, backend=backend, precision=precision,
+                   software_version=software_version(), threshold=threshold, bundle_sha256=bundle.sha256,
+                   device_uid=bundle.device_uid)
 
     def description(self) -> str:
         bundle = f", bundle sha256 {self.bundle_sha256}" if self.bundle_sha256 else ""
@@ -220,7 +241,8 @@ def _source_reference(ref: Dataset) -> Dataset:
     return item
 
 
-def _series_number(ref: Dataset, offset: int) -> int:
+def series_number(ref: Dataset, offset: int) -> int:
+    """The output series' number: the source's plus ``offset`` (1000 SC, 2000 SEG, 4000 GSPS)."""
     try:
         number = int(ref.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
@@ -228,7 +250,8 @@ def _series_number(ref: Dataset, offset: int) -> int:
     return max(0, min(number, 2**31 - 1 - 10_000)) + offset
 
 
-def _instance_number(ref: Dataset) -> int:
+def instance_number(ref: Dataset) -> int:
+    """The source's instance number (1 when missing or invalid)."""
     try:
         return max(1, int(ref.get("InstanceNumber") or 1))
     except (TypeError, ValueError):
@@ -295,9 +318,9 @@ def build_sc(ref: Dataset, rgb: np.ndarray, provenance: Provenance, *, syntax: s
         "coordinate_system": "PATIENT",
         "study_instance_uid": ref.StudyInstanceUID,
         "series_instance_uid": derived_uid(ref.SeriesInstanceUID, "sc-series"),
-        "series_number": _series_number(ref, 1000),
+        "series_number": series_number(ref, 1000),
         "sop_instance_uid": derived_uid(ref.SOPInstanceUID, "sc"),
-        "instance_number": _instance_number(ref),
+        "instance_number": instance_number(ref),
         "manufacturer": MANUFACTURER,
         **{keyword: ref.get(attribute) for keyword, attribute in _REF_PATIENT_STUDY},
         "patient_orientation": tuple(orientation) if valid_orientation else ("L", "F"),
@@ -355,9 +378,9 @@ def build_seg(ref: Dataset, mask: np.ndarray, provenance: Provenance, *, review:
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
         series_instance_uid=derived_uid(ref.SeriesInstanceUID, "seg-series"),
-        series_number=_series_number(ref, 2000),
+        series_number=series_number(ref, 2000),
         sop_instance_uid=derived_uid(ref.SOPInstanceUID, "seg"),
-        instance_number=_instance_number(ref),
+        instance_number=instance_number(ref),
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,
         software_versions=provenance.software_version,
