@@ -21,6 +21,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -63,7 +64,8 @@ def _dry_run(reqs: list[str], python: str, *, no_deps: bool, extra_index: str | 
     cmd += ["--no-deps"] if no_deps else ["--only-binary=:all:"]
     if extra_index:
         cmd += ["--extra-index-url", extra_index]
-    proc = subprocess.run(cmd + reqs, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as target:  # pip < 24 takes --platform only with --target (nothing is written)
+        proc = subprocess.run([*cmd, "--target", target, *reqs], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         err = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("WARNING: Location"))
         if re.search(r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
