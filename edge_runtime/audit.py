@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lungseg.atomic import fsync_dir
 from lungseg.edge_runtime.names import load_key
 
 log = logging.getLogger("lungseg.edge.audit")
@@ -109,7 +110,7 @@ class AuditTrail:
 
     def _open(self) -> int:
         fd = os.open(self.folder / ACTIVE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         return fd
 
     def _tail(self) -> tuple[int, str]:
@@ -176,14 +177,6 @@ class AuditTrail:
         except (OSError, TypeError, ValueError) as exc:
             self.failures += 1
             log.error("could not write the audit trail (%s)", exc, extra={"event": "audit_write_failed"})
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the service's trail (module level, like the metrics: every thread records through it) --------------------
