@@ -57,7 +57,7 @@ demo: $(VENV)/.samples
 	$(PY) -m lungseg.edge_runtime.samples $(DEMO)/incoming
 	$(VENV)/bin/lungseg-edge run --once --watch $(DEMO)/incoming --out $(DEMO)/out --state $(DEMO)/state --backend auto
 	$(VENV)/bin/lungseg-edge render --first $(DEMO)/out --out $(DEMO)/overlay.png
-	@echo "Outputs: $(DEMO)/out (Secondary Capture + JSON sidecars); preview: $(DEMO)/overlay.png"
+	@echo "Outputs: $(DEMO)/out (Secondary Capture, SEG, SR + JSON sidecars); preview: $(DEMO)/overlay.png"
 
 # the DICOM chain: storescu -> lungseg-edge SCP -> segmentation -> Orthanc (Debian: orthanc orthanc-dicomweb dcmtk)
 integration: setup

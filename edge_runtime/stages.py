@@ -62,12 +62,11 @@ from lungseg.gate import GateModel, GatePolicy, Refused, flag_words, gated_segme
 from lungseg.gsps import build_gsps
 from lungseg.imaging import Radiograph
 from lungseg.inference import Segmentation
-from lungseg.measurement import MaskMeasurement, measure_mask, sr_values
+from lungseg.measurement import MaskMeasurement, measure_mask
 from lungseg.plausibility import ShapeModel
 from lungseg.postprocess import PostprocessConfig
 from lungseg.predictors import Predictor
 from lungseg.spacing_check import SpacingCheck
-from lungseg.sr_report import LungMeasurements
 
 log = logging.getLogger("lungseg.edge")
 
@@ -305,11 +304,6 @@ def core_measurement(measured: Measurement) -> MaskMeasurement:
     return MaskMeasurement(measured.areas.to_dict(), measured.qa, measured.spacing)
 
 
-def sr_measurements(radiograph: Radiograph, measured: Measurement) -> LungMeasurements:
-    """What the SR states (:func:`lungseg.measurement.sr_values`, as ``lungseg-segment``'s SR)."""
-    return sr_values(radiograph, core_measurement(measured))
-
-
 def encode_sr(ref: Reference, radiograph: Radiograph, measured: Measurement, seg: Dataset,
               provenance: Provenance) -> Dataset:
     """The TID 1500 Measurement Report: the areas and QA of ``seg``'s lung segment, the model as device."""
@@ -354,9 +348,16 @@ def output_paths(out: Path, study_uid: str, source_sop_uid: str, seg: bool, sr: 
 def write_sc(staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool,
              clock: StageClock) -> None:
     """Stage the SC (every byte written and fsynced, or it raises), then verify the bytes written."""
+    tmp = staged.stage(path)
+    _write_sc_to(tmp, sc, rgb, decode=decode, clock=clock)
+    staged.mark_synced(tmp)
+
+
+def _write_sc_to(tmp: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool, clock: StageClock) -> None:
+    """Write and fsync the SC's bytes to ``tmp`` (``sc_save``), then verify the bytes written (``sc_verify``)."""
     encoded = io.BytesIO()  # one write and one fsync instead of many small writes
     sc.save_as(encoded, enforce_file_format=True)
-    staged.write(path, encoded.getbuffer())
+    write_synced(tmp, encoded.getbuffer())
     clock.mark("sc_save")
     encoded.seek(0)  # the bytes just written: reading the file back would read them from the page cache
     dicom_out.verify_sc(encoded, rgb, decode=decode)
@@ -378,13 +379,7 @@ class BackgroundScWrite:
 
     def _run(self, sc: Dataset, rgb: np.ndarray, decode: bool) -> None:
         try:
-            encoded = io.BytesIO()
-            sc.save_as(encoded, enforce_file_format=True)
-            write_synced(self._tmp, encoded.getbuffer())
-            self._clock.mark("sc_save")
-            encoded.seek(0)
-            dicom_out.verify_sc(encoded, rgb, decode=decode)
-            self._clock.mark("sc_verify")
+            _write_sc_to(self._tmp, sc, rgb, decode=decode, clock=self._clock)
         except BaseException as exc:  # re-raised in the calling thread by wait()
             self._error = exc
 
