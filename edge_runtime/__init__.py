@@ -26,6 +26,7 @@ Modules, one job each:
 ``service_metrics``  Prometheus metrics and ``/healthz`` (the ``[metrics]`` extra; Dice is :mod:`lungseg.metrics`)
 ``forward``          C-STORE forwarding of the outputs to a PACS, from a durable queue
 ``receiver``         a DICOM Storage SCP writing into the watch folder
+``modalities``       the receiver's modality list (AE title + host + port) and the network-bind rule
 ``scp_guard``        the receiver's connection limits (handshake deadline, per-host caps, evicting idle sockets)
 ``tls``              DICOM TLS contexts for the receiver and the forwarder
 ``drift_monitor``    input/output drift against the bundle's reference (rolling windows, gauges)

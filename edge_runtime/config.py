@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lungseg import settings_schema as schema
+from lungseg.edge_runtime.modalities import ModalityError, network_bind_problem, parse_modalities
 from lungseg.errors import LungsegError
 from lungseg.gate_options import ABOUT as GATE_ABOUT
 from lungseg.gate_options import SECTION as GATE_SECTION
@@ -257,8 +258,14 @@ class EdgeConfig(GateOptions):
         section=RECEIVER, commented=True, sample="0.0.0.0", metavar="ADDR",
         help="address the receiver listens on (0.0.0.0: the network; 127.0.0.1: this machine only)"))
     scp_allow: list[str] = field(default_factory=list, metadata=setting(
-        section=RECEIVER, commented=True, sample=["PORTABLE1"], metavar="AET,AET", default_text="empty, any",
-        help="calling AE titles allowed to send; others are rejected"))
+        section=RECEIVER, commented=True, sample=["PORTABLE1@192.0.2.10"], metavar="AET@HOST,...",
+        default_text="empty, any sender (loopback only)",
+        help="the modality list: senders allowed to store, each \"AET\" (any host), \"AET@host\" or "
+        "\"AET@host:port\"; a calling AE title is accepted only from the host its entry names"))
+    scp_accept_any: bool = field(default=False, metadata=setting(
+        section=RECEIVER, commented=True,
+        help="let a receiver bound to a network address (not loopback) accept senders whose host scp_allow "
+        "does not name; without it such a receiver needs every scp_allow entry as \"AET@host\""))
     # --- DICOM TLS (edge_runtime/tls.py): TLS 1.2+ only; see INSTALL.md "DICOM TLS"
     scp_tls_cert: Path | None = field(default=None, metadata=setting(
         section=RECEIVER, commented=True, sample="/etc/lungseg/tls/server.crt", metavar="PEM",
@@ -434,9 +441,16 @@ class EdgeConfig(GateOptions):
             port = getattr(self, name)
             if port is not None and not 0 <= port < 65536:
                 raise ConfigError(f"{name} must be a TCP port number")
-        for title in (self.scp_ae, *self.scp_allow):
-            if not 0 < len(title) <= 16 or "\\" in title or not title.isascii() or not title.strip():
-                raise ConfigError(f"scp_ae and scp_allow entries must be 1-16 ASCII characters, not {title!r}")
+        if not 0 < len(self.scp_ae) <= 16 or "\\" in self.scp_ae or not self.scp_ae.isascii() \
+                or not self.scp_ae.strip():
+            raise ConfigError(f"scp_ae must be 1-16 ASCII characters, not {self.scp_ae!r}")
+        try:
+            parse_modalities(self.scp_allow)
+            problem = network_bind_problem(self.scp_bind, self.scp_allow, self.scp_accept_any)
+        except ModalityError as exc:
+            raise ConfigError(str(exc)) from None
+        if problem and self.scp_port is not None:
+            raise ConfigError(problem)
         if self.scp_port is not None and self.once:
             raise ConfigError("the DICOM receiver (scp_port) runs with the service, not with --once")
         if self.drift_window < 20 or self.drift_site_after < 0:  # drift monitor (issue 23)

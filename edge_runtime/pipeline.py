@@ -276,39 +276,38 @@ class Processor:
         drift_monitor.observe(radiograph.pixels, radiograph.native_shape or radiograph.pixels.shape[:2],
                               segmentation.final_mask, measured.flags)
         clock.mark("measure")
-        rendering = stages.render(radiograph, segmentation, measured, prov, config.sc_max_side,
-                                  config.sc_style) if config.sc else None
         paths = stages.output_paths(self.out, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), config.seg,
                                     config.sr, sc=config.sc, gsps=config.gsps)
+        rendering = stages.render(radiograph, segmentation, measured, prov, config.sc_max_side,
+                                  config.sc_style) if paths.sc is not None else None
         clock.mark("render")
-        sc = stages.encode_sc(ref, rendering, prov, config.sc_syntax) if rendering is not None else None
-        clock.mark("sc_encode")
+        sc = None
         with StagedFiles() as staged:
-            # the SC's bytes are written and fsynced on a thread while the SEG and SR are encoded here
-            sc_write = (stages.BackgroundScWrite(staged, paths.sc, sc, rendering.rgb,
-                                                 decode=config.sc_verify == "decode")
-                        if sc is not None and rendering is not None and paths.sc is not None else None)
+            # the SC is encoded, written and fsynced on a thread while the SEG and SR are built here
+            sc_job = (stages.BackgroundSc(staged, paths.sc, ref, rendering, prov, syntax=config.sc_syntax,
+                                          decode=config.sc_verify == "decode")
+                      if paths.sc is not None and rendering is not None else None)
             try:
                 seg = stages.encode_seg(ref, segmentation, stages.review_text(measured), prov) if config.seg else None
                 clock.mark("seg_encode")
                 sr = stages.encode_sr(ref, radiograph, measured, seg, prov) if seg is not None and paths.sr else None
                 clock.mark("sr_encode")
                 gsps = stages.encode_gsps(ref, radiograph, segmentation, measured, prov) if paths.gsps else None
+                if seg is not None and paths.seg is not None:
+                    stages.write_seg(staged, paths.seg, seg, segmentation.mask)
+                clock.mark("seg_save_verify")
+                if sr is not None and paths.sr is not None:
+                    stages.write_sr(staged, paths.sr, sr)
+                clock.mark("sr_save_verify")
+                if gsps is not None and paths.gsps is not None:
+                    stages.write_gsps(staged, paths.gsps, gsps)
+                    clock.mark("gsps")
             except BaseException:
-                if sc_write is not None:
-                    sc_write.join()  # before its temp file is discarded
+                if sc_job is not None:
+                    sc_job.join()  # before its temp file is discarded
                 raise
-            if sc_write is not None:
-                sc_write.wait(clock)
-            if seg is not None and paths.seg is not None:
-                stages.write_seg(staged, paths.seg, seg, segmentation.mask)
-            clock.mark("seg_save_verify")
-            if sr is not None and paths.sr is not None:
-                stages.write_sr(staged, paths.sr, sr)
-            clock.mark("sr_save_verify")
-            if gsps is not None and paths.gsps is not None:
-                stages.write_gsps(staged, paths.gsps, gsps)
-                clock.mark("gsps")
+            if sc_job is not None:
+                sc = sc_job.wait(clock)
             write_ms = clock.elapsed_ms()
             write_stages = clock.stages_ms()
             timings = stages.file_timings(item.decode_ms, segmentation.timings_ms, write_ms)

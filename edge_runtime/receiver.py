@@ -62,6 +62,7 @@ from lungseg.edge_runtime import audit
 from lungseg.edge_runtime import service_metrics as metrics
 from lungseg.edge_runtime.fsio import TEMP_SUFFIX
 from lungseg.edge_runtime.logs import uid_ref, valid_uid
+from lungseg.edge_runtime.modalities import ModalityList, is_loopback, parse_modalities
 from lungseg.edge_runtime.retention import ReceivedFiles
 from lungseg.edge_runtime.scp_guard import ConnectionGuard
 
@@ -133,7 +134,8 @@ class StorageReceiver:
             raise ReceiverUnavailableError("the DICOM receiver needs pynetdicom (pip install pynetdicom)") from exc
         self.folder = Path(folder)
         self.port, self.bind, self.ae_title = int(port), bind, ae_title
-        self.allowed_calling = [a.strip() for a in allowed_calling if a.strip()]
+        self.modalities = ModalityList(parse_modalities(allowed_calling))  # AE titles, and their hosts
+        self.allowed_calling = self.modalities.titles
         self._server: Any = None
         self.disk_guard: Callable[[], str | None] | None = None  # the reason free space is low (retention.py)
         self.received: ReceivedFiles | None = None  # what retention may delete later
@@ -325,6 +327,24 @@ class StorageReceiver:
                     extra={"event": "scp_association_rejected", "calling_ae": calling, "reason": reason})
         metrics.count("refused", reason=reason)
 
+    def _requested(self, event: Any) -> None:
+        """``EVT_REQUESTED``: a known calling AE title from a host (or port) its entry does not name is
+        rejected here, before negotiation (an unknown title is left to pynetdicom's own check)."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        if not self.modalities.checks_hosts or calling not in self.allowed_calling:
+            return
+        address, port = assoc.requestor.address, assoc.requestor.port
+        if self.modalities.allows(calling, address, port):
+            return
+        log.warning("association rejected: calling AE %r is not allowed from this host", calling,
+                    extra={"event": "scp_association_rejected", "calling_ae": calling, "reason": "modality"})
+        metrics.count("refused", reason="modality")
+        audit.record("receive", outcome="refused", reason="modality", calling_ae=calling)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent, service user, calling AE not recognised
+        assoc.is_rejected = True
+        assoc.kill()
+
     def _accepted(self, event: Any) -> None:
         assoc = event.assoc
         refused = [str(c.abstract_syntax) for c in assoc.rejected_contexts
@@ -368,7 +388,9 @@ class StorageReceiver:
             if context.abstract_syntax is not None and context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
                 ae.add_supported_context(context.abstract_syntax, syntaxes[:4])
         ae.add_supported_context(VERIFICATION)
+        self.modalities.resolve()
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
+                               (evt.EVT_REQUESTED, self._requested),
                                (evt.EVT_ACCEPTED, self._accepted), *self.guard.handlers()]
         self.guard.start()
         try:
@@ -379,11 +401,13 @@ class StorageReceiver:
             raise ReceiverUnavailableError(f"cannot listen on {self.bind}:{self.port}: {exc.strerror or exc}") \
                 from exc
         host, port = self._server.server_address[:2]
-        if not self.allowed_calling and self.bind not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("the DICOM receiver listens on %s with no calling-AE allow-list: any sender on the "
-                        "network can store images here", self.bind, extra={"event": "scp_open"})
+        if not self.modalities.checks_hosts and not is_loopback(self.bind):
+            log.warning("the DICOM receiver listens on %s and checks no sender's host (scp_accept_any): any "
+                        "sender on the network%s can store images here", self.bind,
+                        " using an allowed AE title" if self.allowed_calling else "", extra={"event": "scp_open"})
         log.warning("DICOM receiver %s listening on %s:%d%s", self.ae_title, host, port,
-                    f", calling AEs allowed: {', '.join(self.allowed_calling)}" if self.allowed_calling else "",
+                    f", senders allowed: {', '.join(map(str, self.modalities.modalities))}"
+                    if self.modalities.modalities else "",
                     extra={"event": "scp_config"})
         return str(host), int(port)
 

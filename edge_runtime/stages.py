@@ -23,6 +23,7 @@ quarantined, an output fault retried). :class:`StageClock` times the stages from
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import io
@@ -364,38 +365,52 @@ def _write_sc_to(tmp: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool, clock
     clock.mark("sc_verify")
 
 
-class BackgroundScWrite:
-    """:func:`write_sc` on a thread of its own, started before the SEG and SR are encoded: writing and
-    fsyncing the SC's megabytes release the GIL, so the encoding runs meanwhile. The SC is staged first,
-    from the calling thread (the order of the outputs is kept); :meth:`wait` joins and re-raises."""
+class BackgroundSc:
+    """The overlay SC encoded, written and verified on a thread of its own (:func:`encode_sc`, then
+    :func:`write_sc`'s stages) while the calling thread encodes and writes the SEG and SR: the SC's
+    megabytes are copied, written and fsynced with the GIL released, so on two cores that runs beside
+    the SEG and SR encoding instead of before it. (The overlay is drawn before, on the calling thread:
+    its many short OpenCV calls would each wait for the GIL here.) The SC is staged first, from the
+    calling thread (the order of the outputs is kept); the thread encodes from its own copy of the
+    reference data set (the SEG and SR read the original meanwhile). :meth:`wait` joins, re-raises the
+    thread's error and returns the SC data set."""
 
-    def __init__(self, staged: StagedFiles, path: Path, sc: Dataset, rgb: np.ndarray, *, decode: bool) -> None:
+    def __init__(self, staged: StagedFiles, path: Path, ref: Reference, rendering: Rendering,
+                 provenance: Provenance, *, syntax: str, decode: bool) -> None:
         self._staged, self._tmp = staged, staged.stage(path)
         self._error: BaseException | None = None
+        self._sc: Dataset | None = None
         self._clock = StageClock()
-        self._thread = threading.Thread(target=self._run, args=(sc, rgb, decode), name="lungseg-sc-write",
-                                        daemon=True)
-        self._thread.start()
+        own = Reference(copy.deepcopy(ref.dataset), list(ref.emptied))
 
-    def _run(self, sc: Dataset, rgb: np.ndarray, decode: bool) -> None:
-        try:
-            _write_sc_to(self._tmp, sc, rgb, decode=decode, clock=self._clock)
-        except BaseException as exc:  # re-raised in the calling thread by wait()
-            self._error = exc
+        def run() -> None:
+            try:
+                sc = encode_sc(own, rendering, provenance, syntax)
+                self._clock.mark("sc_encode")
+                _write_sc_to(self._tmp, sc, rendering.rgb, decode=decode, clock=self._clock)
+                self._sc = sc
+            except BaseException as exc:  # re-raised in the calling thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="lungseg-sc", daemon=True)
+        self._thread.start()
 
     def join(self) -> None:
         """Wait for the thread without raising (before the staged files are discarded)."""
         self._thread.join()
 
-    def wait(self, clock: StageClock) -> None:
-        """Join; re-raise the writer's error; report its stages (``sc_save``, ``sc_verify``) in ``clock``."""
+    def wait(self, clock: StageClock) -> Dataset:
+        """Join; re-raise the thread's error; report its stages (``sc_encode``, ``sc_save``, ``sc_verify``,
+        overlapping the calling thread's) in ``clock``, then ``sc_wait``; the SC data set."""
         self._thread.join()
         if self._error is not None:
             raise self._error
+        assert self._sc is not None
         self._staged.mark_synced(self._tmp)
         for stage, ms in self._clock.stages_ms().items():
             clock.add(stage, ms)
         clock.mark("sc_wait")
+        return self._sc
 
 
 def write_sr(staged: StagedFiles, path: Path, sr: Dataset) -> None:

@@ -41,12 +41,16 @@ class Segmentation:
     @cached_property
     def mask(self) -> np.ndarray:
         """The mask at the source's native ``rows x columns`` (upscaled once, on first use)."""
-        return self.mask_at((self.geometry.rows, self.geometry.columns))
+        return self._upscaled((self.geometry.rows, self.geometry.columns))
 
     def mask_at(self, shape: tuple[int, int]) -> np.ndarray:
-        """The mask resized to ``shape`` (e.g. a reduced-resolution rendering of the source)."""
-        if "mask" in self.__dict__ and self.__dict__["mask"].shape == tuple(shape):
-            return self.__dict__["mask"]
+        """The mask resized to ``shape`` (e.g. a reduced-resolution rendering of the source); at the native
+        size, :attr:`mask` itself (the overlay and the SEG share one upscaling)."""
+        if tuple(shape) == (self.geometry.rows, self.geometry.columns):
+            return self.mask
+        return self._upscaled(shape)
+
+    def _upscaled(self, shape: tuple[int, int]) -> np.ndarray:
         content = self.probability[self.geometry.content] if self.probability.ndim == 2 else None
         if content is None or content.shape != self.final_mask.shape:
             return upscale_mask(self.final_mask, shape)

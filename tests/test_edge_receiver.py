@@ -171,11 +171,87 @@ def test_scp_settings_from_file_and_flags(tmp_path: Path) -> None:
     assert (config.scp_port, config.scp_ae, config.scp_bind, config.scp_allow) == (
         11112, "LUNGSEG1", "127.0.0.1", ["PORTABLE1", "PORTABLE2"])
     assert (config.metrics_port, config.metrics_bind) == (9464, "127.0.0.1")
-    args = build_parser().parse_args(["run", "--config", str(config_file), "--scp-allow", "UNIT7, UNIT8",
-                                      "--scp-bind", "0.0.0.0", "--scp-port", "104"])
+    args = build_parser().parse_args(["run", "--config", str(config_file), "--scp-allow",
+                                      "UNIT7@192.0.2.7, UNIT8@192.0.2.8:4006", "--scp-bind", "0.0.0.0",
+                                      "--scp-port", "104"])
     config = config_from_args(args)
-    assert (config.scp_port, config.scp_bind, config.scp_allow) == (104, "0.0.0.0", ["UNIT7", "UNIT8"])
+    assert (config.scp_port, config.scp_bind, config.scp_allow) == (104, "0.0.0.0",
+                                                                    ["UNIT7@192.0.2.7", "UNIT8@192.0.2.8:4006"])
     with pytest.raises(ConfigError, match="once"):
         EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_port=11112, once=True).validate()
     with pytest.raises(ConfigError, match="1-16"):
         EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_allow=["A" * 17]).validate()
+
+
+def test_a_network_receiver_needs_a_modality_list_that_names_hosts(tmp_path: Path) -> None:
+    """Bound to the network, the receiver needs every sender as AET@host, or scp_accept_any; loopback needs none."""
+    from lungseg.edge_runtime.config import ConfigError, EdgeConfig
+
+    def config(**settings):
+        return EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_port=104, **settings).validate()
+
+    with pytest.raises(ConfigError, match="no modality list"):
+        config(scp_bind="0.0.0.0")
+    with pytest.raises(ConfigError, match="names no host for UNIT8"):
+        config(scp_bind="0.0.0.0", scp_allow=["UNIT7@192.0.2.7", "UNIT8"])
+    with pytest.raises(ConfigError, match="not a TCP port"):
+        config(scp_bind="0.0.0.0", scp_allow=["UNIT7@192.0.2.7:99999"])
+    with pytest.raises(ConfigError, match="AE title"):
+        config(scp_allow=["A" * 17 + "@192.0.2.7"])
+    config(scp_bind="0.0.0.0", scp_allow=["UNIT7@192.0.2.7", "UNIT8@[2001:db8::8]:104"])
+    config(scp_bind="0.0.0.0", scp_accept_any=True)
+    config(scp_bind="127.0.0.1")
+    config(scp_bind="::1", scp_allow=["UNIT8"])
+    assert EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_bind="0.0.0.0").validate()  # no receiver
+
+
+def test_modality_entries_parse_and_match_host_and_port() -> None:
+    from lungseg.edge_runtime.modalities import Modality, ModalityList
+
+    assert Modality.parse("CR1") == Modality("CR1")
+    assert Modality.parse(" CR1 @ 10.0.0.5:104") == Modality("CR1", "10.0.0.5", 104)
+    assert Modality.parse("CR1@[fd00::5]:11112") == Modality("CR1", "fd00::5", 11112)
+    assert Modality.parse("CR1@fd00::5") == Modality("CR1", "fd00::5", None)
+    assert str(Modality.parse("CR1@[fd00::5]:11112")) == "CR1@[fd00::5]:11112"
+    modalities = ModalityList([Modality("CR1", "10.0.0.5"), Modality("CR2", "localhost", 4000), Modality("ANY")])
+    modalities.resolve()
+    assert modalities.allows("CR1", "10.0.0.5", 50000) and modalities.allows("CR1", "::ffff:10.0.0.5", 1)
+    assert not modalities.allows("CR1", "10.0.0.6", 50000) and not modalities.allows("CR3", "10.0.0.5", 1)
+    assert modalities.allows("CR2", "127.0.0.1", 4000) and not modalities.allows("CR2", "127.0.0.1", 4001)
+    assert modalities.allows("ANY", "198.51.100.1", 1)
+
+
+@pytest.mark.integration
+def test_an_allowed_title_from_another_host_or_port_is_rejected(tmp_path: Path) -> None:
+    """The modality list on a real association: title and host (and port) must both match."""
+    import socket
+
+    from lungseg.edge_runtime.receiver import StorageReceiver
+
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    with socket.socket() as probe:  # a free local port for the sender's own end
+        probe.bind(("127.0.0.1", 0))
+        sender_port = probe.getsockname()[1]
+    scp = StorageReceiver(folder, 0, "LUNGSEG", "127.0.0.1",
+                          ["FARAWAY@192.0.2.9", f"PINNED@127.0.0.1:{sender_port}", "LOCAL@127.0.0.1"])
+    _, port = scp.start()
+    try:
+        def call(title: str, bind_port: int = 0):
+            ae = pynetdicom.AE(ae_title=title)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            ae.add_requested_context("1.2.840.10008.1.1")
+            return ae.associate("127.0.0.1", port, ae_title="LUNGSEG", bind_address=("127.0.0.1", bind_port))
+
+        assert call("FARAWAY").is_rejected  # an allowed title, from a host its entry does not name
+        assert call("PINNED").is_rejected  # right host, another port
+        for title, bind_port in (("LOCAL", 0), ("PINNED", sender_port)):
+            assoc = call(title, bind_port)
+            assert assoc.is_established, title
+            try:
+                assert int(assoc.send_c_echo().Status) == 0
+            finally:
+                assoc.release()
+        assert call("INTRUDER").is_rejected  # not on the list at all
+    finally:
+        scp.stop()

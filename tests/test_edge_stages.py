@@ -314,25 +314,27 @@ def test_write_refuses_an_sc_that_is_not_the_image_drawn_and_leaves_nothing(writ
     assert not paths.sc.parent.exists() or not any(paths.sc.parent.iterdir())
 
 
-def test_background_sc_write_keeps_the_order_and_reports_its_stages(written: dict) -> None:
-    """The SC written on its own thread while the SEG is encoded: staged first, published first, timed."""
+def test_background_sc_keeps_the_order_and_reports_its_stages(written: dict, provenance: Provenance) -> None:
+    """The SC encoded and written on its own thread while the SEG is written: staged first, published first,
+    timed, and the same SC as one encoded on the calling thread."""
     paths, clock = written["paths"], stages.StageClock()
     with StagedFiles() as staged:
-        sc_write = stages.BackgroundScWrite(staged, paths.sc, written["sc"], written["rendering"].rgb, decode=True)
+        job = stages.BackgroundSc(staged, paths.sc, written["ref"], written["rendering"], provenance,
+                                  syntax="explicit", decode=True)
         stages.write_seg(staged, paths.seg, written["seg_ds"], written["seg"].mask)  # meanwhile, on this thread
-        sc_write.wait(clock)
+        sc = job.wait(clock)
         published = staged.publish()
     assert published == [paths.sc, paths.seg] and all(p.is_file() for p in published)
-    assert {"sc_save", "sc_verify", "sc_wait"} <= set(clock.stages_ms())
+    assert {"sc_encode", "sc_save", "sc_verify", "sc_wait"} <= set(clock.stages_ms())
+    assert sc.SOPInstanceUID == written["sc"].SOPInstanceUID and sc.ImageComments == written["sc"].ImageComments
     assert np.array_equal(pydicom.dcmread(paths.sc).pixel_array, written["rendering"].rgb)
 
 
-def test_background_sc_write_raises_its_error_here_and_leaves_nothing(written: dict) -> None:
+def test_background_sc_raises_its_error_here_and_leaves_nothing(written: dict, provenance: Provenance) -> None:
     paths = written["paths"]
-    other = written["rendering"].rgb.copy()
-    other[0, 0] ^= 255
-    with pytest.raises(OutputVerificationError), StagedFiles() as staged:
-        stages.BackgroundScWrite(staged, paths.sc, written["sc"], other, decode=False).wait(stages.StageClock())
+    with pytest.raises(ValueError, match="SC syntax"), StagedFiles() as staged:
+        stages.BackgroundSc(staged, paths.sc, written["ref"], written["rendering"], provenance, syntax="nonsense",
+                            decode=False).wait(stages.StageClock())
     assert not paths.sc.parent.exists() or not any(paths.sc.parent.iterdir())
 
 
