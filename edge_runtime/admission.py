@@ -34,7 +34,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -99,8 +99,20 @@ def describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class OwnFiles(Protocol):
+    """Files this box wrote into the watch folder itself (the receiver's, :class:`retention.ReceivedFiles`)."""
+
+    def wrote(self, path: Path, sha256: str) -> bool: ...
+
+    def forget_file(self, path: Path) -> None: ...
+
+
 class Admission:
-    """Turns a ready path into an :class:`Admitted` file or an :class:`Outcome`."""
+    """Turns a ready path into an :class:`Admitted` file or an :class:`Outcome`.
+
+    ``own`` (set by the service when the receiver runs) names the files this box wrote itself: such a
+    file is *moved* into quarantine even in ``copy`` mode (it is nobody else's, and a copy would double
+    its disk use); a device's file is only ever copied unless ``quarantine_mode = "move"``."""
 
     def __init__(self, config: EdgeConfig, ledger: Ledger, quarantine: Quarantine, watch: Path):
         self.config = config
@@ -114,6 +126,7 @@ class Admission:
             self.decoder = DecodeWorker(self.limits, memory_bytes=config.decode_memory_mb << 20,
                                         timeout_seconds=config.decode_timeout_seconds).start()
         self._failures: dict[str, int] = {}
+        self.own: OwnFiles | None = None
 
     def close(self) -> None:
         if self.decoder is not None:
@@ -145,10 +158,13 @@ class Admission:
     def quarantine(self, path: Path, key: str, sha: str, size: int, code: str, message: str,
                    data: bytes | None) -> Outcome:
         name = self.label(path)
+        ours = data is not None and self.own is not None and self.own.wrote(path, sha)
         try:
-            self.quarantine_store.put(path, key, sha, size, code, message, data=data, label=name)
+            self.quarantine_store.put(path, key, sha, size, code, message, data=data, label=name, move=ours)
         except (OSError, sqlite3.Error) as exc:  # e.g. disk full: the input is fine, try again later
             return self.retry(path, RetryReason.QUARANTINE_FAILED, "could not quarantine", exc)
+        if ours and self.own is not None:
+            self.own.forget_file(path)  # moved: retention has nothing left to delete
         self.settled(key)
         log.warning("quarantined: %s", message, extra={"event": "quarantined", "file": name, "code": code})
         try:

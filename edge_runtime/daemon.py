@@ -231,7 +231,7 @@ def _serve(config: EdgeConfig, stop: threading.Event, notifier: Notifier, resour
     _start_service(services.start_metrics, config)
     disk = DiskGuard([config.watch_dir, config.out_dir, config.state_dir], config.disk_min_free_mb,
                      config.disk_min_free_percent)
-    resources.callback(service_metrics.add_problem_source(disk.check))
+    resources.callback(service_metrics.add_problem_source(disk.check, "disk_low"))
     bundle, selection = _load_model(config)
     if config.drift:  # the drift monitor (issue 23): off, said once, when the bundle has no reference
         drift_monitor.start(bundle.root, config.state_dir, config.drift_window, config.drift_site_after)
@@ -244,6 +244,7 @@ def _serve(config: EdgeConfig, stop: threading.Event, notifier: Notifier, resour
     _audit_start(config, processor)
     hasher = audit.Hasher(config.state_dir, config.audit_uids)
     received = ReceivedFiles(config.state_dir, hasher)
+    processor.admission.own = received  # the receiver's files are moved into quarantine, not copied
     retention = Retention(config, ledger, received, hasher)
     tracker = _make_tracker(config)
     observer = _WatchGuard(config, tracker)
@@ -255,6 +256,7 @@ def _serve(config: EdgeConfig, stop: threading.Event, notifier: Notifier, resour
                               config)
     if receiver is not None:
         resources.callback(receiver.stop)
+        resources.callback(service_metrics.add_problem_source(receiver.problem))  # receiver_refusing/_saturated
     found = tracker.scan()
     log.info("%d file(s) already in the watch folder", found, extra={"event": "scan", "files": found})
     notifier.ready(f"watching, {found} file(s) queued at start")

@@ -1,7 +1,8 @@
 """Quarantine: inputs that cannot (or must not) be processed, kept with the reason.
 
 ``<quarantine>/<ref>`` is a copy of the input (``copy`` mode, the default: the
-watch folder is never altered; ``move`` mode then removes the input), and
+watch folder is never altered; ``move`` mode then removes the input; a file the
+receiver wrote is always moved: it is this box's own, not the device's), and
 ``<quarantine>/<ref>.reason.json`` says why::
 
     {"code": "lateral_view", "message": "...", "time": "2025-...Z",
@@ -47,10 +48,12 @@ class Quarantine:
         return target
 
     def put(self, path: Path, name: str, sha: str, size: int, code: str, message: str,
-            data: bytes | None = None, label: str | None = None) -> Path:
+            data: bytes | None = None, label: str | None = None, move: bool = False) -> Path:
         """Keep the input (``data``, the bytes read from ``path``) and its reason, then record it in the ledger.
 
         ``name`` is the ledger key of the file, ``label`` what the quarantine calls it (default ``name``).
+        ``move``: remove ``path`` once its bytes are kept, whatever the mode (a file this box wrote itself,
+        such as the receiver's: a copy would only double its disk use).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         label = label or name
@@ -58,7 +61,7 @@ class Quarantine:
         kept = data is not None
         if data is not None:
             atomic_write_bytes(target, data)
-            if self.mode == "move":
+            if self.mode == "move" or move:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # unlink never follows a link
         reason = {
@@ -69,13 +72,14 @@ class Quarantine:
             "file_ref": name,
             "sha256": sha,
             "size": size,
-            "mode": self.mode,
+            "mode": "move" if move and kept else self.mode,
             "kept": kept,
         }
         atomic_write_bytes(self.folder / (target.name + REASON_SUFFIX),
                            (json.dumps(reason, indent=2, ensure_ascii=False) + "\n").encode())
         self.ledger.record_quarantine(sha256=sha, name=name, size=size, code=code)
-        audit.record("quarantine", file=name, sha256=sha, outcome="quarantined", code=code, mode=self.mode,
+        audit.record("quarantine", file=name, sha256=sha, outcome="quarantined", code=code,
+                     mode="move" if move and kept else self.mode,
                      kept=kept)
         return target
 

@@ -35,6 +35,9 @@ Limits before success: with ``limits`` set (the daemon's
 resources) and nothing is written, instead of being acknowledged and quarantined
 later.
 
+A C-STORE request without a valid Affected SOP Instance UID (pynetdicom ignores such a
+request without answering it) has its connection closed at once, not left to time out.
+
 Connections are disciplined by :class:`~lungseg.edge_runtime.scp_guard.ConnectionGuard`
 (negotiation deadline, a negotiation pool that evicts the oldest, per-host and total caps
 on established associations, a total deadline per association). A command whose Affected
@@ -53,6 +56,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,7 @@ STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # a different instance under a UID alrea
 MAX_ASSOCIATIONS = 8  # established associations; connections still negotiating have their own pool
 TIMEOUT_SECONDS = 60.0
 NETWORK_TIMEOUT_SECONDS = 30.0  # silence on a connection (a drip is bounded by the guard's deadlines)
+SATURATED_SECONDS = 60.0  # /healthz says "receiver_saturated" this long after a connection found no free slot
 MAX_PDU_BYTES = 16382  # the largest P-DATA PDU a sender may send us (pynetdicom's default, set explicitly)
 
 
@@ -144,6 +149,20 @@ class StorageReceiver:
         self.limits: Any = None  # DecodeLimits checked before 0x0000 (None: not checked here)
         self.guard = ConnectionGuard()  # deadlines, negotiation pool, per-host cap (scp_guard.py)
         self._store_lock = threading.Lock()  # the duplicate check and the write, one instance at a time
+        self._refusing: str | None = None  # the box-side reason the last store was refused (None: it was stored)
+
+    # --- health --------------------------------------------------------------
+    def problem(self) -> str | None:
+        """What ``/healthz`` reports for the receiver (:func:`service_metrics.add_problem_source`), or ``None``:
+        ``receiver_refusing`` from the first store refused for a reason of this box (the watch folder cannot be
+        written, low disk space) until a store succeeds; ``receiver_saturated`` for
+        :data:`SATURATED_SECONDS` after a connection was refused for want of a free slot."""
+        if self._refusing is not None:
+            return f"receiver_refusing: stores refused ({self._refusing})"
+        last = self.guard.last_saturated
+        if last is not None and time.monotonic() - last < SATURATED_SECONDS:
+            return "receiver_saturated: connections refused for want of a free slot"
+        return None
 
     # --- C-STORE -------------------------------------------------------------
     def _target(self, sop_uid: str) -> Path:
@@ -232,8 +251,6 @@ class StorageReceiver:
 
     def handle_store(self, event: Any) -> int:
         """``EVT_C_STORE``: check, write atomically, answer with a status."""
-        import time
-
         t0 = time.perf_counter()
         calling = event.assoc.requestor.ae_title
         context_class = str(event.context.abstract_syntax)
@@ -280,6 +297,7 @@ class StorageReceiver:
             log.error("C-STORE refused: %s", low, extra={"event": "scp_refused", "calling_ae": calling,
                                                          "sop": uid_ref(sop_uid), "status": "0xA700"})
             metrics.count("refused", reason="disk_low")
+            self._refusing = "disk_low"
             audit.record("receive", outcome="refused", status="0xA700", reason="disk_low", calling_ae=calling,
                          sop=sop_uid)
             return STATUS_OUT_OF_RESOURCES
@@ -305,8 +323,10 @@ class StorageReceiver:
                       extra={"event": "scp_refused", "calling_ae": calling, "sop": uid_ref(sop_uid),
                              "status": "0xA700"})
             metrics.count("refused", reason="write_failed")
+            self._refusing = "write_failed"
             return STATUS_OUT_OF_RESOURCES
         metrics.count("received")
+        self._refusing = None
         audit.record("receive", outcome="stored", path=final, sha256=sha, sop=sop_uid,
                      study=str(ds.get("StudyInstanceUID", "")), calling_ae=calling)
         if self.received is not None:
@@ -322,10 +342,29 @@ class StorageReceiver:
         titles_ok = (event.assoc.acceptor.ae_title.strip() == self.ae_title.strip()
                      and (not self.allowed_calling or calling.strip() in self.allowed_calling))
         reason = "local_limit" if titles_ok else "association"
+        if titles_ok:
+            self.guard.last_saturated = time.monotonic()
         log.warning("association rejected (calling AE %r, called AE %r): %s", calling, event.assoc.acceptor.ae_title,
                     "local limit" if titles_ok else "AE title not accepted",
                     extra={"event": "scp_association_rejected", "calling_ae": calling, "reason": reason})
         metrics.count("refused", reason=reason)
+
+    def _dimse_received(self, event: Any) -> None:
+        """``EVT_DIMSE_RECV``: a C-STORE request without a valid Affected SOP Instance UID (or SOP Class UID,
+        Message ID, Priority) is a request pynetdicom ignores without answering, so the sender and this
+        association would wait for the network timeout: its connection is closed at once instead."""
+        command = getattr(event.message, "command_set", None)
+        if command is None or command.get("CommandField") != 0x0001:  # C-STORE-RQ
+            return
+        uid = str(command.get("AffectedSOPInstanceUID", "") or "").strip()
+        if valid_uid(uid) and command.get("AffectedSOPClassUID") and command.get("MessageID") is not None \
+                and command.get("Priority") is not None:
+            return
+        calling = str(event.assoc.requestor.ae_title).strip()
+        log.warning("C-STORE request without a valid Affected SOP Instance UID: connection closed",
+                    extra={"event": "scp_refused", "calling_ae": calling, "reason": "invalid_request"})
+        audit.record("receive", outcome="refused", reason="invalid_request", calling_ae=calling)
+        self.guard.close(event.assoc, "invalid_request")
 
     def _requested(self, event: Any) -> None:
         """``EVT_REQUESTED``: a known calling AE title from a host (or port) its entry does not name is
@@ -370,7 +409,12 @@ class StorageReceiver:
         """Listen in background threads; returns the bound (host, port).
 
         Raises :class:`ReceiverUnavailableError` when the address cannot be bound."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+
+        # pynetdicom's own per-message debug handlers run first on every event and raise on a request that
+        # lacks a required element, which ends the event before ours (_dimse_received) sees it; their
+        # output is DEBUG chatter this service never shows
+        _config.LOG_HANDLER_LEVEL = "none"
 
         ae = AE(ae_title=self.ae_title)
         self.guard.max_established = MAX_ASSOCIATIONS
@@ -390,7 +434,7 @@ class StorageReceiver:
         ae.add_supported_context(VERIFICATION)
         self.modalities.resolve()
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
-                               (evt.EVT_REQUESTED, self._requested),
+                               (evt.EVT_REQUESTED, self._requested), (evt.EVT_DIMSE_RECV, self._dimse_received),
                                (evt.EVT_ACCEPTED, self._accepted), *self.guard.handlers()]
         self.guard.start()
         try:

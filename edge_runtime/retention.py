@@ -132,6 +132,15 @@ class ReceivedFiles:
                     entries[entry["file"]] = entry
         return entries
 
+    def wrote(self, path: Path, sha256: str) -> bool:
+        """Whether the receiver wrote exactly these bytes (``sha256``) at ``path``."""
+        entry = self.load().get(self.hasher.file_ref(path))
+        return entry is not None and entry.get("sha256") == sha256
+
+    def forget_file(self, path: Path) -> None:
+        """``path`` is gone (moved into quarantine): nothing for retention to delete."""
+        self.forget({self.hasher.file_ref(path)})
+
     def forget(self, refs: set[str]) -> None:
         if not refs:
             return

@@ -12,6 +12,9 @@ before it has read an A-ASSOCIATE-RQ. :class:`ConnectionGuard` (bound to
   an idle socket never does), so the slots of established associations are never
   taken by sockets that have not said who they are;
 * an established association lasts at most ``association_seconds`` in total;
+* a connection a handler marks with :meth:`ConnectionGuard.close` (the receiver does for a
+  C-STORE request that lacks a valid Affected SOP Instance UID, which pynetdicom would
+  otherwise ignore, leaving both ends waiting) is closed within a tick;
 * at most ``per_host`` established associations per source address, and
   ``max_established`` in all: one more is closed at once (pynetdicom's own
   ``maximum_associations`` is set above the sum, as a backstop: connections just
@@ -35,6 +38,10 @@ from typing import Any
 from lungseg.edge_runtime import service_metrics as metrics
 
 log = logging.getLogger("lungseg.edge.receiver")
+
+
+#: closures that mean the receiver had no slot left (all associations or negotiation slots in use)
+SATURATION = ("local_limit", "evicted")
 
 
 @dataclass
@@ -66,6 +73,8 @@ class ConnectionGuard:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._deferred = {"host_limit", "local_limit"}  # reasons the watcher closes (set by handlers)
+        self.last_saturated: float | None = None  # monotonic time of the last refusal for want of a slot
 
     def handlers(self) -> list[tuple[Any, Any]]:
         from pynetdicom import evt
@@ -105,6 +114,15 @@ class ConnectionGuard:
             elif len([c for c in live if c.host == conn.host]) > self.per_host:
                 conn.closing = "host_limit"
 
+    def close(self, assoc: Any, reason: str) -> None:
+        """Close ``assoc``'s connection soon (from the watcher, within a tick), counted with ``reason``: for
+        a handler that runs inside pynetdicom's own threads (e.g. a malformed request seen on receipt)."""
+        with self._lock:
+            conn = self._conns.get(id(assoc))
+            if conn is not None and conn.closing is None:
+                conn.closing = reason
+                self._deferred.add(reason)
+
     def closed(self, event: Any) -> None:
         with self._lock:
             self._conns.pop(id(event.assoc), None)
@@ -112,6 +130,8 @@ class ConnectionGuard:
     # --- the watcher -------------------------------------------------------
     def _close(self, conn: _Conn, reason: str) -> None:
         conn.closing = reason
+        if reason in SATURATION:
+            self.last_saturated = time.monotonic()
         log.warning("DICOM connection closed: %s", reason.replace("_", " "),
                     extra={"event": "scp_connection_closed", "reason": reason})
         metrics.count("refused", reason=reason)
@@ -124,7 +144,7 @@ class ConnectionGuard:
                 for key, conn in list(self._conns.items()):
                     if not conn.assoc.is_alive() and now - conn.opened > 1.0:  # ended without EVT_CONN_CLOSE
                         self._conns.pop(key, None)
-                    elif conn.closing in ("host_limit", "local_limit"):
+                    elif conn.closing in self._deferred:
                         self._close(conn, conn.closing)
                         conn.closing = "closed"
                     elif conn.closing is not None:

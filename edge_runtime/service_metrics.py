@@ -52,7 +52,7 @@ HTTP_TIMEOUT_SECONDS = 5.0
 HTTP_DEADLINE_SECONDS = 15.0
 #: health problem codes (the ``reason`` label of ``lungseg_health_problem``)
 HEALTH_REASONS = ("files_stale", "forward_stale", "faults", "selftest_failed", "backend_demoted", "dead_letters",
-                  "other")
+                  "disk_low", "receiver_refusing", "receiver_saturated", "other")
 
 #: counter name -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -182,14 +182,15 @@ class _Metrics:
             problem("backend_demoted", f"the backend was demoted ({self.demoted})")
         if self.dead_letters:
             problem("dead_letters", f"{self.dead_letters} output(s) dead-lettered (see `lungseg-edge forward list`)")
-        for source in list(_problem_sources):  # e.g. the disk guard (edge_runtime/retention.py), the receiver
+        for source, reason in list(_problem_sources):  # the disk guard (edge_runtime/retention.py), the receiver
             try:
                 found = source()
             except Exception:  # a probe must never fail the health check itself
                 log.exception("health problem source failed")
                 continue
             if found:
-                problem("other", found)
+                code, sep, _ = found.partition(": ")  # a text may name its own code ("receiver_saturated: ...")
+                problem(code if sep and code in HEALTH_REASONS else reason, found)
         body = {"healthy": not problems, "problems": problems, "reasons": reasons, "waiting_files": waiting_files,
                 "waiting_outputs": self.forward_waiting, "seconds_since_success": round(since_success, 1),
                 "seconds_since_forward": round(since_forward, 1), "stale_seconds": self.stale_seconds,
@@ -198,13 +199,16 @@ class _Metrics:
 
 
 _state: _Metrics | None = None
-_problem_sources: list[Callable[[], str | None]] = []
+_problem_sources: list[tuple[Callable[[], str | None], str]] = []
 
 
-def add_problem_source(source: Callable[[], str | None]) -> Callable[[], None]:
-    """``/healthz`` also reports ``source()``'s problem (a reason, or ``None``); returns what removes it."""
-    _problem_sources.append(source)
-    return lambda: _problem_sources.remove(source) if source in _problem_sources else None
+def add_problem_source(source: Callable[[], str | None], reason: str = "other") -> Callable[[], None]:
+    """``/healthz`` also reports ``source()``'s problem (a text, or ``None``) under ``reason`` (one of
+    :data:`HEALTH_REASONS`; a text that starts with another of them, ``"code: ..."``, is reported under that
+    one); returns what removes it."""
+    entry = (source, reason if reason in HEALTH_REASONS else "other")
+    _problem_sources.append(entry)
+    return lambda: _problem_sources.remove(entry) if entry in _problem_sources else None
 _server: _BoundedHTTPServer | None = None
 
 

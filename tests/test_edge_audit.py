@@ -209,10 +209,13 @@ def test_disk_guard_watermark_hysteresis_and_health(tmp_path: Path) -> None:
     assert DiskGuard([tmp_path], 0, 0, statvfs=fake).check() is None  # both off: never checked
     # /healthz reports it
     service_metrics.enable(600)
-    remove = service_metrics.add_problem_source(guard.check)
+    remove = service_metrics.add_problem_source(guard.check, "disk_low")
+    saturated = service_metrics.add_problem_source(lambda: "receiver_saturated: no free slot")  # names its code
     try:
         healthy, body = service_metrics.health()
         assert not healthy and any("low disk space" in p for p in body["problems"])
+        assert body["reasons"] == ["disk_low", "receiver_saturated"]
+        saturated()
         fake.free_mb = 5_000
         healthy, body = service_metrics.health()
         assert healthy, body

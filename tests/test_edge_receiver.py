@@ -127,6 +127,7 @@ def test_calling_ae_not_allowed_and_wrong_called_ae_are_rejected(receiver) -> No
 
 @pytest.mark.integration
 def test_a_write_failure_answers_out_of_resources(receiver) -> None:
+    assert receiver.problem() is None
     shutil.rmtree(receiver.folder)  # the folder vanished (unmounted disk): the image must not be acknowledged
     assoc = associate(receiver.port, classes=["1.2.840.10008.5.1.4.1.1.1"])
     try:
@@ -134,6 +135,14 @@ def test_a_write_failure_answers_out_of_resources(receiver) -> None:
     finally:
         assoc.release()
     assert status == 0xA700
+    assert receiver.problem() == "receiver_refusing: stores refused (write_failed)"  # what /healthz reports
+    receiver.folder.mkdir()  # the disk is back: the next store succeeds and the problem clears
+    assoc = associate(receiver.port, classes=["1.2.840.10008.5.1.4.1.1.1"])
+    try:
+        assert int(assoc.send_c_store(make_cr(UID + "9", size=64)).Status) == 0x0000
+    finally:
+        assoc.release()
+    assert receiver.problem() is None
 
 
 @pytest.mark.integration

@@ -120,6 +120,8 @@ def test_idle_and_garbage_sockets_cannot_lock_out_a_modality(receiver) -> None:
             sock.close()
     assert statuses == [0x0000] and elapsed < 5.0
     assert (receiver.folder / f"{UID}5.dcm").is_file()
+    # sockets were evicted for want of a negotiation slot: /healthz says so for a while
+    assert receiver.problem() == "receiver_saturated: connections refused for want of a free slot"
 
 
 @pytest.mark.integration
@@ -175,7 +177,8 @@ def _raw_store(port: int, ds, affected_uid: str) -> int | None:
         assoc._reactor_checkpoint.clear()  # as send_c_store does: its reactor leaves the answer to us
         assoc.dimse.send_msg(req, context.context_id)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not assoc.is_aborted:  # an answer, or an abort, or 5 s
+        # an answer, or an abort (seen in the DUL's queue: the paused reactor would not act on it), or 5 s
+        while time.monotonic() < deadline and not assoc.is_aborted and not assoc.acse.is_aborted():
             _, rsp = assoc.dimse.get_msg(block=False)
             if rsp is not None:
                 return int(rsp.Status)
@@ -195,3 +198,16 @@ def test_command_and_data_set_uids_that_disagree_are_refused(receiver) -> None:
     assert _raw_store(receiver.port, ds, UID + "6") == 0x0000  # the same request, agreeing: stored
     assert [p.name for p in receiver.folder.iterdir()] == [f"{UID}6.dcm"]
 
+
+
+@pytest.mark.integration
+def test_a_store_request_without_an_affected_uid_is_closed_at_once_not_left_hanging(receiver) -> None:
+    """pynetdicom ignores such a request without an answer; the receiver closes its connection within a tick."""
+    import time
+
+    ds = make_cr(UID + "8", size=32)
+    t0 = time.monotonic()
+    assert _raw_store(receiver.port, ds, "") is None  # no status: the connection was closed
+    assert time.monotonic() - t0 < 3.0  # not the 5 s the sender would otherwise wait (nor the SCP's 30 s)
+    assert list(receiver.folder.iterdir()) == []
+    assert store_all(receiver.port, [ds]) == [0x0000]  # the next association is served as usual

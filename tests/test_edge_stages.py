@@ -122,6 +122,37 @@ def test_decode_quarantines_what_is_not_dicom_and_retries_nothing(tmp_path: Path
         ledger.close()
 
 
+def test_a_file_the_receiver_wrote_is_moved_into_quarantine_a_device_file_only_copied(tmp_path: Path) -> None:
+    """Copy mode never alters the device's files; the receiver's own files are moved (no doubled disk use)."""
+    import hashlib
+    import json
+
+    from lungseg.edge_runtime.audit import Hasher
+    from lungseg.edge_runtime.retention import ReceivedFiles
+
+    admission, ledger = _admission(tmp_path, isolate_decode=False)
+    try:
+        received = ReceivedFiles(admission.config.state_dir, Hasher(admission.config.state_dir))
+        admission.own = received
+        stored, device = admission.watch / "1.2.3.dcm", admission.watch / "device.dcm"
+        for path, content in ((stored, b"received junk" * 10), (device, b"device junk" * 10)):
+            path.write_bytes(content)
+        received.add(stored, stored.stat().st_size, hashlib.sha256(stored.read_bytes()).hexdigest())
+        for path in (stored, device):
+            item, outcome = admission.admit(path, set(), set())
+            assert item is None and outcome is not None and outcome.status is Status.QUARANTINED
+        assert not stored.exists() and device.exists()  # moved; copied
+        reasons = {r["file_ref"]: r for r in
+                   (json.loads(f.read_text()) for f in admission.config.quarantine_dir.glob("*.reason.json"))}
+        assert sorted(r["mode"] for r in reasons.values()) == ["copy", "move"]
+        kept = [f for f in admission.config.quarantine_dir.iterdir() if not f.name.endswith(".reason.json")]
+        assert sorted(f.read_bytes()[:6] for f in kept) == [b"device", b"receiv"]  # both kept there
+        assert received.load() == {}  # nothing left for retention to delete
+    finally:
+        admission.close()
+        ledger.close()
+
+
 def test_decode_sees_a_twin_and_a_uid_twin_in_one_batch(tmp_path: Path) -> None:
     admission, ledger = _admission(tmp_path, isolate_decode=False)
     try:
