@@ -61,7 +61,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lungseg.atomic import atomic_write
+from pydicom import dcmread
+
+from lungseg.atomic import atomic_copy_file, atomic_write
 from lungseg.edge_runtime import audit
 from lungseg.edge_runtime import service_metrics as metrics
 from lungseg.edge_runtime.fsio import TEMP_SUFFIX
@@ -90,6 +92,14 @@ TIMEOUT_SECONDS = 60.0
 NETWORK_TIMEOUT_SECONDS = 30.0  # silence on a connection (a drip is bounded by the guard's deadlines)
 SATURATED_SECONDS = 60.0  # /healthz says "receiver_saturated" this long after a connection found no free slot
 MAX_PDU_BYTES = 16382  # the largest P-DATA PDU a sender may send us (pynetdicom's default, set explicitly)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ReceiverUnavailableError(RuntimeError):
@@ -168,9 +178,10 @@ class StorageReceiver:
     def _target(self, sop_uid: str) -> Path:
         return self.folder / f"{sop_uid}.dcm"
 
-    def _write(self, data: bytes, final: Path) -> None:
-        """Hidden temp file beside ``final``, fsync, rename, fsync the folder (:func:`lungseg.atomic.atomic_write`)."""
-        atomic_write(final, data, mode=0o644)
+    def _write(self, source: Path, final: Path) -> None:
+        """Copy the received file to a hidden temp file beside ``final``, fsync, rename, fsync the folder
+        (:func:`lungseg.atomic.atomic_copy_file`: streamed, never all in memory)."""
+        atomic_copy_file(source, final, mode=0o644)
 
     @staticmethod
     def _stored_sha(final: Path) -> str | None:
@@ -185,7 +196,8 @@ class StorageReceiver:
                 digest.update(block)
         return digest.hexdigest()
 
-    def _keep_conflict(self, data: bytes, sop_uid: str, first_sha: str, sha: str, calling: str) -> Path | None:
+    def _keep_conflict(self, source: Path, size: int, sop_uid: str, first_sha: str, sha: str,
+                       calling: str) -> Path | None:
         """Keep a conflicting duplicate aside with both hashes; returns where (``None``: not kept)."""
         if self.conflicts_dir is None:
             return None
@@ -196,9 +208,9 @@ class StorageReceiver:
         target = self.conflicts_dir / f"{ref}-{sha[:12]}.dcm"
         reason = {"code": "duplicate_conflict", "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"), "sop": uid_ref(sop_uid), "first_sha256": first_sha, "sha256": sha,
-                  "size": len(data), "calling_ae": calling, "kept": target.name}
+                  "size": size, "calling_ae": calling, "kept": target.name}
         self.conflicts_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(target, data, mode=0o600)
+        atomic_copy_file(source, target, mode=0o600)
         atomic_write(target.with_name(target.name + ".reason.json"), json.dumps(reason, indent=2) + "\n",
                      mode=0o600)
         return target
@@ -221,12 +233,12 @@ class StorageReceiver:
             return "too_many_frames"
         return None
 
-    def _store_once(self, data: bytes, sha: str, final: Path, sop_uid: str, calling: str) -> int | None:
-        """Write ``data`` unless the UID is taken: ``None`` when written, else the status to answer."""
+    def _store_once(self, source: Path, size: int, sha: str, final: Path, sop_uid: str, calling: str) -> int | None:
+        """Store the received file ``source`` unless the UID is taken: ``None`` when written, else the status."""
         with self._store_lock:
             first_sha = self._stored_sha(final)
             if first_sha is None:
-                self._write(data, final)
+                self._write(source, final)
                 return None
         if first_sha == sha:  # an identical resend: already acknowledged, nothing to do
             log.info("identical resend of a stored instance: acknowledged again, not rewritten",
@@ -236,7 +248,7 @@ class StorageReceiver:
             return STATUS_SUCCESS
         kept: Path | None = None
         try:
-            kept = self._keep_conflict(data, sop_uid, first_sha, sha, calling)
+            kept = self._keep_conflict(source, size, sop_uid, first_sha, sha, calling)
         except OSError as exc:
             log.error("cannot keep a conflicting duplicate aside (%s)", exc.strerror or exc,
                       extra={"event": "scp_conflict_not_kept", "sop": uid_ref(sop_uid)})
@@ -261,7 +273,8 @@ class StorageReceiver:
             audit.record("receive", outcome="refused", status="0x0122", reason="sop_class", calling_ae=calling)
             return STATUS_SOP_CLASS_NOT_SUPPORTED
         try:
-            ds = event.dataset
+            source = Path(event.dataset_path)  # streamed to a temp file as it arrived (chunked receive)
+            ds = dcmread(source, stop_before_pixels=True)  # the header: the pixels stay on disk
             sop_class = str(ds.get("SOPClassUID", ""))
             sop_uid = str(ds.get("SOPInstanceUID", ""))
         except Exception as exc:  # the data set could not even be parsed
@@ -302,8 +315,8 @@ class StorageReceiver:
                          sop=sop_uid)
             return STATUS_OUT_OF_RESOURCES
         try:
-            data = event.encoded_dataset(include_meta=True)
-            over = self._over_limit(ds, len(data))
+            size = source.stat().st_size
+            over = self._over_limit(ds, size)
             if over:  # refused before anything is written or acknowledged
                 log.error("C-STORE refused: the instance exceeds a configured limit (%s)", over,
                           extra={"event": "scp_refused", "calling_ae": calling, "sop": uid_ref(sop_uid),
@@ -312,8 +325,8 @@ class StorageReceiver:
                 audit.record("receive", outcome="refused", status="0xA700", reason=over, calling_ae=calling,
                              sop=sop_uid)
                 return STATUS_OUT_OF_RESOURCES
-            sha = hashlib.sha256(data).hexdigest()
-            answer = self._store_once(data, sha, final, sop_uid, calling)
+            sha = _sha256_file(source)
+            answer = self._store_once(source, size, sha, final, sop_uid, calling)
             if answer is not None:
                 return answer
         except OSError as exc:
@@ -330,7 +343,7 @@ class StorageReceiver:
         audit.record("receive", outcome="stored", path=final, sha256=sha, sop=sop_uid,
                      study=str(ds.get("StudyInstanceUID", "")), calling_ae=calling)
         if self.received is not None:
-            self.received.add(final, len(data), sha)
+            self.received.add(final, size, sha)
         metrics.observe_stage("receive", time.perf_counter() - t0)
         log.info("received", extra={"event": "received", "calling_ae": calling, "sop": uid_ref(sop_uid)})
         return STATUS_SUCCESS
@@ -349,22 +362,31 @@ class StorageReceiver:
                     extra={"event": "scp_association_rejected", "calling_ae": calling, "reason": reason})
         metrics.count("refused", reason=reason)
 
-    def _dimse_received(self, event: Any) -> None:
-        """``EVT_DIMSE_RECV``: a C-STORE request without a valid Affected SOP Instance UID (or SOP Class UID,
-        Message ID, Priority) is a request pynetdicom ignores without answering, so the sender and this
-        association would wait for the network timeout: its connection is closed at once instead."""
-        command = getattr(event.message, "command_set", None)
-        if command is None or command.get("CommandField") != 0x0001:  # C-STORE-RQ
-            return
-        uid = str(command.get("AffectedSOPInstanceUID", "") or "").strip()
-        if valid_uid(uid) and command.get("AffectedSOPClassUID") and command.get("MessageID") is not None \
-                and command.get("Priority") is not None:
-            return
-        calling = str(event.assoc.requestor.ae_title).strip()
+    @staticmethod
+    def command_problem(encoded: bytes) -> str | None:
+        """A C-STORE request's command set, checked before pynetdicom decodes it: ``"invalid_request"`` when it
+        lacks a valid Affected SOP Instance UID (or SOP Class UID, Message ID, Priority), else ``None``.
+        pynetdicom would ignore such a request without an answer (both ends then wait for the network
+        timeout) or fail on it in its reading thread; the guard closes the connection instead."""
+        from io import BytesIO
+
+        from pynetdicom.dsutils import decode
+
+        try:
+            command = decode(BytesIO(encoded), True, True)  # command sets are always Implicit VR Little Endian
+            if command.get("CommandField") != 0x0001:  # not a C-STORE-RQ
+                return None
+            uid = str(command.get("AffectedSOPInstanceUID", "") or "").strip()
+            complete = bool(command.get("AffectedSOPClassUID")) and command.get("MessageID") is not None \
+                and command.get("Priority") is not None
+        except Exception:  # a command set that does not parse is pynetdicom's to refuse
+            return None
+        if valid_uid(uid) and complete:
+            return None
         log.warning("C-STORE request without a valid Affected SOP Instance UID: connection closed",
-                    extra={"event": "scp_refused", "calling_ae": calling, "reason": "invalid_request"})
-        audit.record("receive", outcome="refused", reason="invalid_request", calling_ae=calling)
-        self.guard.close(event.assoc, "invalid_request")
+                    extra={"event": "scp_refused", "reason": "invalid_request"})
+        audit.record("receive", outcome="refused", reason="invalid_request")
+        return "invalid_request"
 
     def _requested(self, event: Any) -> None:
         """``EVT_REQUESTED``: a known calling AE title from a host (or port) its entry does not name is
@@ -411,10 +433,11 @@ class StorageReceiver:
         Raises :class:`ReceiverUnavailableError` when the address cannot be bound."""
         from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 
-        # pynetdicom's own per-message debug handlers run first on every event and raise on a request that
-        # lacks a required element, which ends the event before ours (_dimse_received) sees it; their
-        # output is DEBUG chatter this service never shows
-        _config.LOG_HANDLER_LEVEL = "none"
+        # data sets are streamed to a temporary file as they arrive (pynetdicom deletes it after the handler), so
+        # a large C-STORE never sits in memory; the guard refuses one over max_file_mb while it arrives
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self.guard.max_dataset = self.limits.max_file_bytes if self.limits is not None else None
+        self.guard.check_command = self.command_problem
 
         ae = AE(ae_title=self.ae_title)
         self.guard.max_established = MAX_ASSOCIATIONS
@@ -434,7 +457,7 @@ class StorageReceiver:
         ae.add_supported_context(VERIFICATION)
         self.modalities.resolve()
         handlers: list[Any] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected),
-                               (evt.EVT_REQUESTED, self._requested), (evt.EVT_DIMSE_RECV, self._dimse_received),
+                               (evt.EVT_REQUESTED, self._requested),
                                (evt.EVT_ACCEPTED, self._accepted), *self.guard.handlers()]
         self.guard.start()
         try:

@@ -12,13 +12,20 @@ before it has read an A-ASSOCIATE-RQ. :class:`ConnectionGuard` (bound to
   an idle socket never does), so the slots of established associations are never
   taken by sockets that have not said who they are;
 * an established association lasts at most ``association_seconds`` in total;
-* a connection a handler marks with :meth:`ConnectionGuard.close` (the receiver does for a
-  C-STORE request that lacks a valid Affected SOP Instance UID, which pynetdicom would
-  otherwise ignore, leaving both ends waiting) is closed within a tick;
+* a connection a handler marks with :meth:`ConnectionGuard.close` is closed within a tick;
 * at most ``per_host`` established associations per source address, and
   ``max_established`` in all: one more is closed at once (pynetdicom's own
   ``maximum_associations`` is set above the sum, as a backstop: connections just
   evicted may take a moment to end).
+
+Before any of that, :class:`BoundedReads` bounds what a connection can make the
+process hold: a PDU declaring more than :data:`MAX_PDU_READ` bytes (pynetdicom would
+read it whole, before checking any AE title) is refused unread, and a C-STORE data set
+is counted as it arrives and refused past ``max_dataset`` bytes (the receiver's
+``max_file_mb``); the data set itself is streamed to a temporary file, not held in memory.
+Each command set, once whole, is checked (``check_command``) before pynetdicom decodes it:
+the receiver refuses a C-STORE request without a valid Affected SOP Instance UID, which
+pynetdicom would otherwise either ignore without an answer or fail on in its reading thread.
 
 Closing is a ``shutdown`` of the socket, which ends pynetdicom's blocking read
 (the association then ends as a lost connection). Each closure is counted in
@@ -61,6 +68,82 @@ def _shut(assoc: Any) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+#: the longest PDU read into memory (an A-ASSOCIATE-RQ is a few kB; a P-DATA PDU at most the 16382 bytes we announce)
+MAX_PDU_READ = 1 << 20
+_P_DATA_TF = 0x04
+
+
+class BoundedReads:
+    """Wraps one association socket's ``recv``: pynetdicom reads a PDU's 6-byte header, then as many bytes as
+    the header declares, all into memory and before any AE title is checked. A PDU declaring more than
+    ``max_pdu`` bytes is refused before its body is read; the data set of one C-STORE is counted as its
+    P-DATA fragments arrive and refused once over ``max_dataset`` bytes (``None``: not counted). A refusal
+    shuts the socket (the association ends as a lost connection) and calls ``refused(reason)``."""
+
+    def __init__(self, sock: Any, max_pdu: int, max_dataset: int | None, refused: Any,
+                 check_command: Any = None) -> None:
+        self._recv, self._sock = sock.recv, sock
+        self.max_pdu, self.max_dataset, self.refused = int(max_pdu), max_dataset, refused
+        self.check_command = check_command  # (encoded command set) -> a reason to refuse it, or None
+        self._pending: tuple[int, int] | None = None  # (PDU type, length) of the header just read
+        self._dataset_bytes = 0  # of the message now arriving
+        self._command = bytearray()  # the command set now arriving
+
+    def _refuse(self, reason: str) -> bytearray:
+        self.refused(reason)
+        raw = getattr(self._sock, "socket", None)
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
+        return bytearray()  # what a closed connection reads: pynetdicom ends the association
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        header = self._pending
+        if header is None or nr_bytes != header[1]:  # a PDU header (6 bytes), not the body announced
+            self._pending = None
+            data = self._recv(nr_bytes)
+            if nr_bytes == 6 and len(data) == 6:
+                length = int.from_bytes(bytes(data[2:6]), "big")
+                if length > self.max_pdu:
+                    return self._refuse("pdu_too_large")
+                self._pending = (data[0], length)
+            return data
+        self._pending = None
+        data = self._recv(nr_bytes)
+        if header[0] == _P_DATA_TF:
+            reason = self._inspect(data)
+            if reason is not None:
+                return self._refuse(reason)
+        return data
+
+    def _inspect(self, body: bytearray) -> str | None:
+        """Follow the fragments of a P-DATA-TF body: a reason to refuse the connection, or ``None``.
+
+        Data set fragments are counted against ``max_dataset``; a command set, once whole, goes to
+        ``check_command`` before pynetdicom decodes it."""
+        at = 0
+        while at + 6 <= len(body):
+            item = int.from_bytes(bytes(body[at:at + 4]), "big")  # context id + control header + fragment
+            control, fragment = body[at + 5], body[at + 6:at + 4 + item]
+            at += 4 + item
+            if control & 0x01:  # a command fragment (bit 0 set), its last one when bit 1 is set
+                self._command += fragment
+                if len(self._command) > self.max_pdu:
+                    return "invalid_request"
+                if control & 0x02:
+                    command, self._command = bytes(self._command), bytearray()
+                    problem = self.check_command(command) if self.check_command is not None else None
+                    if problem:
+                        return problem
+                continue
+            self._dataset_bytes += len(fragment)
+            if self.max_dataset is not None and self._dataset_bytes > self.max_dataset:
+                return "dataset_too_large"
+            if control & 0x02:
+                self._dataset_bytes = 0
+        return None
+
+
 class ConnectionGuard:
     """Deadlines, a negotiation pool with eviction, and a per-host cap for the SCP's connections."""
 
@@ -75,6 +158,9 @@ class ConnectionGuard:
         self._thread: threading.Thread | None = None
         self._deferred = {"host_limit", "local_limit"}  # reasons the watcher closes (set by handlers)
         self.last_saturated: float | None = None  # monotonic time of the last refusal for want of a slot
+        self.max_pdu = MAX_PDU_READ  # BoundedReads: the longest PDU read, and one C-STORE's data set
+        self.max_dataset: int | None = None
+        self.check_command: Any = None  # (encoded command set) -> a reason to refuse it (the receiver's)
 
     def handlers(self) -> list[tuple[Any, Any]]:
         from pynetdicom import evt
@@ -96,6 +182,9 @@ class ConnectionGuard:
     # --- events ------------------------------------------------------------
     def opened(self, event: Any) -> None:
         host = str((event.address or ("?",))[0])
+        sock = getattr(getattr(event.assoc, "dul", None), "socket", None)
+        if sock is not None:  # every PDU bounded before it is read into memory
+            sock.recv = BoundedReads(sock, self.max_pdu, self.max_dataset, self._refused_read, self.check_command)
         with self._lock:
             self._conns[id(event.assoc)] = _Conn(event.assoc, host)
             pending = [c for c in self._conns.values() if not c.established and c.closing is None]
@@ -122,6 +211,11 @@ class ConnectionGuard:
             if conn is not None and conn.closing is None:
                 conn.closing = reason
                 self._deferred.add(reason)
+
+    def _refused_read(self, reason: str) -> None:
+        log.warning("DICOM connection closed: %s", reason.replace("_", " "),
+                    extra={"event": "scp_connection_closed", "reason": reason})
+        metrics.count("refused", reason=reason)
 
     def closed(self, event: Any) -> None:
         with self._lock:

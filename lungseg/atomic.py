@@ -66,3 +66,28 @@ def atomic_write(path: str | Path, data: bytes | str, *, mode: int = 0o666) -> P
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_copy_file(source: str | Path, path: str | Path, *, mode: int = 0o666, block: int = 1 << 20) -> Path:
+    """Replace ``path`` with a copy of the file ``source`` (streamed in ``block``-sized pieces: never all in
+    memory), durably and atomically, as :func:`atomic_write`."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            with open(source, "rb") as src:
+                for chunk in iter(lambda: src.read(block), b""):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+    return path

@@ -211,3 +211,42 @@ def test_a_store_request_without_an_affected_uid_is_closed_at_once_not_left_hang
     assert time.monotonic() - t0 < 3.0  # not the 5 s the sender would otherwise wait (nor the SCP's 30 s)
     assert list(receiver.folder.iterdir()) == []
     assert store_all(receiver.port, [ds]) == [0x0000]  # the next association is served as usual
+
+
+@pytest.mark.integration
+def test_an_oversized_pdu_and_an_oversized_data_set_are_refused_while_they_arrive(tmp_path: Path) -> None:
+    """A PDU header declaring 4 GB is refused before its body is read; a data set over max_file_mb is refused
+    as it streams in (never held in memory: it goes to a temporary file); the next sender is served."""
+    import socket
+    import struct
+    import time
+
+    from lungseg.dicom_decode import DecodeLimits
+    from lungseg.edge_runtime.receiver import StorageReceiver
+
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    scp = StorageReceiver(folder, 0, "LUNGSEG", "127.0.0.1", ["PORTABLE1"])
+    scp.limits = DecodeLimits(max_file_bytes=200_000)
+    _, port = scp.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sent, t0 = 0, time.monotonic()
+        try:
+            sock.sendall(struct.pack(">BBI", 0x01, 0x00, 0xFFFFFFFF))  # an A-ASSOCIATE-RQ of 4 GB
+            chunk = b"\0" * (1 << 20)
+            while sent < 256 << 20 and time.monotonic() - t0 < 5:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # reset by the receiver: it read the header and closed
+            pass
+        finally:
+            sock.close()
+        assert sent < 64 << 20 and time.monotonic() - t0 < 5  # closed at once, not after 256 MB streamed
+        big = make_cr(UID + "11", size=512)  # 512 x 512 x 2 bytes: over the 200 kB limit
+        with pytest.raises((AssertionError, ValueError, RuntimeError, AttributeError, TypeError)):
+            store_all(port, [big])  # the association ends mid-transfer: no status comes back
+        assert list(folder.iterdir()) == []
+        assert store_all(port, [make_cr(UID + "12", size=64)]) == [0x0000]
+    finally:
+        scp.stop()
