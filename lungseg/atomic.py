@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 TEMP_SUFFIX = ".lungseg-tmp"
@@ -42,45 +43,26 @@ def write_synced(path: Path, data: bytes | bytearray | memoryview, mode: int = 0
     """Create (or truncate) ``path`` without following a link, write ``data`` and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, data: bytes | str, *, mode: int = 0o666) -> Path:
-    """Replace ``path`` with ``data`` (``str`` is written as UTF-8), durably and atomically.
-
-    ``mode`` is the new file's permission before the umask (``0o600`` for secrets).
-    """
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        write_synced(tmp, data.encode() if isinstance(data, str) else data, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-    return path
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
-def atomic_copy_file(source: str | Path, path: str | Path, *, mode: int = 0o666, block: int = 1 << 20) -> Path:
-    """Replace ``path`` with a copy of the file ``source`` (streamed in ``block``-sized pieces: never all in
-    memory), durably and atomically, as :func:`atomic_write`."""
-    path = Path(path)
+def _replace(path: Path, fill: Callable[[int], None], mode: int) -> Path:
+    """Create a temp file beside ``path`` (never following a link), ``fill(fd)`` it, fsync, rename it over
+    ``path``, fsync the folder; the temp file is removed if anything fails."""
     tmp = temp_name(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
         try:
-            with open(source, "rb") as src:
-                for chunk in iter(lambda: src.read(block), b""):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+            fill(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -91,3 +73,23 @@ def atomic_copy_file(source: str | Path, path: str | Path, *, mode: int = 0o666,
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write(path: str | Path, data: bytes | str, *, mode: int = 0o666) -> Path:
+    """Replace ``path`` with ``data`` (``str`` is written as UTF-8), durably and atomically.
+
+    ``mode`` is the new file's permission before the umask (``0o600`` for secrets).
+    """
+    payload = data.encode() if isinstance(data, str) else data
+    return _replace(Path(path), lambda fd: _write_all(fd, payload), mode)
+
+
+def atomic_copy_file(source: str | Path, path: str | Path, *, mode: int = 0o666, block: int = 1 << 20) -> Path:
+    """Replace ``path`` with a copy of the file ``source`` (streamed in ``block``-sized pieces: never all in
+    memory), durably and atomically, as :func:`atomic_write`."""
+    def fill(fd: int) -> None:
+        with open(source, "rb") as src:
+            for chunk in iter(lambda: src.read(block), b""):
+                _write_all(fd, chunk)
+
+    return _replace(Path(path), fill, mode)
