@@ -99,4 +99,6 @@ def backend_options(config: Any) -> Any:
         gpu_mem_limit_mb=getattr(config, "gpu_mem_limit_mb", None),
         cudnn_conv_algo_search=getattr(config, "cudnn_conv_algo_search", None) or defaults.cudnn_conv_algo_search,
         build_keepalive=extend_start_timeout,
+        # the service is ready at once and measures the CPU candidates on a thread; a --once run measures first
+        measure_in_background=not getattr(config, "once", False),
     )

@@ -57,6 +57,10 @@ class BackendOptions:
     # among the CPU candidates: "fastest" (self-test and time each at start-up; used where OpenVINO is installed),
     # "chain" (the first that passes, in lungseg.predictors.CHAINS order) or one candidate's name, pinned first
     cpu_choice: str = "fastest"
+    # "fastest" without a measurement kept from an earlier start: serve the chain's first candidate at once and
+    # measure on a thread, switching to the fastest when done (the service: ready in about a second);
+    # False measures before serving (one-shot runs, whose reports name the measured choice)
+    measure_in_background: bool = False
     # called every few seconds with a status line while a TensorRT engine builds (the edge service
     # extends systemd's start timeout with it; building on an Orin Nano takes minutes)
     build_keepalive: Callable[[str], object] | None = None

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,6 +197,10 @@ class FallbackPredictor:
     def __init__(self, chain: list[tuple[str, Factory]], bundle_root: Path, *, selftest: bool = True,
                  measure_cpu: bool = False):
         self._pending = list(chain)
+        self._chain = list(chain)
+        self._failed: list[tuple[str, str]] = []  # (candidate, why) demoted at run time
+        self._promotion: tuple[list[_Timed], dict[str, Any], list[str]] | None = None
+        self._measuring: threading.Thread | None = None
         self._measure_cpu = measure_cpu
         self.choice: dict[str, Any] = {"by": "chain order"}
         self._root = bundle_root
@@ -258,18 +263,12 @@ class FallbackPredictor:
             _close(predictor)
         return passed, summary, record
 
-    def _fastest_cpu(self, errors: list[str]) -> tuple[str, Predictor, str, dict[str, Any]] | None:
-        """Self-test and time every CPU candidate at the head of the chain; the fastest that passes, or ``None``.
-
-        The others stay behind it in the chain, fastest first, for demotion (rebuilt and re-tested then).
-        """
+    def _measure(self, cpu: list[tuple[str, Factory]], errors: list[str]) -> list[_Timed]:
+        """Load, self-test and time each of ``cpu``: those that pass, fastest first, only the fastest left open."""
         golden = self._golden_set()
-        cpu: list[tuple[str, Factory]] = []
-        while self._pending and self._pending[0][0] in CPU_CANDIDATES:
-            cpu.append(self._pending.pop(0))
         # only the fastest so far stays open (a session each would add up: five candidates held at once
         # were ~250 MiB more RSS); the others are rebuilt only if they are demoted to
-        timed: list[tuple[float, str, Factory, Predictor | None, str, dict[str, Any]]] = []
+        timed: list[_Timed] = []
         for name, factory in cpu:
             predictor = self._load(name, factory, errors)
             if predictor is None:
@@ -292,26 +291,94 @@ class FallbackPredictor:
                     _close(best[3])
                     timed[timed.index(best)] = (*best[:3], None, *best[4:])
                 timed.append((ms, name, factory, predictor, summary, record))
-        if not timed:
-            return None
         timed.sort(key=lambda t: t[0])
-        ms, name, _, kept, summary, record = timed[0]
-        if kept is None:  # cannot happen: the fastest is the one left open
+        if timed and timed[0][3] is None:  # cannot happen: the fastest is the one left open
             raise RuntimeError("the fastest CPU candidate was closed")
-        predictor = kept
-        self._pending = [(n, f) for _, n, f, _, _, _ in timed[1:]] + self._pending
+        return timed
+
+    @staticmethod
+    def _choice(timed: list[_Timed], cpu: list[tuple[str, Factory]], by: str) -> dict[str, Any]:
+        ms, name = timed[0][0], timed[0][1]
         timings = {n: round(t, 2) for t, n, _, _, _, _ in timed}
         runner_up = f"; next {timed[1][1]} at {timed[1][0]:.1f} ms" if len(timed) > 1 else ""
-        self.choice = {"by": "measurement", "chosen": name, "ms_per_image_b1": timings,
-                       "not_passed": [c for c, _ in cpu if c not in timings],
-                       "reason": f"fastest of {len(timed)} CPU candidates that passed the self-test: {name} at "
-                                 f"{ms:.1f} ms/image (batch 1, best of {TIMED_RUNS}){runner_up}"}
+        return {"by": by, "chosen": name, "ms_per_image_b1": timings,
+                "not_passed": [c for c, _ in cpu if c not in timings],
+                "reason": f"fastest of {len(timed)} CPU candidates that passed the self-test: {name} at "
+                          f"{ms:.1f} ms/image (batch 1, best of {TIMED_RUNS}){runner_up}"}
+
+    def _fastest_cpu(self, errors: list[str]) -> tuple[str, Predictor, str, dict[str, Any]] | None:
+        """Self-test and time every CPU candidate at the head of the chain; the fastest that passes, or ``None``.
+
+        The others stay behind it in the chain, fastest first, for demotion (rebuilt and re-tested then).
+        """
+        cpu: list[tuple[str, Factory]] = []
+        while self._pending and self._pending[0][0] in CPU_CANDIDATES:
+            cpu.append(self._pending.pop(0))
+        timed = self._measure(cpu, errors)
+        if not timed:
+            return None
+        _, name, _, predictor, summary, record = timed[0]
+        assert predictor is not None
+        self._pending = [(n, f) for _, n, f, _, _, _ in timed[1:]] + self._pending
+        self.choice = self._choice(timed, cpu, "measurement")
         log.warning("CPU backend chosen by measurement: %s", self.choice["reason"],
                     extra={"event": "backend_measured", "backend": name})
         return name, predictor, summary, record
 
+    # --- measuring after start-up ---------------------------------------------
+    def measure_in_background(self, cpu: list[tuple[str, Factory]], cache: Path | None) -> threading.Thread:
+        """Serve what the chain gave now; self-test and time ``cpu`` (every CPU candidate) on a thread, and
+        switch to the fastest at the next :meth:`predict` (on the serving thread, so a file's outputs always
+        name the backend that segmented it). The measurement is kept in ``cache`` for the next start."""
+        self.choice = {"by": "chain order (measuring the CPU candidates in the background)"}
+
+        def run() -> None:
+            errors: list[str] = []
+            try:
+                timed = self._measure(cpu, errors)
+            except Exception as exc:  # never the service's problem: it keeps the chain's choice
+                log.warning("background CPU measurement failed: %s: %s", type(exc).__name__, exc)
+                return
+            if not timed:
+                return
+            choice = self._choice(timed, cpu, "measurement (in the background)")
+            if cache is not None:
+                _write_choice(cache, {**choice, "by": "measurement"})
+            log.warning("CPU candidates measured in the background: %s (serving it from the next image)",
+                        choice["reason"], extra={"event": "backend_measured_background", "backend": choice["chosen"]})
+            self._promotion = timed, choice, errors
+
+        thread = threading.Thread(target=run, name="lungseg-cpu-measure", daemon=True)
+        thread.start()
+        self._measuring = thread
+        return thread
+
+    def _promote(self) -> None:
+        """Apply a finished background measurement: the fastest serves, the rest follow in measured order."""
+        promotion, self._promotion = self._promotion, None
+        if promotion is None:
+            return
+        timed, choice, errors = promotion
+        _, name, _, fastest, _, record = timed[0]
+        self.choice = choice
+        self.fallbacks.extend(e for e in errors if e not in self.fallbacks)  # candidates that failed to load/test
+        failed = {name for name, _ in self._failed}
+        if name == self.current_name or name in failed or fastest is None:
+            _close(fastest)
+        else:
+            old, self.current, self.current_name, self.selftest = self.current, fastest, name, record
+            _close(old)
+            log.warning("CPU backend switched after measuring: %s", choice["reason"],
+                        extra={"event": "backend_measured", "backend": name})
+            for listener in self._listeners:
+                listener(self)
+        by_name = dict(self._chain)
+        ranked = [n for _, n, _, _, _, _ in timed if n != self.current_name and n not in failed]
+        others = [(n, f) for n, f in self._pending if n not in CPU_CANDIDATES]
+        self._pending = [(n, by_name[n]) for n in ranked if n in by_name] + others
+
     def _advance(self, failure: str | None = None) -> None:
-        old = self.current
+        old, old_name = self.current, self.current_name
         errors: list[str] = []
         while self._pending:
             if (old is None and self._measure_cpu and self._selftest and self._pending[0][0] in CPU_CANDIDATES
@@ -334,6 +401,7 @@ class FallbackPredictor:
             self.current, self.current_name, self.selftest = predictor, name, record
             self.fallbacks.extend(errors)
             if old is not None:
+                self._failed.append((old_name, failure or ""))
                 self.demotions.append({"at": _now(), "from": getattr(old, "backend", "?"),
                                        "from_precision": getattr(old, "precision", "?"), "to": predictor.backend,
                                        "to_precision": predictor.precision, "reason": failure or "",
@@ -369,6 +437,8 @@ class FallbackPredictor:
         shape = getattr(batch, "shape", ())
         if len(shape) != 4 or tuple(shape[1:]) != (CHANNELS, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"model input must be (N, {CHANNELS}, {INPUT_SIZE}, {INPUT_SIZE}), got {shape}")
+        if self._promotion is not None:  # a background measurement finished: the fastest serves from now on
+            self._promote()
         while True:
             assert self.current is not None
             try:
@@ -447,6 +517,10 @@ def _close(predictor: Any) -> None:
             log.warning("could not release %s cleanly: %s", getattr(predictor, "backend", "?"), exc)
 
 
+# a measured CPU candidate: (ms per image, name, factory, its predictor if left open, self-test summary, record)
+_Timed = tuple[float, str, Factory, "Predictor | None", str, dict[str, Any]]
+
+
 @dataclass
 class Selection:
     """The predictor chosen at start-up and why the better ones were not."""
@@ -474,8 +548,11 @@ def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None 
     if cached is not None:  # measured here before, same bundle, CPU and runtimes: that ranking, first that passes
         order = {name: i for i, name in enumerate(cached["ms_per_image_b1"])}
         chain = sorted(chain, key=lambda c: (c[0] in CPU_CANDIDATES, order.get(c[0], len(order))))
+    later = measure and cached is None and options.measure_in_background and options.selftest
     predictor = FallbackPredictor(chain, bundle.root, selftest=options.selftest,
-                                  measure_cpu=measure and cached is None)
+                                  measure_cpu=measure and cached is None and not later)
+    if later and predictor.current_name in CPU_CANDIDATES:
+        predictor.measure_in_background([c for c in chain if c[0] in CPU_CANDIDATES], cache)
     if cached is not None:
         predictor.choice = {**cached, "by": "measurement (cached)", "cache": cache.name if cache else None}
         if predictor.current_name != cached.get("chosen"):

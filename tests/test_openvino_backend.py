@@ -132,6 +132,45 @@ def test_the_fastest_cpu_candidate_serves_and_why_is_recorded(openvino_bundle: P
 
 
 @needs_openvino
+def test_the_service_serves_at_once_and_switches_to_the_fastest_after_measuring(openvino_bundle: Path,
+                                                                                 tmp_path: Path) -> None:
+    """First start on a box: ready with the chain's first candidate; the CPU candidates are measured on a
+    thread; the next predict serves the fastest (listeners told, so outputs name it), kept for the next start."""
+    from lungseg.bundle import resolve_bundle
+    from lungseg.predictors import CPU_CANDIDATES, FallbackPredictor
+    from lungseg.selftest import load_golden
+
+    bundle = resolve_bundle(openvino_bundle)
+    options = BackendOptions(threads=2, engine_cache=tmp_path / "engines", measure_in_background=True)
+    selection = select_predictor(bundle, "cpu", options=options)
+    predictor = selection.predictor
+    assert predictor.choice["by"].startswith("chain order") and predictor.current_name == "openvino-int8"
+    assert selection.seconds < 2.0  # ready without timing five candidates first
+    assert predictor._measuring is not None
+    predictor._measuring.join(120)
+    golden = load_golden(openvino_bundle)
+    predictor.predict(golden.inputs[:1])
+    choice = predictor.choice
+    timings = choice["ms_per_image_b1"]
+    assert choice["by"] == "measurement (in the background)" and predictor.current_name == choice["chosen"]
+    assert choice["chosen"] == min(timings, key=timings.get)
+    assert [n for n, _ in predictor._pending] == sorted(timings, key=timings.get)[1:]
+    assert select_predictor(bundle, "cpu", options=options).predictor.choice["by"] == "measurement (cached)"
+    # a chain whose first candidate is the slowest: serving switches at the next predict, and says so
+    slow_first = sorted(candidates(bundle, "cpu", BackendOptions(threads=2)), key=lambda c: c[0] != "cpu-fp32")
+    fallback = FallbackPredictor(slow_first, bundle.root)
+    assert fallback.current_name == "cpu-fp32"
+    changes: list[str] = []
+    fallback.on_change(lambda p: changes.append(p.current_name))
+    fallback.measure_in_background([c for c in slow_first if c[0] in CPU_CANDIDATES], None).join(120)
+    assert fallback.current_name == "cpu-fp32" and not changes  # nothing changes until the next predict
+    out = fallback.predict(golden.inputs[:1])
+    assert out.shape[0] == 1 and fallback.current_name == fallback.choice["chosen"]
+    if fallback.current_name != "cpu-fp32":
+        assert changes == [fallback.current_name]
+
+
+@needs_openvino
 def test_openvino_int8_passes_its_selftest_and_serves_when_pinned(openvino_bundle: Path) -> None:
     from lungseg.bundle import resolve_bundle
     from lungseg.selftest import load_golden
