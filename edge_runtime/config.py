@@ -139,6 +139,15 @@ class EdgeConfig(GateOptions):
         "per bundle, CPU and runtime versions, kept in <state>/engines; why is in backend.json); chain = the first "
         "that passes, OpenVINO int8 -> bf16 -> fp32 -> onnxruntime int8 -> fp32; a candidate's name pins it "
         "first"))
+    dla_core: int | None = field(default=None, metadata=setting(
+        section=MODEL, commented=True, sample=0, metavar="N", default_text="none, the GPU",
+        help="TensorRT on DLA core N (Jetson AGX/NX Orin): a static one-image engine, built once into "
+        "<state>/engines (or beforehand with `lungseg-export --engine-only --dla-core N --state <state>`); "
+        "layers the DLA cannot run fall back to the GPU (the build logs how many)"))
+    cuda_graph: bool = field(default=False, metadata=setting(
+        section=MODEL, commented=True,
+        help="TensorRT: capture each batch size's inference as a CUDA graph after a warm-up run and replay it "
+        "(lower launch overhead on small GPUs); a failed capture runs that batch without the graph"))
     threshold: float | None = field(default=None, metadata=setting(
         section=MODEL, commented=True, sample=0.5, metavar="P", default_text="the model's own, else 0.5",
         help="probability threshold"))
@@ -266,6 +275,18 @@ class EdgeConfig(GateOptions):
         section=RECEIVER, commented=True,
         help="let a receiver bound to a network address (not loopback) accept senders whose host scp_allow "
         "does not name; without it such a receiver needs every scp_allow entry as \"AET@host\""))
+    # --- the receiver's connection limits (edge_runtime/scp_guard.py; INSTALL.md "The DICOM receiver")
+    scp_max_associations: int = field(default=8, metadata=setting(
+        section=RECEIVER, commented=True, metavar="N",
+        help="established associations at once (one more is closed at once; connections still negotiating "
+        "have a pool of their own)"))
+    scp_max_per_host: int = field(default=4, metadata=setting(
+        section=RECEIVER, commented=True, metavar="N", help="established associations at once from one address"))
+    scp_handshake_seconds: float = field(default=10.0, metadata=setting(
+        section=RECEIVER, commented=True, metavar="S",
+        help="a connection must complete association negotiation within this, however many bytes it trickles"))
+    scp_association_seconds: float = field(default=600.0, metadata=setting(
+        section=RECEIVER, commented=True, metavar="S", help="the longest an association may last in all"))
     # --- DICOM TLS (edge_runtime/tls.py): TLS 1.2+ only; see INSTALL.md "DICOM TLS"
     scp_tls_cert: Path | None = field(default=None, metadata=setting(
         section=RECEIVER, commented=True, sample="/etc/lungseg/tls/server.crt", metavar="PEM",
@@ -350,6 +371,11 @@ class EdgeConfig(GateOptions):
         section=AUDIT_RETENTION, metavar="DAYS", help="delete quarantined files this old (0: keep)"))
     retention_log_days: float = field(default=0.0, metadata=setting(
         section=AUDIT_RETENTION, metavar="DAYS", help="delete crash logs (crash.log.*) this old (0: keep)"))
+    retention_min_free_mb: float = field(default=0.0, metadata=setting(
+        section=AUDIT_RETENTION, metavar="MB",
+        help="below this much free space on the output or watch folder's file system, delete the oldest "
+        "deletable files (handled received files, delivered outputs, quarantine) whatever their age until "
+        "there is room; above disk_min_free_mb (0: off)"))
 
     # --- drift monitor (edge_runtime/drift_monitor.py; issue 23) ---
     drift: bool = field(default=True, metadata=setting(
@@ -418,6 +444,8 @@ class EdgeConfig(GateOptions):
         for name in ("sc_max_side", "decode_min_side"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (0: no limit / full resolution)")
+        if self.dla_core is not None and self.dla_core < 0:
+            raise ConfigError("dla_core must be 0 or more (a DLA core's number)")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if not (self.sc or self.seg):
@@ -451,14 +479,22 @@ class EdgeConfig(GateOptions):
             raise ConfigError(str(exc)) from None
         if problem and self.scp_port is not None:
             raise ConfigError(problem)
+        if self.scp_max_associations < 1 or not 1 <= self.scp_max_per_host <= self.scp_max_associations:
+            raise ConfigError("scp_max_associations must be at least 1 and scp_max_per_host between 1 and it")
+        if self.scp_handshake_seconds <= 0 or self.scp_association_seconds < self.scp_handshake_seconds:
+            raise ConfigError("scp_handshake_seconds must be positive and scp_association_seconds at least as long")
         if self.scp_port is not None and self.once:
             raise ConfigError("the DICOM receiver (scp_port) runs with the service, not with --once")
         if self.drift_window < 20 or self.drift_site_after < 0:  # drift monitor (issue 23)
             raise ConfigError("drift_window must be at least 20 and drift_site_after not negative")
         for name in ("audit_max_mb", "disk_min_free_mb", "disk_min_free_percent", "retention_received_days",
-                     "retention_output_days", "retention_quarantine_days", "retention_log_days"):
+                     "retention_output_days", "retention_quarantine_days", "retention_log_days",
+                     "retention_min_free_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if 0 < self.retention_min_free_mb <= self.disk_min_free_mb:
+            raise ConfigError("retention_min_free_mb must be above disk_min_free_mb: retention makes room before "
+                              "the disk guard stops work")
         if self.disk_min_free_percent >= 100:
             raise ConfigError("disk_min_free_percent must be below 100")
         if self.health_stale_seconds <= 0:

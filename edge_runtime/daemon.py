@@ -79,6 +79,7 @@ WATCH_CHECK_SECONDS = 1.0
 ONCE_RETRIES = 2  # --once: short retries of a transient fault (memory, disk) before leaving the file undone
 CRASH_LOG = "crash.log"
 RETENTION_INTERVAL_SECONDS = 3600.0
+FREE_SPACE_SWEEP_SECONDS = 60.0  # the sweep's interval while below retention_min_free_mb
 UNDONE = "undone"  # files a --once run leaves for the next run (a total, not an outcome status)
 
 _T = TypeVar("_T")
@@ -483,7 +484,9 @@ def _loop(config: EdgeConfig, processor: Processor, tracker: ReadyTracker, notif
         if guard is not None:
             guard.check()
         if retention is not None and retention.active and time.monotonic() >= next_sweep:
-            next_sweep = time.monotonic() + RETENTION_INTERVAL_SECONDS
+            # hourly; every minute while free-space retention has something to do
+            next_sweep = time.monotonic() + (FREE_SPACE_SWEEP_SECONDS if retention.short_of_space()
+                                             else RETENTION_INTERVAL_SECONDS)
             try:
                 retention.sweep()
             except (OSError, sqlite3.Error) as exc:

@@ -87,7 +87,6 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111  # a different instance under a UID already stored (kept aside)
 
-MAX_ASSOCIATIONS = 8  # established associations; connections still negotiating have their own pool
 TIMEOUT_SECONDS = 60.0
 NETWORK_TIMEOUT_SECONDS = 30.0  # silence on a connection (a drip is bounded by the guard's deadlines)
 SATURATED_SECONDS = 60.0  # /healthz says "receiver_saturated" this long after a connection found no free slot
@@ -440,8 +439,8 @@ class StorageReceiver:
         self.guard.check_command = self.command_problem
 
         ae = AE(ae_title=self.ae_title)
-        self.guard.max_established = MAX_ASSOCIATIONS
-        ae.maximum_associations = MAX_ASSOCIATIONS + 4 * self.guard.pending_cap  # a backstop: the guard enforces
+        # a backstop: the guard enforces its own caps (max_established, per_host; scp_* settings)
+        ae.maximum_associations = self.guard.max_established + 4 * self.guard.pending_cap
         ae.acse_timeout = ae.dimse_timeout = TIMEOUT_SECONDS
         ae.network_timeout = NETWORK_TIMEOUT_SECONDS
         ae.maximum_pdu_size = MAX_PDU_BYTES

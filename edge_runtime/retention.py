@@ -1,4 +1,4 @@
-"""The disk guard (on by default) and age-based retention (off by default).
+"""The disk guard (on by default) and age- and free-space-based retention (off by default).
 
 **Disk guard.** Free space is *low* on a folder's file system when it is below
 ``disk_min_free_mb`` or below ``disk_min_free_percent`` of the file system (either set to
@@ -19,7 +19,15 @@ watermark free again (the margin keeps it from flapping). Each change is logged 
 * ``retention_quarantine_days`` -- quarantined copies with their ``.reason.json``;
 * ``retention_log_days`` -- ``crash.log.*`` files in the state folder (the audit trail is kept).
 
-Every deletion is an audit event (``retention_delete``).
+**Free-space retention.** With ``retention_min_free_mb`` set (above the disk guard's
+``disk_min_free_mb``, so room is made before work stops), a sweep that finds less free space
+on the output or watch folder's file system deletes the oldest of those same deletable
+files (handled received files, the device's handled files only with
+``retention_watch_files``, delivered outputs, quarantined copies), whatever their age,
+until there is room again; never a file not yet processed, never an output still to be
+delivered.
+
+Every deletion is an audit event (``retention_delete``, with ``by``: ``age`` or ``free_space``).
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,36 +162,66 @@ class ReceivedFiles:
 
 
 # --- retention -------------------------------------------------------------------------------------------------
-class Retention:
-    """One sweep deletes what has aged out (see the module docstring); every deletion is audited."""
+@dataclass
+class _Deletable:
+    """A file retention may delete, with what its deletion records."""
 
-    def __init__(self, config: Any, ledger: Ledger, received: ReceivedFiles, hasher: audit.Hasher):
+    path: Path
+    mtime: float
+    kind: str  # "received", "watch", "output", "quarantine"
+    fields: dict[str, Any]  # the audit record's fields
+    companion: Path | None = None  # deleted first (a quarantined copy beside its reason file)
+    ref: str | None = None  # a received file's reference, forgotten once it is deleted
+
+
+class Retention:
+    """One sweep deletes what has aged out, then, below ``retention_min_free_mb`` free, the oldest deletable
+    files whatever their age until there is room again (see the module docstring); every deletion is audited."""
+
+    def __init__(self, config: Any, ledger: Ledger, received: ReceivedFiles, hasher: audit.Hasher,
+                 statvfs: StatVfs = os.statvfs):
         self.config = config
         self.ledger = ledger
         self.received = received
         self.hasher = hasher
+        self.statvfs = statvfs
 
     @property
     def active(self) -> bool:
         c = self.config
-        return any(getattr(c, n) > 0 for n in ("retention_received_days", "retention_output_days",
-                                                "retention_quarantine_days", "retention_log_days"))
+        return any(getattr(c, n, 0) > 0 for n in ("retention_received_days", "retention_output_days",
+                                                   "retention_quarantine_days", "retention_log_days",
+                                                   "retention_min_free_mb"))
 
     def _handled(self, ref: str, st: os.stat_result) -> bool:
         sha = self.ledger.sha_for_path(ref, st)
         return sha is not None and self.ledger.file_status(sha, ref) is not None
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
-        """Delete what is older than its retention; returns how many files of each kind."""
+        """Delete what is older than its retention, then the oldest deletable files while free space is below
+        ``retention_min_free_mb``; returns how many files of each kind."""
         now = time.time() if now is None else now
         c = self.config
         done = {"received": 0, "watch": 0, "output": 0, "quarantine": 0, "log": 0}
+        aged: list[_Deletable] = []
         if c.retention_received_days > 0:
-            self._sweep_watch(now - c.retention_received_days * DAY, done)
+            aged += self._watch_items(now - c.retention_received_days * DAY)
         if c.retention_output_days > 0:
-            self._sweep_outputs(now - c.retention_output_days * DAY, done)
+            aged += self._output_items(now - c.retention_output_days * DAY)
         if c.retention_quarantine_days > 0:
-            self._sweep_quarantine(now - c.retention_quarantine_days * DAY, done)
+            aged += self._quarantine_items(now - c.retention_quarantine_days * DAY)
+        forgotten: set[str] = set()
+        for item in aged:
+            self._delete(item, done, forgotten)
+        if self.short_of_space():
+            pool = sorted(self._watch_items(math.inf) + self._output_items(math.inf)
+                          + self._quarantine_items(math.inf), key=lambda i: i.mtime)
+            for item in pool:  # oldest first, until there is room again
+                if not self.short_of_space():
+                    break
+                self._delete(item, done, forgotten, by="free_space")
+        self.received.forget(forgotten)
+        self._remove_empty_studies()
         if c.retention_log_days > 0:
             for path in Path(c.state_dir).glob("crash.log.*"):
                 if _older(path, now - c.retention_log_days * DAY) and _unlink(path):
@@ -192,10 +232,34 @@ class Retention:
                      extra={"event": "retention", **done})
         return done
 
-    def _sweep_watch(self, cutoff: float, done: dict[str, int]) -> None:
+    def short_of_space(self) -> bool:
+        """Whether the output or watch folder's file system has less than ``retention_min_free_mb`` free
+        (``False`` while free-space retention is off)."""
+        if getattr(self.config, "retention_min_free_mb", 0) <= 0:
+            return False
+        need = float(self.config.retention_min_free_mb) * (1 << 20)
+        for folder in (self.config.out_dir, self.config.watch_dir):
+            with contextlib.suppress(OSError):
+                st = self.statvfs(str(folder))
+                if st.f_bavail * st.f_frsize < need:
+                    return True
+        return False
+
+    def _delete(self, item: _Deletable, done: dict[str, int], forgotten: set[str], by: str = "age") -> None:
+        if item.companion is not None:
+            _unlink(item.companion)
+        if _unlink(item.path):
+            done[item.kind] += 1
+            audit.record("retention_delete", kind=item.kind, by=by, **item.fields)
+            if item.ref is not None:
+                forgotten.add(item.ref)
+
+    def _watch_items(self, cutoff: float) -> list[_Deletable]:
+        """Handled files in the watch folder older than ``cutoff``: the receiver's (and, with
+        ``retention_watch_files``, the device's); never one not yet processed."""
         watch = Path(self.config.watch_dir)
         received = self.received.load()
-        forgotten: set[str] = set()
+        items: list[_Deletable] = []
         candidates = watch.rglob("*") if self.config.retention_watch_files else watch.glob("*.dcm")
         for path in candidates:
             try:
@@ -210,20 +274,22 @@ class Retention:
                     and path.parent == watch and self.ledger.sha_for_path(ref, st) == entry["sha256"])
             if not (ours or self.config.retention_watch_files) or not self._handled(ref, st):
                 continue  # never a file not yet processed: nothing accepted is lost
-            if _unlink(path):
-                kind = "received" if ours else "watch"
-                done[kind] += 1
-                audit.record("retention_delete", kind=kind, file=ref, sha256=self.ledger.sha_for_path(ref, st))
-                if ours:
-                    forgotten.add(ref)
-        self.received.forget(forgotten)
+            items.append(_Deletable(path, st.st_mtime, "received" if ours else "watch",
+                                    {"file": ref, "sha256": self.ledger.sha_for_path(ref, st)},
+                                    ref=ref if ours else None))
+        return items
 
-    def _sweep_outputs(self, cutoff: float, done: dict[str, int]) -> None:
+    def _studies(self) -> list[Path]:
         out = Path(self.config.out_dir)
         skip = {Path(self.config.state_dir).resolve(), Path(self.config.quarantine_dir).resolve()}
-        for study in out.iterdir():
-            if not study.is_dir() or study.is_symlink() or study.resolve() in skip or not valid_uid(study.name):
-                continue
+        return [study for study in out.iterdir() if study.is_dir() and not study.is_symlink()
+                and study.resolve() not in skip and valid_uid(study.name)] if out.is_dir() else []
+
+    def _output_items(self, cutoff: float) -> list[_Deletable]:
+        """Outputs older than ``cutoff``, except those still waiting to be forwarded."""
+        out = Path(self.config.out_dir)
+        items: list[_Deletable] = []
+        for study in self._studies():
             for path in study.iterdir():
                 if not path.is_file() or path.name.startswith(".") or not _older(path, cutoff):
                     continue
@@ -231,17 +297,22 @@ class Retention:
                 row = self.ledger.db.execute("SELECT status FROM forward WHERE path=?", (rel,)).fetchone()
                 if row is not None and row[0] == "pending":
                     continue  # still to be delivered
-                if _unlink(path):
-                    done["output"] += 1
-                    sop, _, kind = path.name.partition(".")
-                    audit.record("retention_delete", kind="output", output=kind, sop=sop, study=study.name)
+                sop, _, kind = path.name.partition(".")
+                items.append(_Deletable(path, path.lstat().st_mtime, "output",
+                                        {"output": kind, "sop": sop, "study": study.name}))
+        return items
+
+    def _remove_empty_studies(self) -> None:
+        for study in self._studies():
             with contextlib.suppress(OSError):
                 study.rmdir()  # only when empty
 
-    def _sweep_quarantine(self, cutoff: float, done: dict[str, int]) -> None:
+    def _quarantine_items(self, cutoff: float) -> list[_Deletable]:
+        """Quarantined copies (with their reason files) older than ``cutoff``."""
         folder = Path(self.config.quarantine_dir)
         if not folder.is_dir():
-            return
+            return []
+        items: list[_Deletable] = []
         for reason_path in folder.glob(f"*{REASON_SUFFIX}"):
             if not _older(reason_path, cutoff):
                 continue
@@ -249,11 +320,10 @@ class Retention:
             with contextlib.suppress(OSError, ValueError):
                 info = json.loads(reason_path.read_text())
             copy = reason_path.with_name(reason_path.name[: -len(REASON_SUFFIX)])
-            _unlink(copy)
-            if _unlink(reason_path):
-                done["quarantine"] += 1
-                audit.record("retention_delete", kind="quarantine", file=info.get("file_ref"),
-                             sha256=info.get("sha256"), code=info.get("code"))
+            items.append(_Deletable(reason_path, reason_path.lstat().st_mtime, "quarantine",
+                                    {"file": info.get("file_ref"), "sha256": info.get("sha256"),
+                                     "code": info.get("code")}, companion=copy))
+        return items
 
 
 def _older(path: Path, cutoff: float) -> bool:

@@ -15,6 +15,7 @@ from lungseg.edge_runtime import service_metrics
 from lungseg.edge_runtime.config import EdgeConfig
 from lungseg.edge_runtime.receiver import ReceiverUnavailableError, StorageReceiver
 from lungseg.edge_runtime.retention import ReceivedFiles
+from lungseg.edge_runtime.scp_guard import ConnectionGuard
 from lungseg.edge_runtime.tls import TlsError, receiver_context
 from lungseg.edge_runtime.watcher import ReadyTracker
 from lungseg.errors import LungsegError
@@ -62,6 +63,9 @@ def start_receiver(config: EdgeConfig, disk_guard: Callable[[], str | None] | No
         receiver = StorageReceiver(config.watch_dir, config.scp_port, config.scp_ae, config.scp_bind,
                                    config.scp_allow)
         receiver.disk_guard, receiver.received = disk_guard, received
+        receiver.guard = ConnectionGuard(handshake_seconds=config.scp_handshake_seconds,
+                                         association_seconds=config.scp_association_seconds,
+                                         per_host=config.scp_max_per_host, max_established=config.scp_max_associations)
         receiver.conflicts_dir = config.quarantine_dir / "receiver-conflicts"  # duplicate UIDs kept aside
         receiver.limits = config.decode_limits()  # max_file_mb, max_pixels, max_frames before 0x0000
         receiver.ssl_context = receiver_context(config)  # DICOM TLS when scp_tls_cert is set

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/lungseg/engines)")
     device.add_argument("--force", action="store_true", help="rebuild even if a checked engine (or a refusal) exists")
     device.add_argument("--dla-core", type=int, default=None, metavar="N",
-                        help="build for DLA core N (Jetson AGX/NX Orin), GPU fallback for unsupported layers")
+                        help="build for DLA core N (Jetson AGX/NX Orin): a static one-image engine (the DLA runs "
+                        "static shapes only; --profile is ignored), GPU fallback for unsupported layers, the "
+                        "layer placement logged; the service uses it with dla_core = N")
     quant = parser.add_argument_group("int8 options")
     quant.add_argument("--int8-format", choices=("qdq", "qoperator"), default="qdq")
     quant.add_argument("--int8-per-tensor", action="store_true", help="per-tensor instead of per-channel weights")

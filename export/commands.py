@@ -34,7 +34,7 @@ from lungseg.export.parity import (
     format_table,
 )
 from lungseg.export.samples import SampleSourceError, describe_source, load_samples, model_batch
-from lungseg.tensorrt_build import EngineBuildError, EngineSettings, parse_profile
+from lungseg.tensorrt_build import EngineBuildError, EngineSettings, engine_settings, parse_profile
 from lungseg.tensorrt_runtime import tensorrt_unavailable_reason
 
 log = logging.getLogger("lungseg.export")
@@ -43,7 +43,9 @@ log = logging.getLogger("lungseg.export")
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Settings checked, then the chosen command."""
     try:
-        settings = EngineSettings(parse_profile(args.profile), args.workspace_mb, args.timing_cache, args.dla_core)
+        settings = (engine_settings(args.dla_core, workspace_mb=args.workspace_mb, timing_cache=args.timing_cache)
+                    if args.dla_core is not None else
+                    EngineSettings(parse_profile(args.profile), args.workspace_mb, args.timing_cache))
     except ValueError as exc:
         parser.error(str(exc))
     args.min_dice_fp32 = DEFAULT_MIN_DICE_FP32 if args.min_dice_fp32 is None else args.min_dice_fp32

@@ -67,15 +67,42 @@ class EngineSettings:
         return {**asdict(self), "timing_cache": str(self.timing_cache) if self.timing_cache else None}
 
 
+#: a DLA runs static shapes only (min = opt = max); with a dynamic profile and GPU fallback every layer would
+#: silently run on the GPU. One image at a time: the predictor splits larger batches.
+DLA_PROFILE = (1, 1, 1)
+
+
 def parse_profile(text: str) -> tuple[int, int, int]:
-    """``"1,1,8"`` -> ``(1, 1, 8)``; min <= opt <= max, all >= 1."""
+    """``"1,1,8"`` -> ``(1, 1, 8)``; MIN is 1 (a batch's last, shorter part must fit), MIN <= OPT <= MAX."""
     try:
         low, opt, high = (int(v) for v in text.split(","))
     except ValueError as exc:
         raise ValueError(f"profile {text!r} is not MIN,OPT,MAX (e.g. 1,1,8)") from exc
     if not 1 <= low <= opt <= high:
         raise ValueError(f"profile {text!r} needs 1 <= MIN <= OPT <= MAX")
+    if low != 1:
+        raise ValueError(f"profile {text!r}: MIN must be 1 (a batch's last, shorter part runs with fewer images; "
+                         "an engine that cannot take it would be demoted)")
     return low, opt, high
+
+
+def engine_settings(dla_core: int | None = None, **fields: Any) -> EngineSettings:
+    """Build settings for a GPU (the default profile) or a DLA core (the static :data:`DLA_PROFILE`)."""
+    if dla_core is not None:
+        fields["profile"] = DLA_PROFILE
+    return EngineSettings(dla_core=dla_core, **fields)
+
+
+def _report_dla_placement(config: Any, network: Any, core: int) -> dict[str, int]:
+    """Log how many of the network's layers the DLA can run (``IBuilderConfig.can_run_on_DLA``); the rest fall
+    back to the GPU."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    on_dla = sum(1 for layer in layers if config.can_run_on_DLA(layer))
+    gpu = [layer.name for layer in layers if not config.can_run_on_DLA(layer)]
+    log.warning("DLA core %d: %d of %d layers run on the DLA, %d on the GPU%s", core, on_dla, len(layers), len(gpu),
+                f" ({', '.join(gpu[:5])}{', ...' if len(gpu) > 5 else ''})" if gpu else "",
+                extra={"event": "dla_placement", "dla_layers": on_dla, "gpu_layers": len(gpu)})
+    return {"dla": on_dla, "gpu": len(gpu)}
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -274,9 +301,13 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _pin_output_precision(trt, network)
     if settings.dla_core is not None:
+        if len(set(settings.profile)) != 1:
+            raise EngineBuildError(f"DLA core {settings.dla_core}: the DLA runs static shapes only, not the profile "
+                                   f"{settings.profile} (with GPU fallback every layer would run on the GPU)")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(settings.dla_core)
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        _report_dla_placement(config, network, settings.dla_core)
     low, opt, high = settings.profile
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *((n, CHANNELS, INPUT_SIZE, INPUT_SIZE) for n in (low, opt, high)))
@@ -305,5 +336,6 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
     return bytes(serialized), facts
 
 
-__all__ = ["DEFAULT_PROFILE", "DEFAULT_WORKSPACE_MB", "MIN_TENSORRT", "EngineBuildError", "EngineSettings",
-           "build_serialized", "choose_source", "make_logger", "parse_profile", "supported_reason", "version_tuple"]
+__all__ = ["DEFAULT_PROFILE", "DEFAULT_WORKSPACE_MB", "DLA_PROFILE", "MIN_TENSORRT", "EngineBuildError",
+           "EngineSettings", "build_serialized", "choose_source", "engine_settings", "make_logger", "parse_profile",
+           "supported_reason", "version_tuple"]

@@ -56,9 +56,9 @@ from lungseg.engine_cache import EngineCache, EngineKey, usable_engine
 from lungseg.selftest import GoldenSetError, load_golden, run_selftest
 from lungseg.tensorrt_build import (
     EngineBuildError,
-    EngineSettings,
     build_serialized,
     choose_source,
+    engine_settings,
     make_logger,
     supported_reason,
 )
@@ -337,7 +337,7 @@ def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = No
     """``(engine path, manifest, where)`` of a parity-passed engine for this device, building one if needed."""
     trt = trt or import_tensorrt()
     device = cuda_device_identity()
-    settings = settings or EngineSettings(dla_core=options.dla_core)
+    settings = settings or engine_settings(options.dla_core)
     try:
         key, onnx_path, typing = engine_key(trt, bundle.root, settings, device)
     except EngineBuildError as exc:

@@ -1,11 +1,18 @@
-"""An in-process stand-in for the ``tensorrt`` Python module (8.6, 10.x or 11 flavour) that enforces its contracts.
+"""An in-process stand-in for the ``tensorrt`` Python module (8.6 or 10.x flavour) that enforces its contracts.
 
 What it holds a caller to, as the real library does:
 
 * 8.x: ``create_network`` without the ``EXPLICIT_BATCH`` bit gives an implicit-batch
-  network the ONNX parser rejects; 10.x accepts (and ignores) the bit; "11" has no
-  ``EXPLICIT_BATCH`` and no ``BuilderFlag.FP16``; ``STRONGLY_TYPED`` exists from 10.x,
-  and a strongly typed network refuses precision flags at build time;
+  network the ONNX parser rejects; 10.x accepts (and ignores) the bit; ``STRONGLY_TYPED``
+  exists from 10.x, and a strongly typed network refuses precision flags at build time
+  (no later API is modelled: a version from 11 on is refused, since its API is not known
+  from NVIDIA's sources);
+* DLA (``default_device_type = DLA`` with ``GPU_FALLBACK``): a layer runs on the DLA only
+  with a static profile (min = opt = max), otherwise it falls back to the GPU with a logged
+  warning, as TensorRT does; ``can_run_on_DLA`` answers per layer. A DLA engine is
+  deserialised by a ``Runtime`` whose ``DLA_core`` is set to the engine's core (what
+  NVIDIA's samples do; what the real runtime does when it is left at -1 is not documented,
+  so the fake refuses it);
 * a custom logger must subclass ``ILogger`` and call ``ILogger.__init__``;
 * a dynamic input needs an optimisation profile; the execution context accepts
   only input shapes inside it and needs every tensor address before it runs;
@@ -114,14 +121,14 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
                                      "one already provided; the existing value will be used instead")
         return state.process_logger
 
-    flags = {"EXPLICIT_BATCH": 0} if state.major < 11 else {}
+    if state.major >= 11:
+        raise ValueError(f"fake TensorRT {state.version}: only the 8.6 and 10.x APIs are modelled")
+    flags = {"EXPLICIT_BATCH": 0}
     if state.major >= 10:
         flags["STRONGLY_TYPED"] = 1  # NvInfer.h 10.x: kEXPLICIT_BATCH = 0, kSTRONGLY_TYPED = 1
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", flags) if flags else (
         types.SimpleNamespace())
-    builder_flags = {"OBEY_PRECISION_CONSTRAINTS": 1, "GPU_FALLBACK": 2}
-    if state.major < 11:
-        builder_flags["FP16"] = 0
+    builder_flags = {"FP16": 0, "OBEY_PRECISION_CONSTRAINTS": 1, "GPU_FALLBACK": 2}
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", builder_flags)
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
     trt.DeviceType = enum.IntEnum("DeviceType", {"GPU": 0, "DLA": 1})
@@ -264,6 +271,9 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
         def get_timing_cache(self) -> TimingCache | None:
             return self._cache
 
+        def can_run_on_DLA(self, layer: Layer) -> bool:  # noqa: N802 - TensorRT's name
+            return not layer.name.startswith("/Sigmoid")  # the fake's DLA has no sigmoid: one layer falls back
+
     class HostMemory:
         def __init__(self, data: bytes):
             self._data = data
@@ -308,12 +318,25 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
                         self.logger.log(Severity.ERROR, "build cancelled by the progress monitor")
                         return None
                 monitor.phase_finish("Building engine")
+            dla = config.DLA_core if config.default_device_type == trt.DeviceType.DLA else None
+            dla_layers = 0
+            if dla is not None:
+                low, _, high = config.profiles[0].shapes["image"]
+                if trt.BuilderFlag.GPU_FALLBACK not in config.flags:
+                    self.logger.log(Severity.ERROR, "DLA: layers the DLA cannot run need GPU_FALLBACK")
+                    return None
+                if low != high:  # TensorRT: dynamic shapes are not supported on DLA; every layer falls back
+                    for layer in network.layers:
+                        self.logger.log(Severity.WARNING, f"{layer.name}: DLA does not support dynamic shapes, "
+                                        "falling back to GPU")
+                else:
+                    dla_layers = sum(1 for layer in network.layers if config.can_run_on_DLA(layer))
             state.builds += 1
             props = state.cuda.props[0]
             header = {"version": state.version, "gpu": props.name.decode(), "sm": props.multiProcessorCount,
                       "profile": [list(s) for s in config.profiles[0].shapes["image"]],
                       "fp16": network.strongly_typed or trt.BuilderFlag.__members__.get("FP16") in config.flags,
-                      "dla": config.DLA_core if config.default_device_type == trt.DeviceType.DLA else None,
+                      "dla": dla, "dla_layers": dla_layers,
                       "onnx": base64.b64encode(network.onnx).decode()}
             return HostMemory(MAGIC + json.dumps(header).encode())
 
@@ -416,6 +439,10 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
                 return None
             if header["gpu"] != props.name.decode() or header["sm"] != props.multiProcessorCount:
                 self.logger.log(Severity.ERROR, "engine plan was built for a different device")
+                return None
+            if header.get("dla") is not None and self.DLA_core != header["dla"]:
+                self.logger.log(Severity.ERROR, f"engine built for DLA core {header['dla']}; Runtime.DLA_core is "
+                                f"{self.DLA_core}")
                 return None
             return Engine(header, self.logger)
 

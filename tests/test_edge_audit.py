@@ -334,6 +334,65 @@ def test_retention_deletes_only_handled_files_it_owns_and_audits_each(tmp_path: 
     assert done["watch"] >= 1
 
 
+def test_free_space_retention_deletes_the_oldest_deletable_files_until_there_is_room(tmp_path: Path) -> None:
+    """Below retention_min_free_mb: oldest first, whatever their age, until above it; never a file not yet
+    processed or an output not yet delivered."""
+    import hashlib
+
+    watch, out, state = tmp_path / "watch", tmp_path / "out", tmp_path / "state"
+    for d in (watch, out, state):
+        d.mkdir()
+    config = EdgeConfig(watch=watch, out=out, state=state, retention_min_free_mb=700).validate()
+    hasher = audit.Hasher(state)
+    received = ReceivedFiles(state, hasher)
+    ledger = Ledger(state)
+
+    def place(path: Path, days: float, handled: bool = True, ours: bool = True) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = path.name.encode()
+        path.write_bytes(data)
+        when = time.time() - days * 86400
+        os.utime(path, (when, when))
+        sha = hashlib.sha256(data).hexdigest()
+        if ours:
+            received.add(path, len(data), sha)
+        if handled:
+            ledger.remember_path(hasher.file_ref(path), path.lstat(), sha)
+            ledger.record_quarantine(sha256=sha, name=hasher.file_ref(path), size=len(data), code="test")
+        return path
+
+    oldest, older = place(watch / f"{UID}71.dcm", 5), place(out / f"{UID}9" / f"{UID}72.sc.dcm", 4, False, False)
+    newer = place(watch / f"{UID}73.dcm", 3)
+    waiting = place(watch / f"{UID}74.dcm", 9, handled=False)  # the oldest of all, but not processed yet
+    pending = place(out / f"{UID}9" / f"{UID}75.sc.dcm", 8, False, False)  # not delivered yet
+    ledger.db.execute("INSERT INTO forward (path, sop_uid, status, attempts, next_try) VALUES (?, ?, 'pending', 0, 0)",
+                      (f"{UID}9/{UID}75.sc.dcm", UID + "75"))
+    ledger.db.commit()
+    files = lambda: sum(1 for d in (watch, out) for f in d.rglob("*") if f.is_file())  # noqa: E731
+    start = files()
+
+    def statvfs(path: str) -> os.statvfs_result:  # 500 MB free, and 100 MB more for each file deleted
+        free = int((500 + 100 * (start - files())) * 256)
+        return os.statvfs_result((4096, 4096, 10_000 * 256, free, free, 1000, 900, 900, 0, 255))
+
+    audit.open_trail(state)
+    try:
+        done = Retention(config, ledger, received, hasher, statvfs=statvfs).sweep()
+    finally:
+        audit.close_trail()
+        ledger.close()
+    assert not oldest.exists() and not older.exists()  # 700 MB free after these two: the sweep stops
+    assert newer.exists() and waiting.exists() and pending.exists()
+    assert done == {"received": 1, "watch": 0, "output": 1, "quarantine": 0, "log": 0}
+    events = [json.loads(x) for x in (state / audit.FOLDER / audit.ACTIVE).read_text().splitlines()]
+    assert [(e["kind"], e["by"]) for e in events if e["event"] == "retention_delete"] == [
+        ("received", "free_space"), ("output", "free_space")]
+    from lungseg.edge_runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="above disk_min_free_mb"):
+        EdgeConfig(watch=watch, out=out, retention_min_free_mb=100).validate()
+
+
 def test_settings_are_checked() -> None:
     from lungseg.edge_runtime.config import ConfigError
 

@@ -264,3 +264,23 @@ def test_an_allowed_title_from_another_host_or_port_is_rejected(tmp_path: Path) 
         assert call("INTRUDER").is_rejected  # not on the list at all
     finally:
         scp.stop()
+
+
+def test_connection_limits_are_settings_that_reach_the_receiver(tmp_path: Path) -> None:
+    from lungseg.edge_runtime.config import ConfigError, EdgeConfig
+    from lungseg.edge_runtime.services import start_receiver
+
+    (tmp_path / "w").mkdir()
+    config = EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", scp_port=0, scp_max_associations=3,
+                        scp_max_per_host=2, scp_handshake_seconds=4.0, scp_association_seconds=90.0).validate()
+    receiver = start_receiver(config)
+    try:
+        guard = receiver.guard
+        assert (guard.max_established, guard.per_host, guard.handshake_seconds, guard.association_seconds) == (
+            3, 2, 4.0, 90.0)
+        assert guard.max_dataset == config.decode_limits().max_file_bytes  # data sets counted as they arrive
+    finally:
+        receiver.stop()
+    for bad in ({"scp_max_per_host": 9}, {"scp_max_associations": 0}, {"scp_association_seconds": 1.0}):
+        with pytest.raises(ConfigError, match="scp_"):
+            EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o", **bad).validate()

@@ -105,14 +105,42 @@ def test_tensorrt_older_than_86_is_refused_plainly(gpu: FakeTensorRT, monkeypatc
     assert gpu.builds == 0
 
 
-def test_tensorrt_without_fp16_flag_needs_the_fp16_onnx(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path, tiny_bundle: Path) -> None:
-    use_version(monkeypatch, gpu, "11.0.0")
-    dest = tmp_path / "nofp16"
-    shutil.copytree(tiny_bundle, dest)
-    (dest / ONNX_FP16).unlink()
-    with pytest.raises(BackendUnavailableError, match=r"only strongly typed.*lungseg-export --fp16"):
-        ensure_engine(resolve_bundle(dest), BackendOptions())
+def test_dla_engines_are_static_and_report_their_layer_placement(gpu: FakeTensorRT, bundle,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The DLA runs static shapes only: the service's engine for dla_core is a one-image engine whose layers the
+    DLA can run (logged), the runtime is told the core, and a batch is split to fit; a dynamic DLA profile is
+    refused at build instead of silently running every layer on the GPU."""
+    from lungseg.tensorrt_build import DLA_PROFILE, EngineBuildError, EngineSettings, parse_profile
+
+    options = BackendOptions(dla_core=0)
+    with caplog.at_level(logging.WARNING, logger="lungseg.tensorrt_build"):
+        path, manifest, where = ensure_engine(bundle, options)
+    assert where == "built" and manifest["profile"] == {"input": "image", "min": 1, "opt": 1, "max": 1} == dict(
+        zip(("input", "min", "opt", "max"), ("image", *DLA_PROFILE), strict=True))
+    header = json.loads(path.read_bytes().split(b"\n", 1)[1])
+    assert header["dla"] == 0 and header["dla_layers"] == 2  # the fake's DLA runs 2 of its 3 layers
+    assert any("2 of 3 layers run on the DLA" in r.getMessage() for r in caplog.records)
+    predictor = load_engine_predictor(bundle, options)
+    golden = load_golden(bundle.root)
+    assert predictor.predict(golden.inputs[:3]).shape[0] == 3  # three one-image runs
+    with pytest.raises(BackendUnavailableError, match="static shapes only"):
+        ensure_engine(bundle, options, settings=EngineSettings(profile=(1, 1, 8), dla_core=0), force=True)
+    with pytest.raises(ValueError, match="MIN must be 1"):
+        parse_profile("2,4,8")
+    assert EngineBuildError  # the build's own error type, wrapped for the chain
+
+
+def test_the_dla_and_cuda_graph_settings_reach_the_backend_options(tmp_path: Path) -> None:
+    from lungseg.edge_runtime.backend_status import backend_options
+    from lungseg.edge_runtime.config import EdgeConfig, build_config, load_toml
+
+    config_file = tmp_path / "edge.toml"
+    config_file.write_text('watch = "w"\nout = "o"\ndla_core = 1\ncuda_graph = true\n')
+    config = build_config(load_toml(config_file), {}).validate()
+    options = backend_options(config)
+    assert (options.dla_core, options.cuda_graph) == (1, True)
+    defaults = backend_options(EdgeConfig(watch=tmp_path / "w", out=tmp_path / "o").validate())
+    assert (defaults.dla_core, defaults.cuda_graph) == (None, False)
 
 
 def test_build_failure_reason_reaches_the_error_and_logging(gpu: FakeTensorRT, bundle,
