@@ -180,9 +180,16 @@ def _try_engine(bundle: Path, checker: _Checker,
     except (EngineBuildError, BackendUnavailableError) as exc:
         return {"requested": True, "built": False, "reason": str(exc)}, None
     try:
-        return {"requested": True, "built": True, "manifest": manifest}, checker.check(ENGINE_FP16, predictor)
+        result = checker.check(ENGINE_FP16, predictor)
     finally:
         predictor.close()
+    if result is not None and not result.passed:  # the engine is not shipped in a bundle it does not match
+        for name in (ENGINE_FP16, ENGINE_MANIFEST):
+            (bundle / name).unlink(missing_ok=True)
+        return {"requested": True, "built": True, "shipped": False, "manifest": manifest,
+                "reason": "the engine failed the comparison with PyTorch on held-out images; removed from the "
+                          "bundle"}, result
+    return {"requested": True, "built": True, "shipped": True, "manifest": manifest}, result
 
 
 def add_openvino_int8(bundle: Path, calibration: np.ndarray, calibration_ids: list[str],

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,9 @@ def usable_engine(folder: Path, key: EngineKey) -> tuple[Path, dict[str, Any]] |
     return engine, manifest
 
 
+KEEPALIVE_SECONDS = 20.0  # how often a process waiting on another's build says it is alive
+
+
 class EngineCache:
     """Engines by :class:`EngineKey` under ``root`` (created on first write)."""
 
@@ -138,8 +141,10 @@ class EngineCache:
         return None
 
     @contextlib.contextmanager
-    def locked(self, key: EngineKey) -> Iterator[None]:
-        """Exclusive lock for building ``key`` (blocks while another process builds it)."""
+    def locked(self, key: EngineKey, keepalive: Callable[[str], object] | None = None,
+               every: float = KEEPALIVE_SECONDS) -> Iterator[None]:
+        """Exclusive lock for building ``key``. While another process builds it, this waits, calling
+        ``keepalive(status)`` every ``every`` seconds (systemd's start timeout is extended as during a build)."""
         self.root.mkdir(parents=True, exist_ok=True)
         lock_path = self.root / f"{key.folder_name()}.lock"
         with lock_path.open("a+") as fh:
@@ -148,7 +153,14 @@ class EngineCache:
             except BlockingIOError:
                 log.warning("another process is building this engine; waiting for it (%s)", lock_path)
                 start = time.monotonic()
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                while True:
+                    if keepalive is not None:
+                        keepalive(f"waiting for another process's TensorRT build ({time.monotonic() - start:.0f} s)")
+                    try:
+                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        time.sleep(min(every, 1.0) if keepalive is None else every)
                 log.warning("the other build finished after %.0f s", time.monotonic() - start)
             try:
                 yield

@@ -238,12 +238,18 @@ def choose_source(trt: ModuleType, bundle_dir: Path, settings: EngineSettings) -
     return bundle_dir / ONNX_FP32, "weak"
 
 
+def fp32_source(trt: ModuleType, bundle_dir: Path) -> tuple[Path, str]:
+    """``(fp32 ONNX, "fp32")``: the engine rebuilt at full precision after an fp16 engine failed its parity check
+    (strongly typed where TensorRT has it, else weakly typed without the FP16 flag; TF32 off either way)."""
+    return bundle_dir / ONNX_FP32, "fp32"
+
+
 def _network_flags(trt: ModuleType, typing: str) -> int:
     flags = 0
     creation = trt.NetworkDefinitionCreationFlag
     if hasattr(creation, "EXPLICIT_BATCH"):  # required by 8.6, ignored (deprecated) by 10.x, gone later
         flags |= 1 << int(creation.EXPLICIT_BATCH)
-    if typing == "strong":
+    if typing == "strong" or (typing == "fp32" and hasattr(creation, "STRONGLY_TYPED")):
         flags |= 1 << int(creation.STRONGLY_TYPED)
     return flags
 
@@ -296,6 +302,8 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
     pinned: list[str] = []
+    if typing == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 means fp32 here, not TF32 matmuls
     if typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
@@ -329,13 +337,14 @@ def build_serialized(trt: ModuleType, onnx_path: Path, typing: str, settings: En
             settings.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
         except OSError as exc:
             log.warning("could not save the TensorRT timing cache %s: %s", settings.timing_cache, exc)
-    facts = {"precision": "fp16", "typing": "strong (fp16 ONNX)" if typing == "strong" else
-             "weak (BuilderFlag.FP16, Sigmoid/output pinned to fp32)", "fp32_layers": pinned,
+    facts = {"precision": "fp32" if typing == "fp32" else "fp16",
+             "typing": {"strong": "strong (fp16 ONNX)", "fp32": "fp32 ONNX, no FP16 flag, TF32 off"}.get(
+                 typing, "weak (BuilderFlag.FP16, Sigmoid/output pinned to fp32)"), "fp32_layers": pinned,
              "profile": {"input": INPUT_NAME, "min": low, "opt": opt, "max": high},
              "workspace_mb": settings.workspace_mb, "dla_core": settings.dla_core}
     return bytes(serialized), facts
 
 
 __all__ = ["DEFAULT_PROFILE", "DEFAULT_WORKSPACE_MB", "DLA_PROFILE", "MIN_TENSORRT", "EngineBuildError",
-           "EngineSettings", "build_serialized", "choose_source", "engine_settings", "make_logger", "parse_profile",
-           "supported_reason", "version_tuple"]
+           "EngineSettings", "build_serialized", "choose_source", "engine_settings", "fp32_source", "make_logger",
+           "parse_profile", "supported_reason", "version_tuple"]

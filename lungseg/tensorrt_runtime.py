@@ -59,6 +59,7 @@ from lungseg.tensorrt_build import (
     build_serialized,
     choose_source,
     engine_settings,
+    fp32_source,
     make_logger,
     supported_reason,
 )
@@ -130,8 +131,9 @@ class TensorRTPredictor:
     precision = "fp16"
 
     def __init__(self, trt: ModuleType, engine_bytes: bytes, *, model_path: str, dla_core: int | None = None,
-                 cuda_graph: bool = False, cudart: ModuleType | None = None):
+                 cuda_graph: bool = False, cudart: ModuleType | None = None, precision: str = "fp16"):
         self.model_path = model_path
+        self.precision = precision  # "fp32" for the engine rebuilt after an fp16 one failed its parity check
         self._io: IOBuffers | None = None
         self._graph: Any = None
         self._graph_exec: Any = None
@@ -213,10 +215,9 @@ class TensorRTPredictor:
         check(rt, "cudaStreamBeginCapture", rt.cudaStreamBeginCapture(stream.raw, mode))
         try:
             self._enqueue(1)
-        finally:
-            graph = check(rt, "cudaStreamEndCapture", rt.cudaStreamEndCapture(stream.raw))
-        self._graph = graph
-        self._graph_exec = check(rt, "cudaGraphInstantiate", rt.cudaGraphInstantiate(graph, 0))
+        finally:  # the capture always ends, and a graph it made is kept for _destroy_graph even if enqueue raised
+            self._graph = check(rt, "cudaStreamEndCapture", rt.cudaStreamEndCapture(stream.raw))
+        self._graph_exec = check(rt, "cudaGraphInstantiate", rt.cudaGraphInstantiate(self._graph, 0))
         log.info("TensorRT batch-1 inference captured as a CUDA graph")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -239,8 +240,13 @@ class TensorRTPredictor:
         n = len(chunk)
         if n == 1 and self._graph_exec is not None and self._graph_stale:
             self._destroy_graph()
-            self._capture_graph()
             self._graph_stale = False
+            try:
+                self._capture_graph()
+            except (CudaError, BackendRuntimeError) as exc:  # the engine still runs: without the graph from now on
+                log.warning("CUDA graph re-capture failed (%s); running without CUDA graphs", exc,
+                            extra={"event": "cuda_graph_off"})
+                self._destroy_graph()
         self._io.stage(INPUT_NAME, chunk)
         if n == 1 and self._graph_exec is not None:
             if not self._context.set_input_shape(INPUT_NAME, chunk.shape):
@@ -281,9 +287,11 @@ class TensorRTPredictor:
 
 
 # --- finding, building and checking engines ----------------------------------------------------------------------
-def engine_key(trt: ModuleType, bundle_dir: Path, settings: Any, device: DeviceIdentity) -> tuple[EngineKey, Path, str]:
-    """``(key, ONNX source, typing)`` of the engine this bundle needs on this device."""
-    onnx_path, typing = choose_source(trt, bundle_dir, settings)
+def engine_key(trt: ModuleType, bundle_dir: Path, settings: Any, device: DeviceIdentity,
+               fp32: bool = False) -> tuple[EngineKey, Path, str]:
+    """``(key, ONNX source, typing)`` of the engine this bundle needs on this device (``fp32``: of the
+    full-precision engine that replaces an fp16 one that failed its parity check here)."""
+    onnx_path, typing = fp32_source(trt, bundle_dir) if fp32 else choose_source(trt, bundle_dir, settings)
     key = EngineKey(device=device, tensorrt_version=str(trt.__version__), onnx_file=onnx_path.name,
                     onnx_sha256=sha256_file(onnx_path), settings={**settings.key_fields(), "typing": typing})
     return key, onnx_path, typing
@@ -302,14 +310,30 @@ def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any
     return result
 
 
+def _rebuild_fp32(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
+                  keepalive: Callable[[str], object] | None, reason: str) -> tuple[Path, dict[str, Any]]:
+    """An fp16 engine that would not build, or lost accuracy (fp16 engines producing NaNs are reported on Orin),
+    is rebuilt once at fp32 (TF32 off) before the chain leaves TensorRT; both attempts are recorded."""
+    log.warning("rebuilding the engine at fp32 (TF32 off) on this device after: %s", reason,
+                extra={"event": "engine_fp32_retry"})
+    key32, onnx32, typing32 = engine_key(trt, bundle_dir, settings, key.device, fp32=True)
+    return build_checked_engine(trt, bundle_dir, settings, cache, key32, onnx32, typing32, keepalive, earlier=reason)
+
+
 def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
-                         onnx_path: Path, typing: str,
-                         keepalive: Callable[[str], object] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Build the engine for ``key``, gate it on parity, store it in ``cache``; refuses (and records) on failure."""
+                         onnx_path: Path, typing: str, keepalive: Callable[[str], object] | None = None, *,
+                         earlier: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build the engine for ``key``, gate it on parity, store it in ``cache``; refuses (and records) on failure.
+
+    An fp16 engine that fails is refused and rebuilt once at fp32 (``earlier``: why the fp16 one was refused)."""
     try:
         engine_bytes, facts = build_serialized(trt, onnx_path, typing, settings, keepalive)
-    except EngineBuildError as exc:
-        raise BackendUnavailableError(f"TensorRT engine build failed: {exc}") from exc
+    except EngineBuildError as exc:  # recorded like a parity failure: not rebuilt at every start (--force retries)
+        reason = f"TensorRT engine build failed: {exc}"
+        cache.refuse(key, reason, {"stage": "build", "typing": typing})
+        if typing == "fp32":
+            raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason) from exc
+        return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
     candidate = TensorRTPredictor(trt, engine_bytes, model_path=str(cache.folder(key) / "unchecked.engine"),
                                   dla_core=settings.dla_core, cudart=None)
     try:
@@ -317,12 +341,15 @@ def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache
     finally:
         candidate.close()
     if not parity.get("passed"):
-        reason = f"new engine failed its parity check: {parity.get('reason') or parity}"
+        reason = f"new {facts['precision']} engine failed its parity check: {parity.get('reason') or parity}"
         cache.refuse(key, reason, parity)
         log.error("%s; refused (recorded in %s)", reason, cache.folder(key),
                   extra={"event": "engine_refused"})
-        raise BackendUnavailableError(reason)
+        if typing == "fp32":
+            raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason)
+        return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
     manifest = {**facts, "onnx_file": onnx_path.name, "onnx_sha256": key.onnx_sha256,
+                **({"fp16_attempt": earlier} if earlier else {}),
                 "tensorrt_version": trt.__version__, "device": key.device.to_dict(), "parity": parity,
                 "lungseg_version": lungseg.__version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -350,6 +377,16 @@ def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = No
     if not force and (found := cache.lookup(key)) is not None:
         return found[0], found[1], "cache"
     refusal = None if force else cache.refusal(key)
+    earlier: str | None = None
+    if refusal is not None and typing != "fp32":  # the fp16 engine failed here: the fp32 one serves if it passed
+        key32, onnx32, typing32 = engine_key(trt, bundle.root, settings, device, fp32=True)
+        if (found := cache.lookup(key32)) is not None:
+            return found[0], found[1], "cache"
+        if cache.refusal(key32) is None:  # no fp32 attempt on record (e.g. interrupted): make it now
+            earlier = str(refusal.get("reason") or "the fp16 engine failed its parity check")
+            key, onnx_path, typing, refusal = key32, onnx32, typing32, None
+        else:
+            refusal = cache.refusal(key32)
     if refusal is not None:
         raise BackendUnavailableError(f"the engine for this device was refused earlier ({refusal.get('reason')}, "
                                       f"{refusal.get('at')}); rebuild with: {BUILD_HINT.format(bundle=bundle.root)} "
@@ -358,13 +395,14 @@ def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = No
     if problem:
         raise BackendUnavailableError(f"no usable engine for this device and {problem}; build one with: "
                                       + BUILD_HINT.format(bundle=bundle.root))
-    with cache.locked(key):
+    with cache.locked(key, options.build_keepalive):
         if not force and (found := cache.lookup(key)) is not None:  # built by another process meanwhile
             return found[0], found[1], "cache"
         if force:
             cache.forget_refusal(key)
+            cache.forget_refusal(engine_key(trt, bundle.root, settings, device, fp32=True)[0])
         path, manifest = build_checked_engine(trt, bundle.root, settings, cache, key, onnx_path, typing,
-                                              options.build_keepalive)
+                                              options.build_keepalive, earlier=earlier)
     return path, manifest, "built"
 
 
@@ -375,7 +413,7 @@ def load_engine_predictor(bundle: Bundle, options: BackendOptions | None = None)
     path, manifest, where = ensure_engine(bundle, options, trt=trt)
     log.info("TensorRT engine from %s: %s (built %s)", where, path, manifest.get("created", "?"))
     return TensorRTPredictor(trt, path.read_bytes(), model_path=str(path), dla_core=options.dla_core,
-                             cuda_graph=options.cuda_graph)
+                             cuda_graph=options.cuda_graph, precision=str(manifest.get("precision") or "fp16"))
 
 
 __all__ = ["BUILD_HINT", "TensorRTPredictor", "build_checked_engine", "cuda_device", "cuda_device_identity",

@@ -31,6 +31,7 @@ class cudaError_t(enum.IntEnum):  # noqa: N801 (cuda-python's names)
     cudaErrorInvalidResourceHandle = 400
     cudaErrorIllegalAddress = 700
     cudaErrorLaunchFailure = 719
+    cudaErrorStreamCaptureUnsupported = 900
     cudaErrorStreamCaptureInvalidated = 901
 
 
@@ -81,6 +82,7 @@ class FakeCudaRuntime:
     pageable_copies: int = 0
     calls: dict[str, int] = field(default_factory=dict)
     failures: dict[str, tuple[cudaError_t, int]] = field(default_factory=dict)
+    invalidated: set[int] = field(default_factory=set)  # streams whose capture a forbidden call broke
     capturing: dict[int, list[Callable[[], cudaError_t]]] = field(default_factory=dict)
     graphs: dict[int, list[Callable[[], cudaError_t]]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(0x7000_0000_0000, 0x1000_0000))
@@ -231,9 +233,15 @@ class FakeCudaRuntime:
             return (err,)
         if not self._stream_ok(stream):
             return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        if int(stream) in self.capturing:  # illegal while capturing: the capture is invalidated, as CUDA does
+            self.invalidated.add(int(stream))
+            return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
         return (cudaError_t.cudaSuccess,)
 
     def cudaStreamBeginCapture(self, stream: Any, mode: cudaStreamCaptureMode) -> tuple:  # noqa: N802
+        err = self._enter("cudaStreamBeginCapture")
+        if err:
+            return (err,)
         if not self._stream_ok(stream) or int(stream) in self.capturing:
             return (cudaError_t.cudaErrorInvalidValue,)
         self.capturing[int(stream)] = []
@@ -243,6 +251,9 @@ class FakeCudaRuntime:
         ops = self.capturing.pop(int(stream), None)
         if ops is None:
             return (cudaError_t.cudaErrorInvalidValue, None)
+        if int(stream) in self.invalidated:
+            self.invalidated.discard(int(stream))
+            return (cudaError_t.cudaErrorStreamCaptureInvalidated, None)
         handle = next(self._ids)
         self.graphs[handle] = ops
         return (cudaError_t.cudaSuccess, handle)

@@ -19,10 +19,13 @@ What it holds a caller to, as the real library does:
 * an engine deserialises only under the TensorRT version and GPU it was built
   for (else ``None`` and an error in the log);
 * ``execute_async_v3`` needs a live stream of the fake CUDA runtime and reads and
-  writes the fake device memory at the addresses it was given.
+  writes the fake device memory at the addresses it was given; a context's first
+  enqueue may not happen inside a CUDA graph capture (TensorRT allocates then).
 
 The engine computes with the real onnxruntime on the parsed ONNX file, rounding
-its output to fp16, so parity checks measure something real. ``corrupt_output``
+its output to fp16 for an fp16 engine (a strongly typed network from an fp16 ONNX, or the FP16
+flag), so parity checks measure something real; ``nan_fp16`` makes fp16 engines output NaN; ``TF32``
+is on until ``clear_flag``. ``corrupt_output``
 inverts the probabilities (an engine that must fail parity); ``fail_build`` makes
 the build fail with a logged reason; ``context_fails`` makes
 ``create_execution_context`` return ``None``.
@@ -49,6 +52,7 @@ class FakeTensorRT:
     version: str = "10.3.0"
     cuda: FakeCudaRuntime = field(default_factory=FakeCudaRuntime)
     corrupt_output: bool = False
+    nan_fp16: bool = False  # fp16 engines output NaN (as reported for some fp16 engines on Orin); fp32 ones are fine
     fail_build: str | None = None
     context_fails: bool = False
     builds: int = 0
@@ -60,6 +64,15 @@ class FakeTensorRT:
     @property
     def major(self) -> int:
         return int(self.version.split(".")[0])
+
+
+def _has_fp16_weights(model: bytes | None) -> bool:
+    """Whether an ONNX model holds fp16 initializers (a strongly typed network computes in its own types)."""
+    import onnx
+
+    if model is None:
+        return False
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load_from_string(model).graph.initializer)
 
 
 def make_module(state: FakeTensorRT) -> types.ModuleType:
@@ -128,7 +141,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
         flags["STRONGLY_TYPED"] = 1  # NvInfer.h 10.x: kEXPLICIT_BATCH = 0, kSTRONGLY_TYPED = 1
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", flags) if flags else (
         types.SimpleNamespace())
-    builder_flags = {"FP16": 0, "OBEY_PRECISION_CONSTRAINTS": 1, "GPU_FALLBACK": 2}
+    builder_flags = {"FP16": 0, "OBEY_PRECISION_CONSTRAINTS": 1, "GPU_FALLBACK": 2, "TF32": 3}
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", builder_flags)
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
     trt.DeviceType = enum.IntEnum("DeviceType", {"GPU": 0, "DLA": 1})
@@ -243,7 +256,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
 
     class Config:
         def __init__(self) -> None:
-            self.flags: set = set()
+            self.flags: set = {trt.BuilderFlag.TF32}  # TensorRT enables TF32 by default
             self.profiles: list[Profile] = []
             self.pool: dict = {}
             self.default_device_type = trt.DeviceType.GPU
@@ -253,6 +266,9 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
 
         def set_flag(self, flag: Any) -> None:
             self.flags.add(flag)
+
+        def clear_flag(self, flag: Any) -> None:
+            self.flags.discard(flag)
 
         def set_memory_pool_limit(self, pool: Any, nbytes: int) -> None:
             self.pool[pool] = nbytes
@@ -335,7 +351,9 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
             props = state.cuda.props[0]
             header = {"version": state.version, "gpu": props.name.decode(), "sm": props.multiProcessorCount,
                       "profile": [list(s) for s in config.profiles[0].shapes["image"]],
-                      "fp16": network.strongly_typed or trt.BuilderFlag.__members__.get("FP16") in config.flags,
+                      "fp16": (_has_fp16_weights(network.onnx) if network.strongly_typed
+                               else trt.BuilderFlag.FP16 in config.flags),
+                      "tf32": trt.BuilderFlag.TF32 in config.flags,
                       "dla": dla, "dla_layers": dla_layers,
                       "onnx": base64.b64encode(network.onnx).decode()}
             return HostMemory(MAGIC + json.dumps(header).encode())
@@ -343,6 +361,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
     class Context:
         def __init__(self, engine: Engine):
             self.engine, self.addresses, self.shape = engine, {}, None
+            self.ran = False  # a first enqueue happened (outside any capture)
 
         def set_input_shape(self, name: str, shape: tuple) -> bool:
             low, _, high = self.engine.profile
@@ -372,13 +391,23 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
                 return False
             shape = self.shape
             inp, out = self.addresses["image"], self.addresses["probability"]
+            if int(stream_handle) in state.cuda.capturing and not self.ran:
+                # TensorRT allocates on a context's first enqueue, which a CUDA graph capture cannot record
+                self.engine.logger.log(Severity.ERROR, "execute_async_v3: first enqueue of this context inside a "
+                                       "CUDA graph capture (run it once before capturing)")
+                return False
+            self.ran = True
 
             def run() -> Any:
                 from fakes_cuda import cudaError_t
 
                 nbytes = int(np.prod(shape)) * 4
                 batch = np.frombuffer(state.cuda.read_device(inp, nbytes), dtype=np.float32).reshape(shape)
-                result = self.engine.session.run(None, {"image": batch})[0].astype(np.float16).astype(np.float32)
+                result = self.engine.session.run(None, {"image": batch})[0]
+                if self.engine.fp16:
+                    result = result.astype(np.float16).astype(np.float32)
+                    if state.nan_fp16:
+                        result = np.full_like(result, np.nan)
                 if state.corrupt_output:
                     result = 1.0 - result
                 state.cuda.write_device(out, np.ascontiguousarray(result).tobytes())
@@ -391,6 +420,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
             import onnxruntime as ort
 
             self.logger = logger
+            self.fp16 = bool(header["fp16"])
             self.profile = [tuple(s) for s in header["profile"]]
             self.session = ort.InferenceSession(base64.b64decode(header["onnx"]), providers=["CPUExecutionProvider"])
             self.contexts = 0

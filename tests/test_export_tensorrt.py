@@ -150,6 +150,12 @@ def test_build_failure_reason_reaches_the_error_and_logging(gpu: FakeTensorRT, b
             BackendUnavailableError, match="could not find any implementation for node"):
         ensure_engine(bundle, BackendOptions())
     assert any(r.name == "lungseg.tensorrt" and "implementation" in r.getMessage() for r in caplog.records)
+    tried = len(gpu.networks)  # the failure is recorded: the next start does not build again...
+    with pytest.raises(BackendUnavailableError, match=r"refused earlier.*build failed"):
+        ensure_engine(bundle, BackendOptions())
+    assert len(gpu.networks) == tried
+    gpu.fail_build = None  # ...until build-engine --force
+    assert ensure_engine(bundle, BackendOptions(), force=True)[2] == "built"
 
 
 # --- engine cache: exact device, never the bundle, lock, parity gate ----------------------------------------------
@@ -181,12 +187,58 @@ def test_engine_failing_parity_is_refused_recorded_and_never_used(gpu: FakeTenso
     assert not list(cache.root.glob(f"*/{ENGINE_FP16}"))
     assert any((f / REFUSED).is_file() for f in folders)
     assert any("refused" in r.getMessage() for r in caplog.records)
-    gpu.corrupt_output = False  # a later start does not rebuild every time: the refusal stands...
+    assert gpu.builds == 2  # the fp16 engine, then its one fp32 rebuild: both failed, both refused
+    gpu.corrupt_output = False  # a later start does not rebuild every time: the refusals stand...
     with pytest.raises(BackendUnavailableError, match="refused earlier"):
         ensure_engine(bundle, BackendOptions())
-    assert gpu.builds == 1
+    assert gpu.builds == 2
     path, _, where = ensure_engine(bundle, BackendOptions(), force=True)  # ...until build-engine --force
-    assert where == "built" and path.is_file() and gpu.builds == 2
+    assert where == "built" and path.is_file() and gpu.builds == 3
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
+def test_an_fp16_engine_failing_parity_is_rebuilt_once_at_fp32(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch,
+                                                               bundle, version: str) -> None:
+    """fp16 engines that output NaN (reported on Orin) do not push the chain off the GPU: one fp32 rebuild (TF32
+    off) serves, both attempts recorded, and the next start finds it without building."""
+    use_version(monkeypatch, gpu, version)
+    gpu.nan_fp16 = True
+    path, manifest, where = ensure_engine(bundle, BackendOptions())
+    assert where == "built" and gpu.builds == 2 and manifest["precision"] == "fp32"
+    assert "fp16 engine failed its parity check" in manifest["fp16_attempt"] and manifest["parity"]["passed"]
+    header = json.loads(path.read_bytes().split(b"\n", 1)[1])
+    assert header["fp16"] is False and header["tf32"] is False
+    assert any((f / REFUSED).is_file() for f in EngineCache().root.iterdir())  # the fp16 attempt, on record
+    again, _, where = ensure_engine(bundle, BackendOptions())
+    assert where == "cache" and again == path and gpu.builds == 2
+    predictor = load_engine_predictor(bundle, BackendOptions())
+    assert predictor.precision == "fp32"
+    out = predictor.predict(load_golden(bundle.root).inputs[:2])
+    assert np.isfinite(out).all()
+
+
+def test_an_exported_engine_that_fails_the_pytorch_comparison_is_not_shipped(gpu: FakeTensorRT, tiny_bundle: Path,
+                                                                             tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lungseg.export.bundle_writer import _try_engine
+    from lungseg.tensorrt_build import EngineSettings
+
+    dest = tmp_path / "export"
+    shutil.copytree(tiny_bundle, dest)
+
+    class Checker:  # the export's checker: the engine's masks against PyTorch's on held-out images
+        def __init__(self, passed: bool) -> None:
+            self.passed = passed
+
+        def check(self, name: str, predictor: object) -> SimpleNamespace:
+            return SimpleNamespace(passed=self.passed, name=name)
+
+    info, result = _try_engine(dest, Checker(False), EngineSettings())
+    assert result is not None and not result.passed and info["shipped"] is False and "removed" in info["reason"]
+    assert not (dest / ENGINE_FP16).exists() and not (dest / ENGINE_MANIFEST).exists()
+    info, _ = _try_engine(dest, Checker(True), EngineSettings())
+    assert info["shipped"] is True and (dest / ENGINE_FP16).is_file() and (dest / ENGINE_MANIFEST).is_file()
 
 
 def test_auto_selection_falls_back_when_the_engine_fails_parity(gpu: FakeTensorRT, bundle) -> None:
@@ -196,6 +248,37 @@ def test_auto_selection_falls_back_when_the_engine_fails_parity(gpu: FakeTensorR
     assert selection.fallbacks[0].startswith("tensorrt: ") and "parity" in selection.fallbacks[0]
     with pytest.raises(BackendUnavailableError):
         select_predictor(bundle, "tensorrt")
+
+
+def test_waiting_on_another_process_build_keeps_the_service_alive(gpu: FakeTensorRT, bundle, tmp_path: Path) -> None:
+    """While another process holds the build lock, the waiting start calls the keep-alive (systemd's
+    EXTEND_TIMEOUT) instead of blocking silently past the unit's start timeout."""
+    import fcntl
+    import time
+
+    import tensorrt as trt
+
+    from lungseg.tensorrt_build import EngineSettings
+    from lungseg.tensorrt_runtime import cuda_device_identity, engine_key
+
+    key, _, _ = engine_key(trt, bundle.root, EngineSettings(), cuda_device_identity())
+    cache = EngineCache(tmp_path / "engines")
+    cache.root.mkdir(parents=True)
+    calls: list[str] = []
+    with (cache.root / f"{key.folder_name()}.lock").open("a+") as other:  # the other process's lock
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+
+        def wait() -> None:
+            with cache.locked(key, calls.append, every=0.05):
+                calls.append("got it")
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.4)
+        assert waiter.is_alive() and len(calls) >= 3 and "got it" not in calls
+        fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+        waiter.join(5)
+    assert calls[-1] == "got it" and all("waiting for another process's TensorRT build" in c for c in calls[:-1])
 
 
 def test_concurrent_starts_build_once_under_the_lock(gpu: FakeTensorRT, bundle) -> None:
@@ -254,6 +337,37 @@ def test_cuda_graph_replays_batch_one_exactly(gpu: FakeTensorRT, bundle) -> None
     graphed.close()
     plain.close()
     assert gpu.cuda.graphs == {} and gpu.cuda.live_streams == set()
+
+
+def test_a_failed_cuda_graph_recapture_runs_without_the_graph_and_leaks_nothing(gpu: FakeTensorRT, bundle) -> None:
+    golden = load_golden(bundle.root)
+    plain = load_engine_predictor(bundle)
+    graphed = load_engine_predictor(bundle, BackendOptions(cuda_graph=True))
+    graphed.predict(golden.inputs[:3])  # another shape ran: the next batch of 1 captures again...
+    gpu.cuda.fail("cudaStreamBeginCapture", cudaError_t.cudaErrorStreamCaptureUnsupported)  # ...and that fails
+    replays = gpu.cuda.calls.get("graph_replays", 0)
+    for i in range(2):  # served without the graph, not demoted
+        assert np.array_equal(graphed.predict(golden.inputs[i:i + 1]), plain.predict(golden.inputs[i:i + 1]))
+    assert gpu.cuda.calls.get("graph_replays", 0) == replays and graphed._graph_exec is None
+    graphed.close()
+    plain.close()
+    assert gpu.cuda.graphs == {}
+
+
+def test_the_fake_refuses_what_cuda_and_tensorrt_refuse_during_a_capture(gpu: FakeTensorRT, bundle) -> None:
+    """A capture before the context's first run, or a stream synchronize inside a capture, fail as they do for real."""
+    import tensorrt as trt
+
+    engine, _, _ = ensure_engine(bundle, BackendOptions())
+    predictor = TensorRTPredictor(trt, engine.read_bytes(), model_path=str(engine))
+    rt, stream = predictor._rt, predictor._io.stream
+    mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    assert predictor._context.set_input_shape("image", (1, *predictor.input_shape))
+    assert rt.cudaStreamBeginCapture(stream.raw, mode)[0] == 0
+    assert predictor._context.execute_async_v3(stream.handle) is False  # no warm-up run before the capture
+    assert rt.cudaStreamSynchronize(stream.raw)[0] == cudaError_t.cudaErrorStreamCaptureUnsupported
+    assert rt.cudaStreamEndCapture(stream.raw)[0] == cudaError_t.cudaErrorStreamCaptureInvalidated
+    predictor.close()
 
 
 def test_missing_context_and_failed_allocation_are_unavailable_not_crashes(gpu: FakeTensorRT, bundle) -> None:
