@@ -64,6 +64,7 @@ integration: setup
 	@command -v Orthanc >/dev/null && command -v storescu >/dev/null || { \
 	  echo "make integration: needs the Debian packages orthanc, orthanc-dicomweb and dcmtk (see .ci/run)"; exit 2; }
 	$(PY) tests/orthanc_chain.py --count 50
+	$(PY) tests/orthanc_chain.py --count 10 --tls  # every DICOM hop on mutual TLS (certificates made for the run)
 
 # robustness harness (tests/harness.py, a test tool outside the package): one summary line each, exit 1 when a
 # check fails. It needs the runtime only (and pydicom-data's files as seeds).

@@ -5,6 +5,9 @@ Like ``cuda.bindings.runtime`` every call returns a tuple whose first item is a
 ``cudaError_t``. Device memory is host bytes behind opaque integer addresses;
 copies are checked against allocation bounds, freed pointers and live streams;
 host copies record whether the host side was pinned (``cudaMallocHost``).
+Asynchronous work (copies, inference, graph launches) is queued per stream and runs
+at ``cudaStreamSynchronize``, so a missing synchronize leaves a result unread, and
+an error in queued work is reported by the synchronize, as CUDA does.
 ``fail(call, error, after=n)`` makes the n-th later call of ``call`` return
 ``error`` (and every call after it: a GPU that fell off the bus stays gone).
 Install with :func:`install` (a pytest ``monkeypatch`` puts it in ``sys.modules``
@@ -83,6 +86,7 @@ class FakeCudaRuntime:
     calls: dict[str, int] = field(default_factory=dict)
     failures: dict[str, tuple[cudaError_t, int]] = field(default_factory=dict)
     invalidated: set[int] = field(default_factory=set)  # streams whose capture a forbidden call broke
+    pending: dict[int, list[Any]] = field(default_factory=dict)  # queued asynchronous work per stream
     capturing: dict[int, list[Callable[[], cudaError_t]]] = field(default_factory=dict)
     graphs: dict[int, list[Callable[[], cudaError_t]]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(0x7000_0000_0000, 0x1000_0000))
@@ -206,11 +210,22 @@ class FakeCudaRuntime:
 
     # --- streams and graphs ---------------------------------------------------------
     def enqueue(self, stream: Any, op: Callable[[], cudaError_t]) -> cudaError_t:
-        """Run ``op`` on ``stream`` now, or record it when the stream is capturing."""
+        """Queue ``op`` on ``stream`` (it runs at the stream's next synchronize, as asynchronous work does: a
+        result read before ``cudaStreamSynchronize`` is not there yet), or record it when the stream is capturing."""
         if int(stream) in self.capturing:
             self.capturing[int(stream)].append(op)
             return cudaError_t.cudaSuccess
-        return op()
+        self.pending.setdefault(int(stream), []).append(op)
+        return cudaError_t.cudaSuccess
+
+    def _drain(self, stream: int) -> cudaError_t:
+        """Run the stream's queued work in order; the first error is the one a synchronize reports."""
+        error = cudaError_t.cudaSuccess
+        for op in self.pending.pop(stream, []):
+            result = op()
+            if result != cudaError_t.cudaSuccess and error == cudaError_t.cudaSuccess:
+                error = result
+        return error
 
     def cudaStreamCreate(self) -> tuple:  # noqa: N802
         err = self._enter("cudaStreamCreate")
@@ -224,6 +239,7 @@ class FakeCudaRuntime:
     def cudaStreamDestroy(self, stream: Any) -> tuple:  # noqa: N802
         if int(stream) not in self.live_streams:
             return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        self._drain(int(stream))  # queued work still completes, as CUDA finishes it after a destroy
         self.live_streams.discard(int(stream))
         return (cudaError_t.cudaSuccess,)
 
@@ -236,7 +252,7 @@ class FakeCudaRuntime:
         if int(stream) in self.capturing:  # illegal while capturing: the capture is invalidated, as CUDA does
             self.invalidated.add(int(stream))
             return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
-        return (cudaError_t.cudaSuccess,)
+        return (self._drain(int(stream)),)
 
     def cudaStreamBeginCapture(self, stream: Any, mode: cudaStreamCaptureMode) -> tuple:  # noqa: N802
         err = self._enter("cudaStreamBeginCapture")
@@ -272,10 +288,7 @@ class FakeCudaRuntime:
         if graph_exec not in self.graphs or not self._stream_ok(stream):
             return (cudaError_t.cudaErrorInvalidResourceHandle,)
         self.calls["graph_replays"] = self.calls.get("graph_replays", 0) + 1
-        for op in self.graphs[graph_exec]:
-            result = op()
-            if result != cudaError_t.cudaSuccess:
-                return (result,)
+        self.pending.setdefault(int(stream), []).extend(self.graphs[graph_exec])  # asynchronous, like the rest
         return (cudaError_t.cudaSuccess,)
 
     def cudaGraphDestroy(self, graph: int) -> tuple:  # noqa: N802

@@ -354,6 +354,19 @@ def test_a_failed_cuda_graph_recapture_runs_without_the_graph_and_leaks_nothing(
     assert gpu.cuda.graphs == {}
 
 
+def test_a_missing_stream_synchronize_cannot_pass_unnoticed(gpu: FakeTensorRT, bundle,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asynchronous work runs only at the stream's synchronize: a result read without one is not the model's."""
+    golden = load_golden(bundle.root)
+    predictor = load_engine_predictor(bundle)
+    expected = predictor.predict(golden.inputs[:2])
+    assert predictor._io is not None
+    monkeypatch.setattr(predictor._io, "synchronize", lambda: None)  # what a forgotten cudaStreamSynchronize does
+    assert not np.array_equal(predictor.predict(golden.inputs[2:4]), load_engine_predictor(bundle).predict(
+        golden.inputs[2:4]))
+    assert np.isfinite(expected).all()
+
+
 def test_the_fake_refuses_what_cuda_and_tensorrt_refuse_during_a_capture(gpu: FakeTensorRT, bundle) -> None:
     """A capture before the context's first run, or a stream synchronize inside a capture, fail as they do for real."""
     import tensorrt as trt
