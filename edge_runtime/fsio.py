@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ import stat
 from pathlib import Path
 
 from lungseg.atomic import TEMP_SUFFIX, atomic_write, fsync_dir, fsync_file, temp_name, write_synced
+from lungseg.bundle import sha256_file
 
 log = logging.getLogger("lungseg.edge")
 
@@ -92,11 +92,8 @@ def read_input(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes, read in ``chunk``-sized pieces (:func:`lungseg.bundle.sha256_file`)."""
+    return sha256_file(path, chunk)
 
 
 class StagedFiles:

@@ -66,7 +66,7 @@ from pydicom import dcmread
 from lungseg.atomic import atomic_copy_file, atomic_write
 from lungseg.edge_runtime import audit
 from lungseg.edge_runtime import service_metrics as metrics
-from lungseg.edge_runtime.fsio import TEMP_SUFFIX
+from lungseg.edge_runtime.fsio import TEMP_SUFFIX, sha256_of
 from lungseg.edge_runtime.logs import uid_ref, valid_uid
 from lungseg.edge_runtime.modalities import ModalityList, is_loopback, parse_modalities
 from lungseg.edge_runtime.retention import ReceivedFiles
@@ -91,14 +91,6 @@ TIMEOUT_SECONDS = 60.0
 NETWORK_TIMEOUT_SECONDS = 30.0  # silence on a connection (a drip is bounded by the guard's deadlines)
 SATURATED_SECONDS = 60.0  # /healthz says "receiver_saturated" this long after a connection found no free slot
 MAX_PDU_BYTES = 16382  # the largest P-DATA PDU a sender may send us (pynetdicom's default, set explicitly)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ReceiverUnavailableError(RuntimeError):
@@ -324,7 +316,7 @@ class StorageReceiver:
                 audit.record("receive", outcome="refused", status="0xA700", reason=over, calling_ae=calling,
                              sop=sop_uid)
                 return STATUS_OUT_OF_RESOURCES
-            sha = _sha256_file(source)
+            sha = sha256_of(source)
             answer = self._store_once(source, size, sha, final, sop_uid, calling)
             if answer is not None:
                 return answer

@@ -12,7 +12,6 @@ before it has read an A-ASSOCIATE-RQ. :class:`ConnectionGuard` (bound to
   an idle socket never does), so the slots of established associations are never
   taken by sockets that have not said who they are;
 * an established association lasts at most ``association_seconds`` in total;
-* a connection a handler marks with :meth:`ConnectionGuard.close` is closed within a tick;
 * at most ``per_host`` established associations per source address, and
   ``max_established`` in all: one more is closed at once (pynetdicom's own
   ``maximum_associations`` is set above the sum, as a backstop: connections just
@@ -60,12 +59,23 @@ class _Conn:
     closing: str | None = None  # the reason it is being closed
 
 
-def _shut(assoc: Any) -> None:
-    """End the association's connection now (its blocking reads return)."""
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+def _shutdown(association_socket: Any) -> None:
+    """End a pynetdicom ``AssociationSocket``'s connection now (its blocking reads return)."""
+    sock = getattr(association_socket, "socket", None)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _shut(assoc: Any) -> None:
+    """End the association's connection now."""
+    _shutdown(getattr(getattr(assoc, "dul", None), "socket", None))
+
+
+def _report_closed(reason: str) -> None:
+    log.warning("DICOM connection closed: %s", reason.replace("_", " "),
+                extra={"event": "scp_connection_closed", "reason": reason})
+    metrics.count("refused", reason=reason)
 
 
 #: the longest PDU read into memory (an A-ASSOCIATE-RQ is a few kB; a P-DATA PDU at most the 16382 bytes we announce)
@@ -91,10 +101,7 @@ class BoundedReads:
 
     def _refuse(self, reason: str) -> bytearray:
         self.refused(reason)
-        raw = getattr(self._sock, "socket", None)
-        if raw is not None:
-            with contextlib.suppress(OSError):
-                raw.shutdown(socket.SHUT_RDWR)
+        _shutdown(self._sock)
         return bytearray()  # what a closed connection reads: pynetdicom ends the association
 
     def __call__(self, nr_bytes: int) -> bytearray:
@@ -156,7 +163,6 @@ class ConnectionGuard:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._deferred = {"host_limit", "local_limit"}  # reasons the watcher closes (set by handlers)
         self.last_saturated: float | None = None  # monotonic time of the last refusal for want of a slot
         self.max_pdu = MAX_PDU_READ  # BoundedReads: the longest PDU read, and one C-STORE's data set
         self.max_dataset: int | None = None
@@ -184,7 +190,7 @@ class ConnectionGuard:
         host = str((event.address or ("?",))[0])
         sock = getattr(getattr(event.assoc, "dul", None), "socket", None)
         if sock is not None:  # every PDU bounded before it is read into memory
-            sock.recv = BoundedReads(sock, self.max_pdu, self.max_dataset, self._refused_read, self.check_command)
+            sock.recv = BoundedReads(sock, self.max_pdu, self.max_dataset, _report_closed, self.check_command)
         with self._lock:
             self._conns[id(event.assoc)] = _Conn(event.assoc, host)
             pending = [c for c in self._conns.values() if not c.established and c.closing is None]
@@ -203,20 +209,6 @@ class ConnectionGuard:
             elif len([c for c in live if c.host == conn.host]) > self.per_host:
                 conn.closing = "host_limit"
 
-    def close(self, assoc: Any, reason: str) -> None:
-        """Close ``assoc``'s connection soon (from the watcher, within a tick), counted with ``reason``: for
-        a handler that runs inside pynetdicom's own threads (e.g. a malformed request seen on receipt)."""
-        with self._lock:
-            conn = self._conns.get(id(assoc))
-            if conn is not None and conn.closing is None:
-                conn.closing = reason
-                self._deferred.add(reason)
-
-    def _refused_read(self, reason: str) -> None:
-        log.warning("DICOM connection closed: %s", reason.replace("_", " "),
-                    extra={"event": "scp_connection_closed", "reason": reason})
-        metrics.count("refused", reason=reason)
-
     def closed(self, event: Any) -> None:
         with self._lock:
             self._conns.pop(id(event.assoc), None)
@@ -226,9 +218,7 @@ class ConnectionGuard:
         conn.closing = reason
         if reason in SATURATION:
             self.last_saturated = time.monotonic()
-        log.warning("DICOM connection closed: %s", reason.replace("_", " "),
-                    extra={"event": "scp_connection_closed", "reason": reason})
-        metrics.count("refused", reason=reason)
+        _report_closed(reason)
         _shut(conn.assoc)
 
     def _watch(self) -> None:
@@ -238,7 +228,7 @@ class ConnectionGuard:
                 for key, conn in list(self._conns.items()):
                     if not conn.assoc.is_alive() and now - conn.opened > 1.0:  # ended without EVT_CONN_CLOSE
                         self._conns.pop(key, None)
-                    elif conn.closing in self._deferred:
+                    elif conn.closing in ("host_limit", "local_limit"):
                         self._close(conn, conn.closing)
                         conn.closing = "closed"
                     elif conn.closing is not None:

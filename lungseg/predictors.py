@@ -197,8 +197,7 @@ class FallbackPredictor:
     def __init__(self, chain: list[tuple[str, Factory]], bundle_root: Path, *, selftest: bool = True,
                  measure_cpu: bool = False):
         self._pending = list(chain)
-        self._chain = list(chain)
-        self._failed: list[tuple[str, str]] = []  # (candidate, why) demoted at run time
+        self._failed: set[str] = set()  # candidates demoted at run time
         self._promotion: tuple[list[_Timed], dict[str, Any], list[str]] | None = None
         self._measuring: threading.Thread | None = None
         self._measure_cpu = measure_cpu
@@ -362,8 +361,7 @@ class FallbackPredictor:
         _, name, _, fastest, _, record = timed[0]
         self.choice = choice
         self.fallbacks.extend(e for e in errors if e not in self.fallbacks)  # candidates that failed to load/test
-        failed = {name for name, _ in self._failed}
-        if name == self.current_name or name in failed or fastest is None:
+        if name == self.current_name or name in self._failed or fastest is None:
             _close(fastest)
         else:
             old, self.current, self.current_name, self.selftest = self.current, fastest, name, record
@@ -372,10 +370,8 @@ class FallbackPredictor:
                         extra={"event": "backend_measured", "backend": name})
             for listener in self._listeners:
                 listener(self)
-        by_name = dict(self._chain)
-        ranked = [n for _, n, _, _, _, _ in timed if n != self.current_name and n not in failed]
-        others = [(n, f) for n, f in self._pending if n not in CPU_CANDIDATES]
-        self._pending = [(n, by_name[n]) for n in ranked if n in by_name] + others
+        ranked = [(n, f) for _, n, f, _, _, _ in timed if n != self.current_name and n not in self._failed]
+        self._pending = ranked + [(n, f) for n, f in self._pending if n not in CPU_CANDIDATES]
 
     def _advance(self, failure: str | None = None) -> None:
         old, old_name = self.current, self.current_name
@@ -401,7 +397,7 @@ class FallbackPredictor:
             self.current, self.current_name, self.selftest = predictor, name, record
             self.fallbacks.extend(errors)
             if old is not None:
-                self._failed.append((old_name, failure or ""))
+                self._failed.add(old_name)
                 self.demotions.append({"at": _now(), "from": getattr(old, "backend", "?"),
                                        "from_precision": getattr(old, "precision", "?"), "to": predictor.backend,
                                        "to_precision": predictor.precision, "reason": failure or "",
