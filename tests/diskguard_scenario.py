@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edge_helpers import make_cr, save
+from edge_helpers import associate, make_cr, save
 
 UID = "1.2.826.0.1.3680043.10.1082.232."
 WATERMARK_MB = 8
@@ -60,11 +60,7 @@ def _events(log_path: Path) -> list[dict]:
 
 
 def _store(port: int, sop: str) -> int:
-    import pynetdicom
-
-    ae = pynetdicom.AE(ae_title="PORTABLE1")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSEG")
+    assoc = associate(port, classes=["1.2.840.10008.5.1.4.1.1.1"])
     if not assoc.is_established:
         return -1
     try:

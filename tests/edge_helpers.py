@@ -120,6 +120,30 @@ def make_cr(
     return ds
 
 
+def associate(port: int, calling: str = "PORTABLE1", called: str = "LUNGSEG", classes=(), *,
+              timeout: float = 10.0, bind_port: int = 0):
+    """A pynetdicom association to the receiver on 127.0.0.1 (from 127.0.0.1, ``bind_port``: 0 any), proposing
+    ``classes`` in Explicit then Implicit VR Little Endian."""
+    import pynetdicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ae = pynetdicom.AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in classes:
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title=called, bind_address=("127.0.0.1", bind_port))
+
+
+def store_all(port: int, datasets, calling: str = "PORTABLE1") -> list[int]:
+    """C-STORE every data set on one association; their statuses."""
+    assoc = associate(port, calling, classes=sorted({str(ds.SOPClassUID) for ds in datasets}))
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
 def save(ds, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -9,9 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-import pynetdicom
 import pytest
-from edge_helpers import make_cr, save
+from edge_helpers import associate, make_cr, save
 
 from lungseg.edge_runtime import audit, cli, service_metrics
 from lungseg.edge_runtime.config import EdgeConfig
@@ -238,9 +237,7 @@ def test_receiver_refuses_with_out_of_resources_while_disk_is_low(tmp_path: Path
     scp.received = ReceivedFiles(tmp_path / "state", audit.Hasher(tmp_path / "state"))
     _, port = scp.start()
     try:
-        ae = pynetdicom.AE(ae_title="PORTABLE1")
-        ae.add_requested_context(CR)
-        assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSEG")
+        assoc = associate(port, classes=[CR])
         assert assoc.is_established
         try:
             low = int(assoc.send_c_store(make_cr(UID + "31", size=64)).Status)

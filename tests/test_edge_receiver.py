@@ -6,9 +6,8 @@ import shutil
 import threading
 from pathlib import Path
 
-import pynetdicom
 import pytest
-from edge_helpers import DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE, make_cr
+from edge_helpers import DX_PRESENTATION_STORAGE, DX_PROCESSING_STORAGE, associate, make_cr
 
 UID = "1.2.826.0.1.3680043.10.1082.55."
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -45,16 +44,6 @@ def receiver(tmp_path: Path):
     scp.port = port
     yield scp
     scp.stop()
-
-
-def associate(port: int, calling: str = "PORTABLE1", called: str = "LUNGSEG", classes=()):
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    ae = pynetdicom.AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    for sop_class in classes:
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    return ae.associate("127.0.0.1", port, ae_title=called)
 
 
 @pytest.mark.integration
@@ -247,10 +236,7 @@ def test_an_allowed_title_from_another_host_or_port_is_rejected(tmp_path: Path) 
     _, port = scp.start()
     try:
         def call(title: str, bind_port: int = 0):
-            ae = pynetdicom.AE(ae_title=title)
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-            ae.add_requested_context("1.2.840.10008.1.1")
-            return ae.associate("127.0.0.1", port, ae_title="LUNGSEG", bind_address=("127.0.0.1", bind_port))
+            return associate(port, title, classes=["1.2.840.10008.1.1"], bind_port=bind_port)
 
         assert call("FARAWAY").is_rejected  # an allowed title, from a host its entry does not name
         assert call("PINNED").is_rejected  # right host, another port

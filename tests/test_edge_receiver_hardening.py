@@ -6,9 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import pynetdicom
 import pytest
-from edge_helpers import make_cr
+from edge_helpers import associate, make_cr, store_all
 
 UID = "1.2.826.0.1.3680043.10.1082.56."
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -26,20 +25,6 @@ def receiver(tmp_path: Path):
     scp.port = port
     yield scp
     scp.stop()
-
-
-def store_all(port: int, datasets) -> list[int]:
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ae = pynetdicom.AE(ae_title="PORTABLE1")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(CR, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSEG")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 @pytest.mark.integration
@@ -157,13 +142,9 @@ def _raw_store(port: int, ds, affected_uid: str) -> int | None:
 
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
-    from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom.dimse_primitives import C_STORE
 
-    ae = pynetdicom.AE(ae_title="PORTABLE1")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    ae.add_requested_context(CR, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSEG")
+    assoc = associate(port, classes=[CR], timeout=5)
     assert assoc.is_established
     try:
         buffer = DicomBytesIO()

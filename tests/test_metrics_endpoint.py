@@ -11,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import pynetdicom
 import pytest
-from edge_helpers import REPO_ROOT, dicom_bytes, make_cr
+from edge_helpers import REPO_ROOT, dicom_bytes, make_cr, store_all
 from orthanc_chain import EdgeBox, free_port, wait_for
 
 from lungseg.edge_runtime.sidecar import SCHEMA_ID
@@ -21,17 +20,6 @@ from lungseg.edge_runtime.sidecar import SCHEMA_ID
 pytest.importorskip("prometheus_client", reason="prometheus-client (the [metrics] extra) is not installed")
 
 UID = "1.2.826.0.1.3680043.10.1082.66."
-
-
-def send(port: int, datasets: list) -> list[int]:
-    ae = pynetdicom.AE(ae_title="PORTABLE1")
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="LUNGSEG")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 class Daemon(EdgeBox):
@@ -71,7 +59,7 @@ def test_scrape_a_running_daemon(tmp_path: Path, tiny_onnx: Path) -> None:
     try:
         # two radiographs by C-STORE; an unreadable file and a second copy of one radiograph dropped into the folder
         first = make_cr(UID + "1", size=96)
-        assert send(box.scp_port, [first, make_cr(UID + "2", size=96, index=1)]) == [0, 0]
+        assert store_all(box.scp_port, [first, make_cr(UID + "2", size=96, index=1)]) == [0, 0]
         (tmp_path / "watch" / "notes.dcm").write_bytes(b"not a DICOM file at all")
         (tmp_path / "watch" / "copy.dcm").write_bytes(dicom_bytes(first))
         wait_for("two files processed", lambda: box.scrape().get("lungseg_processed_total") == 2, 60)
