@@ -193,9 +193,6 @@ class Retention:
                                                    "retention_quarantine_days", "retention_log_days",
                                                    "retention_min_free_mb"))
 
-    def _handled(self, ref: str, st: os.stat_result) -> bool:
-        sha = self.ledger.sha_for_path(ref, st)
-        return sha is not None and self.ledger.file_status(sha, ref) is not None
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
         """Delete what is older than its retention, then the oldest deletable files while free space is below
@@ -269,13 +266,14 @@ class Retention:
             if not path.is_file() or path.is_symlink() or path.name.startswith(".") or st.st_mtime >= cutoff:
                 continue
             ref = self.hasher.file_ref(path)
+            sha = self.ledger.sha_for_path(ref, st)  # None: not read (so not handled) since it last changed
             entry = received.get(ref)
             ours = (entry is not None and entry["size"] == st.st_size and valid_uid(path.stem)
-                    and path.parent == watch and self.ledger.sha_for_path(ref, st) == entry["sha256"])
-            if not (ours or self.config.retention_watch_files) or not self._handled(ref, st):
+                    and path.parent == watch and sha == entry["sha256"])
+            handled = sha is not None and self.ledger.file_status(sha, ref) is not None
+            if not (ours or self.config.retention_watch_files) or not handled:
                 continue  # never a file not yet processed: nothing accepted is lost
-            items.append(_Deletable(path, st.st_mtime, "received" if ours else "watch",
-                                    {"file": ref, "sha256": self.ledger.sha_for_path(ref, st)},
+            items.append(_Deletable(path, st.st_mtime, "received" if ours else "watch", {"file": ref, "sha256": sha},
                                     ref=ref if ours else None))
         return items
 

@@ -382,11 +382,11 @@ def ensure_engine(bundle: Bundle, options: BackendOptions, *, settings: Any = No
         key32, onnx32, typing32 = engine_key(trt, bundle.root, settings, device, fp32=True)
         if (found := cache.lookup(key32)) is not None:
             return found[0], found[1], "cache"
-        if cache.refusal(key32) is None:  # no fp32 attempt on record (e.g. interrupted): make it now
+        refusal32 = cache.refusal(key32)
+        if refusal32 is None:  # no fp32 attempt on record (e.g. interrupted): make it now
             earlier = str(refusal.get("reason") or "the fp16 engine failed its parity check")
-            key, onnx_path, typing, refusal = key32, onnx32, typing32, None
-        else:
-            refusal = cache.refusal(key32)
+            key, onnx_path, typing = key32, onnx32, typing32
+        refusal = refusal32
     if refusal is not None:
         raise BackendUnavailableError(f"the engine for this device was refused earlier ({refusal.get('reason')}, "
                                       f"{refusal.get('at')}); rebuild with: {BUILD_HINT.format(bundle=bundle.root)} "
