@@ -48,6 +48,7 @@ from lungseg.edge_runtime.logs import uid_ref, valid_uid
 from lungseg.edge_runtime.names import FileNamer
 from lungseg.edge_runtime.quarantine import Quarantine
 from lungseg.errors import LungsegError
+from lungseg.gpu_decode import GpuDecodeError, GpuFrameDecoder, looks_like_j2k
 from lungseg.imaging import Radiograph
 
 log = logging.getLogger("lungseg.edge")
@@ -127,6 +128,17 @@ class Admission:
                                         timeout_seconds=config.decode_timeout_seconds).start()
         self._failures: dict[str, int] = {}
         self.own: OwnFiles | None = None
+        self.gpu_decoder: GpuFrameDecoder | None = None
+        self.gpu_decode_fallbacks = 0
+        if getattr(config, "gpu_decode", False):
+            self.gpu_decoder, reason = GpuFrameDecoder.create(max_pixels=self.limits.max_pixels,
+                                                              max_frame_bytes=self.limits.max_file_bytes)
+            if self.gpu_decoder is None:
+                log.warning("gpu_decode: %s; JPEG 2000 is decoded on the CPU", reason,
+                            extra={"event": "gpu_decode_unavailable"})
+            else:
+                log.info("gpu_decode: JPEG 2000 frames decoded with %s", self.gpu_decoder.label,
+                         extra={"event": "gpu_decode_ready"})
 
     def close(self) -> None:
         if self.decoder is not None:
@@ -305,6 +317,15 @@ class Admission:
         # the overlay SC shows the source at full resolution: decode it once at full size (without an SC, only
         # the reduced resolution the model needs)
         display = bool(getattr(self.config, "sc", True))
+        if self.gpu_decoder is not None and looks_like_j2k(data):
+            try:
+                return decode_in_process(data, name, self.limits, min_side, display, frame_decoder=self.gpu_decoder)
+            except GpuDecodeError as exc:  # refused or failed on the GPU: the CPU decoder in its worker decides
+                self.gpu_decode_fallbacks += 1
+                log.info("gpu_decode: %s; decoding on the CPU", exc,
+                         extra={"event": "gpu_decode_fallback", "file": name})
+            except MemoryError:
+                return DecodeFailure(RetryReason.OUT_OF_MEMORY, "no memory to decode now", transient=True)
         if self.decoder is None:
             try:
                 return decode_in_process(data, name, self.limits, min_side, display)

@@ -236,6 +236,11 @@ class EdgeConfig(GateOptions):
         section=UNTRUSTED, metavar="S", help="decoding time limit per file"))
     decode_memory_mb: int = field(default=2048, metadata=setting(
         section=UNTRUSTED, metavar="MB", help="address-space limit of the decoding worker"))
+    gpu_decode: bool = field(default=False, metadata=setting(
+        section=UNTRUSTED, help="decode JPEG 2000 / HTJ2K frames on the GPU with nvImageCodec (pip install "
+        "nvidia-nvimgcodec-cu12 nvidia-nvjpeg2k-cu12), in this process within the max_* limits; any refusal "
+        "or error: the CPU decoder in its worker. Off until verified on your GPU (not yet run on one by the "
+        "project)"))
     max_pixels: int = field(default=50_000_000, metadata=setting(
         section=UNTRUSTED, help="most pixels (all frames) of an input"))
     max_frames: int = field(default=64, metadata=setting(section=UNTRUSTED, help="most frames of an input"))

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lungseg.dicom_decode import DEFAULT_LIMITS, DecodeLimits, read_dicom, value_validation_off
+from lungseg.dicom_decode import DEFAULT_LIMITS, DecodeLimits, FrameDecoder, read_dicom, value_validation_off
 from lungseg.edge_runtime.codes import QuarantineReason
+from lungseg.gpu_decode import GpuDecodeError
 from lungseg.imaging import Radiograph, UnreadableImageError
 from lungseg.pixel_render import warm_up_decoders
 
@@ -43,12 +44,17 @@ class DecodeFailure:
 
 
 def decode_in_process(data: bytes, ref: str, limits: DecodeLimits = DEFAULT_LIMITS,
-                      min_side: int = 0, display: bool = False) -> Radiograph | DecodeFailure:
-    """Decode ``data`` here; returns a Radiograph or a :class:`DecodeFailure` (never raises for bad input).
+                      min_side: int = 0, display: bool = False,
+                      frame_decoder: FrameDecoder | None = None) -> Radiograph | DecodeFailure:
+    """Decode ``data`` here; returns a Radiograph or a :class:`DecodeFailure` (never raises for bad input,
+    except :class:`~lungseg.gpu_decode.GpuDecodeError` from ``frame_decoder``: the caller then decodes on the CPU).
 
     ``display``: also the full-resolution 8-bit image for the overlay (see :func:`read_dicom`)."""
     try:
-        return read_dicom(ref, data=data, limits=limits, min_side=min_side, display=display)
+        return read_dicom(ref, data=data, limits=limits, min_side=min_side, display=display,
+                          frame_decoder=frame_decoder)
+    except GpuDecodeError:
+        raise
     except UnreadableImageError as exc:
         if _caused_by(exc, MemoryError):  # wrapped by pydicom / read_dicom
             return DecodeFailure(QuarantineReason.DECODER_OOM,

@@ -83,6 +83,7 @@ class Rendered:
     rows: int
     columns: int
     decoded_level: int
+    pixel_decoder: str | None = None  # "pydicom" (the CPU decoders) or "nvimgcodec <version>" (gpu_decode)
     # the overlay SC's (absent from the document with sc = false)
     sc_rows: int | None = None
     sc_columns: int | None = None

@@ -488,7 +488,8 @@ def sidecar_for(item: Admitted, ref: Reference, measured: Measurement, rendering
         OutputFile(paths.gsps.name, str(gsps.SOPInstanceUID), str(gsps.SeriesInstanceUID))
         if gsps is not None and paths.gsps is not None else None)
     rendered = Rendered(rows=int(radiograph.pixels.shape[0]), columns=int(radiograph.pixels.shape[1]),
-                        decoded_level=radiograph.facts.get("decoded_level", 0))
+                        decoded_level=radiograph.facts.get("decoded_level", 0),
+                        pixel_decoder=radiograph.facts.get("pixel_decoder"))
     if rendering is not None:
         rendered = dataclasses.replace(rendered, sc_rows=rendering.shape[0], sc_columns=rendering.shape[1],
                                        style=rendering.style,

@@ -19,11 +19,12 @@ import numpy as np
 import lungseg
 from lungseg.bundle import (
     BUNDLE_MANIFEST,
-    ENGINE_FP16,
+    ENGINE_FILE,
     ENGINE_MANIFEST,
     GATE_MANIFEST,
     GATE_ONNX,
     GOLDEN,
+    LEGACY_ENGINE_FILE,
     ONNX_FP16,
     ONNX_FP32,
     ONNX_INT8,
@@ -67,8 +68,8 @@ from .parity import (
 
 log = logging.getLogger(__name__)
 
-VARIANTS = (ONNX_FP16, ONNX_INT8, OPENVINO_INT8_XML, OPENVINO_INT8_BIN, ENGINE_FP16, ENGINE_MANIFEST, PARITY, GOLDEN,
-            BUNDLE_MANIFEST, GATE_ONNX, GATE_MANIFEST, SHAPE_MODEL)
+VARIANTS = (ONNX_FP16, ONNX_INT8, OPENVINO_INT8_XML, OPENVINO_INT8_BIN, ENGINE_FILE, LEGACY_ENGINE_FILE,
+            ENGINE_MANIFEST, PARITY, GOLDEN, BUNDLE_MANIFEST, GATE_ONNX, GATE_MANIFEST, SHAPE_MODEL)
 # committed CC BY 4.0 fixtures (tests/fixtures/cxr) that make up the bundle's self-test golden set
 GOLDEN_IDS = ("0e132bd64729", "355c06b0444a", "05878ee1390b", "ead2c3ca8955")
 INT8_REQUIRED = (0.995, 0.98)  # mean and worst-image mask Dice vs PyTorch, on images not used for calibration
@@ -154,7 +155,7 @@ def write_golden_set(out: Path, predict: Any, fallback: np.ndarray, fallback_ids
 
 
 def build_engine_into_bundle(bundle: Path, settings: EngineSettings) -> dict[str, Any]:
-    """Export time: build, parity-gate (golden set) and place ``model.fp16.engine`` + ``engine.json`` in ``bundle``."""
+    """Export time: build, parity-gate (golden set) and place ``model.engine`` + ``engine.json`` in ``bundle``."""
     import shutil
     import tempfile
 
@@ -162,7 +163,7 @@ def build_engine_into_bundle(bundle: Path, settings: EngineSettings) -> dict[str
     key, onnx_path, typing = engine_key(trt, bundle, settings, cuda_device_identity())
     with tempfile.TemporaryDirectory(prefix="lungseg-engine-") as tmp:
         path, manifest = build_checked_engine(trt, bundle, settings, EngineCache(Path(tmp)), key, onnx_path, typing)
-        for name in (ENGINE_FP16, ENGINE_MANIFEST):
+        for name in (ENGINE_FILE, ENGINE_MANIFEST):
             shutil.copyfile(path.parent / name, bundle / (name + ".tmp"))
             (bundle / (name + ".tmp")).replace(bundle / name)
     return manifest
@@ -175,16 +176,16 @@ def _try_engine(bundle: Path, checker: _Checker,
         return {"requested": True, "built": False, "reason": reason}, None
     try:
         manifest = build_engine_into_bundle(bundle, settings)
-        predictor = TensorRTPredictor(import_tensorrt(), (bundle / ENGINE_FP16).read_bytes(),
-                                      model_path=str(bundle / ENGINE_FP16), dla_core=settings.dla_core)
+        predictor = TensorRTPredictor(import_tensorrt(), (bundle / ENGINE_FILE).read_bytes(),
+                                      model_path=str(bundle / ENGINE_FILE), dla_core=settings.dla_core)
     except (EngineBuildError, BackendUnavailableError) as exc:
         return {"requested": True, "built": False, "reason": str(exc)}, None
     try:
-        result = checker.check(ENGINE_FP16, predictor)
+        result = checker.check(ENGINE_FILE, predictor)
     finally:
         predictor.close()
     if result is not None and not result.passed:  # the engine is not shipped in a bundle it does not match
-        for name in (ENGINE_FP16, ENGINE_MANIFEST):
+        for name in (ENGINE_FILE, ENGINE_MANIFEST):
             (bundle / name).unlink(missing_ok=True)
         return {"requested": True, "built": True, "shipped": False, "manifest": manifest,
                 "reason": "the engine failed the comparison with PyTorch on held-out images; removed from the "
@@ -239,7 +240,7 @@ def export_bundle(out: Path, checkpoint: Any, batch: np.ndarray, data: dict[str,
         report["models"][ONNX_FP16] = checker.onnx(convert_fp16(fp32, out / ONNX_FP16, metadata)).to_dict()
         report["engine"], engine_result = _try_engine(out, checker, options.engine)
         if engine_result is not None:
-            report["models"][ENGINE_FP16] = engine_result.to_dict()
+            report["models"][ENGINE_FILE] = engine_result.to_dict()
     if options.int8 is not None and calibration is not None:
         int8 = quantize_int8(fp32, out / ONNX_INT8, calibration, metadata, options.int8)
         entry = checker.onnx(int8).to_dict()
@@ -296,10 +297,10 @@ def engine_with_parity(bundle: Path, options: ExportOptions, *, engine_cache: Pa
         predictor = TensorRTPredictor(import_tensorrt(), path.read_bytes(), model_path=str(path),
                                       dla_core=options.engine.dla_core)
         try:
-            result = checker.check(ENGINE_FP16, predictor).to_dict()
+            result = checker.check(ENGINE_FILE, predictor).to_dict()
         finally:
             predictor.close()
-        report["models"][ENGINE_FP16] = {**result, "data": data}
+        report["models"][ENGINE_FILE] = {**result, "data": data}
         report["reference"], report["data"] = reference_name, data
         report["passed"] = report["passed"] and result["passed"]
     return report

@@ -27,7 +27,7 @@ log = logging.getLogger("lungseg.export")
 EPILOG = f"""\
 outputs (in --out): model.onnx (fp32), model.fp16.onnx (--fp16), model.int8.onnx (--int8),
   model.openvino.int8.xml/.bin (--openvino: NNCF int8, calibration patients never in the parity set),
-  model.fp16.engine + engine.json (--fp16/--engine where TensorRT and a CUDA GPU are present),
+  model.engine + engine.json (--fp16/--engine where TensorRT and a CUDA GPU are present),
   parity.json (every run). Variants from an earlier export in --out are removed first.
 parity: each model vs PyTorch on >= 16 real radiographs; a model passes when its mean mask
   Dice (threshold 0.5) reaches --min-dice-fp32 (fp32) or --min-dice-reduced (fp16, int8).

@@ -6,7 +6,7 @@ Layout of a bundle folder (written by ``lungseg-export``)::
     model.fp16.onnx     fp16 weights, fp32 inputs/outputs (optional)
     model.int8.onnx     static QDQ quantisation for the CPU fallback (optional)
     model.openvino.int8.xml / .bin  NNCF int8 IR for the OpenVINO CPU backend (optional, lungseg-export --openvino)
-    model.fp16.engine   TensorRT engine, bound to one GPU + TensorRT version (optional)
+    model.engine        TensorRT engine (fp16; fp32 where fp16 failed parity), one GPU + TensorRT version (optional)
     engine.json         what the engine was built for (optional)
     parity.json         export-time parity against PyTorch
     golden.npz          self-test set: a few preprocessed radiographs + reference fp32 probabilities
@@ -31,7 +31,8 @@ from lungseg.atomic import TEMP_SUFFIX, atomic_write
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
 ONNX_INT8 = "model.int8.onnx"
-ENGINE_FP16 = "model.fp16.engine"
+ENGINE_FILE = "model.engine"  # fp16 or fp32 (engine.json says which; an fp16 engine failing parity is rebuilt at fp32)
+LEGACY_ENGINE_FILE = "model.fp16.engine"  # what lungseg < 0.3 called it, whatever its precision; still read
 ENGINE_MANIFEST = "engine.json"
 PARITY = "parity.json"
 GOLDEN = "golden.npz"

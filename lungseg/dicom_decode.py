@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pydicom
@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from lungseg.errors import LungsegError
 from lungseg.pixel_render import block_means, reduction_level, render_with_lut, stored_values
 from lungseg.radiograph import Radiograph, UnreadableImageError, to_gray8, to_unit_range
 
@@ -50,6 +51,14 @@ MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # Elements at least one of which any image-bearing DICOM data set has; a file read with
 # ``force=True`` that has none of them is not DICOM (or lost everything to truncation).
 _CORE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "PixelData")
+
+
+class FrameDecoder(Protocol):
+    """Decodes a data set's frame at full size in place of pydicom's decoders (e.g. on the GPU)."""
+
+    label: str
+
+    def stored_values(self, ds: Dataset) -> np.ndarray: ...
 
 
 class UnsupportedDicomError(UnreadableImageError):
@@ -84,7 +93,7 @@ DEFAULT_LIMITS = DecodeLimits()
 
 
 def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLimits | None = None,
-               min_side: int = 0, display: bool = False) -> Radiograph:
+               min_side: int = 0, display: bool = False, frame_decoder: FrameDecoder | None = None) -> Radiograph:
     """Read a DICOM file (with or without preamble/file meta, any suffix) as a radiograph.
 
     ``data`` is the file's content when the caller already read it (``path`` then only
@@ -95,6 +104,8 @@ def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLim
     ``display`` also keeps the presentation-ready image at full resolution as 8 bits
     (``Radiograph.display``, for the overlay): the file is then decoded once at full size and
     ``pixels`` are its area reduction.
+    ``frame_decoder`` (e.g. :class:`lungseg.gpu_decode.GpuFrameDecoder`) decodes the frame at full
+    size instead of pydicom's decoders; what it raises propagates (the caller falls back to the CPU decoder).
     Raises :class:`UnsupportedDicomError` for DICOM this tool does not segment and
     :class:`~lungseg.imaging.UnreadableImageError` for anything else that fails.
     """
@@ -125,7 +136,7 @@ def read_dicom(path: str | Path, *, data: bytes | None = None, limits: DecodeLim
     _ensure_transfer_syntax(ds)
     check_header_limits(ds, path, limits)
     check_supported(ds, path)
-    return radiograph_from_dataset(ds, path, min_side=min_side, display=display)
+    return radiograph_from_dataset(ds, path, min_side=min_side, display=display, frame_decoder=frame_decoder)
 
 
 @contextlib.contextmanager
@@ -255,7 +266,7 @@ def check_supported(ds: Dataset, path: str | Path) -> None:
 
 
 def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
-                            display: bool = False) -> Radiograph:
+                            display: bool = False, frame_decoder: FrameDecoder | None = None) -> Radiograph:
     """Render ``ds`` (already checked) to float32 [0, 1] MONOCHROME2; see the module docstring.
 
     ``min_side > 0`` renders at ``1 / 2**level`` of the native size, the coarsest level whose
@@ -265,8 +276,14 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
     """
     _ensure_transfer_syntax(ds)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
+    decoder_name = "pydicom"
     try:
-        stored, level = stored_values(ds, 0 if display else min_side)
+        if frame_decoder is not None:
+            stored, level, decoder_name = frame_decoder.stored_values(ds), 0, frame_decoder.label
+        else:
+            stored, level = stored_values(ds, 0 if display else min_side)
+    except LungsegError:
+        raise
     except Exception as exc:
         raise UnreadableImageError(
             path, f"cannot decode pixel data ({transfer_syntax.name}): {type(exc).__name__}: {exc}"
@@ -317,6 +334,7 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
         "rows": native_shape[0],
         "columns": native_shape[1],
         "decoded_level": level,
+        "pixel_decoder": decoder_name,
         "spacing_source": spacing_source,
         "magnification_factor": magnification,
         "view_position": _text(ds, "ViewPosition") or None,

@@ -3,7 +3,7 @@
 An engine runs only on the exact device it was built for (an AGX Orin engine is not
 an Orin Nano engine, though both report "Orin", 8.7), with the same TensorRT and
 from the same ONNX file and build settings. :class:`EngineKey` hashes all of that;
-the cache holds ``<root>/<slug>-<digest>/model.fp16.engine`` with its
+the cache holds ``<root>/<slug>-<digest>/model.engine`` with its
 ``engine.json`` (the key and the parity record), or ``refused.json`` when the
 engine built for that key failed parity. Builds run under an exclusive file lock
 so two processes never build the same engine at once. Nothing here writes into a
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lungseg.atomic import atomic_write
-from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, sha256_file
+from lungseg.bundle import ENGINE_FILE, ENGINE_MANIFEST, LEGACY_ENGINE_FILE, sha256_file
 from lungseg.cuda_memory import DeviceIdentity
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ def differences(recorded: dict[str, Any] | None, key: EngineKey) -> list[str]:
 
 def usable_engine(folder: Path, key: EngineKey) -> tuple[Path, dict[str, Any]] | None:
     """``(engine path, manifest)`` when ``folder`` holds a parity-passed engine for ``key``, else ``None``."""
-    engine, manifest_path = folder / ENGINE_FP16, folder / ENGINE_MANIFEST
+    engine, manifest_path = folder / ENGINE_FILE, folder / ENGINE_MANIFEST
+    if not engine.is_file() and (folder / LEGACY_ENGINE_FILE).is_file():
+        engine = folder / LEGACY_ENGINE_FILE
     if not (engine.is_file() and manifest_path.is_file()):
         return None
     try:
@@ -171,17 +173,17 @@ class EngineCache:
         """Write the engine, then its manifest (the manifest last: it is what makes the entry valid)."""
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / ENGINE_FP16, engine)
+        atomic_write(folder / ENGINE_FILE, engine)
         (folder / REFUSED).unlink(missing_ok=True)
         full = {**manifest, "key": key.to_dict(), "engine_sha256": hashlib.sha256(engine).hexdigest()}
         atomic_write(folder / ENGINE_MANIFEST, (json.dumps(full, indent=2) + "\n").encode())
-        return folder / ENGINE_FP16
+        return folder / ENGINE_FILE
 
     def refuse(self, key: EngineKey, reason: str, details: dict[str, Any]) -> None:
         """Record that the engine for ``key`` failed parity (and remove any engine stored for it)."""
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in (ENGINE_FP16, ENGINE_MANIFEST):
+        for name in (ENGINE_FILE, LEGACY_ENGINE_FILE, ENGINE_MANIFEST):
             (folder / name).unlink(missing_ok=True)
         record = {"reason": reason, "key": key.to_dict(), "details": details,
                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -147,7 +147,7 @@ def stored_values(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
         if reduced is not None and reduced.ndim == 2:
             actual = round(math.log2(max(1.0, rows / reduced.shape[0])))
             if reduced.shape == reduced_shape(rows, columns, actual):
-                return _apply_pixel_representation(reduced, ds), actual
+                return apply_pixel_representation(reduced, ds), actual
             log.info("reduced JPEG 2000 frame is %s, not a resolution level of %dx%d; decoding in full",
                      reduced.shape, rows, columns)
     if level:
@@ -221,7 +221,7 @@ def block_means(image: np.ndarray, level: int) -> np.ndarray:
 _AREA_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16))
 
 
-def _apply_pixel_representation(array: np.ndarray, ds: Dataset) -> np.ndarray:
+def apply_pixel_representation(array: np.ndarray, ds: Dataset) -> np.ndarray:
     """Give OpenJPEG's output the dtype pydicom's decoder would (signed when PixelRepresentation is 1)."""
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     bits = int(ds.get("BitsAllocated", 16) or 16)

@@ -85,6 +85,19 @@ def cuda_provider_problem(available: list[str]) -> str | None:
             "load (check the CUDA 12 runtime and cuDNN 9 are installed, see packaging/INSTALL.md)")
 
 
+def preload_cuda_libraries(ort: Any) -> None:
+    """Load the CUDA 12 / cuDNN 9 libraries of the ``nvidia-*`` pip wheels (``onnxruntime-gpu[cuda,cudnn]``) before
+    the CUDA provider looks for them (onnxruntime >= 1.21; without it those wheels are not found). Missing
+    libraries are not an error here: the session then comes up without CUDA and the caller says so."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload(cuda=True, cudnn=True, msvc=False)
+    except Exception as exc:  # an OSError per missing library, or anything a broken install raises
+        log.info("onnxruntime.preload_dlls: %s (the CUDA provider may still find system libraries)", exc)
+
+
 class OnnxRuntimePredictor:
     """An onnxruntime session on the CPU or CUDA execution provider."""
 
@@ -108,6 +121,7 @@ class OnnxRuntimePredictor:
                 session_options.add_session_config_entry(key, value)
         providers: list[Any] = ["CPUExecutionProvider"]
         if device == "cuda":
+            preload_cuda_libraries(ort)
             problem = cuda_provider_problem(ort.get_available_providers())
             if problem:
                 raise BackendUnavailableError(problem)
@@ -568,4 +582,4 @@ def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None 
 __all__ = ["BACKENDS", "CHAINS", "CPU_CANDIDATES", "CPU_CHOICES", "INPUT_NAME", "INT8_SESSION_CONFIG",
            "OPENVINO_CANDIDATES", "BackendOptions", "BackendRuntimeError",
            "BackendUnavailableError", "FallbackPredictor", "OnnxRuntimePredictor", "Predictor", "Selection",
-           "candidates", "cuda_provider_problem", "select_predictor"]
+           "candidates", "cuda_provider_problem", "preload_cuda_libraries", "select_predictor"]

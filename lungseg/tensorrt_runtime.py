@@ -334,8 +334,16 @@ def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache
         if typing == "fp32":
             raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason) from exc
         return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
-    candidate = TensorRTPredictor(trt, engine_bytes, model_path=str(cache.folder(key) / "unchecked.engine"),
-                                  dla_core=settings.dla_core, cudart=None)
+    try:
+        candidate = TensorRTPredictor(trt, engine_bytes, model_path=str(cache.folder(key) / "unchecked.engine"),
+                                      dla_core=settings.dla_core, cudart=None)
+    except BackendUnavailableError as exc:  # built, but will not load here: recorded, not rebuilt at every start
+        reason = f"new {facts['precision']} engine built but would not load: {exc}"
+        cache.refuse(key, reason, {"stage": "load", "typing": typing})
+        log.error("%s; refused (recorded in %s)", reason, cache.folder(key), extra={"event": "engine_refused"})
+        if typing == "fp32":
+            raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason) from exc
+        return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
     try:
         parity = parity_gate(candidate, bundle_dir)
     finally:

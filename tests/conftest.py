@@ -65,3 +65,27 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from selftest_bundles import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"))
+
+
+@pytest.fixture(scope="session")
+def tracked_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from the git-tracked files alone (no build/ or egg-info of an editable install), as a
+    release would be."""
+    import shutil
+    import subprocess
+    import sys
+
+    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-z"], capture_output=True, check=False)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: the wheel is built from the tracked files")
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "lungseg-source"
+    for name in filter(None, tracked.stdout.decode().split("\0")):
+        if (REPO_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, source / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(root / "dist"), str(source)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [wheel] = (root / "dist").glob("lungseg-*.whl")
+    return wheel

@@ -10,8 +10,18 @@ at ``cudaStreamSynchronize``, so a missing synchronize leaves a result unread, a
 an error in queued work is reported by the synchronize, as CUDA does.
 ``fail(call, error, after=n)`` makes the n-th later call of ``call`` return
 ``error`` (and every call after it: a GPU that fell off the bus stays gone).
-Install with :func:`install` (a pytest ``monkeypatch`` puts it in ``sys.modules``
-as both ``cuda.bindings.runtime`` and ``cuda.cudart``).
+Install with :func:`install` (a pytest ``monkeypatch`` puts it in ``sys.modules``) in the module layout of
+one cuda-python release line (``layout``):
+
+* ``"12.6+"`` (default; what ``cuda-python>=12.2,<13`` resolves to today, 12.9.x): ``cuda.bindings.runtime``
+  is the module, ``cuda.cudart`` a separate, deprecated module that forwards to it;
+* ``"bindings"``: ``cuda.bindings.runtime`` alone (the ``cuda-bindings`` wheel without the old names);
+* ``"12.2-12.5"``: ``cuda.cudart`` alone (no ``cuda.bindings`` package).
+
+Each name is its own module object, so a test sees which one the code imported. Both names expose the same
+functions, enums and tuple returns in every release below 13 (cuda-python 12.6 moved the implementation to
+``cuda.bindings`` and kept ``cuda.cudart`` as a forwarding shim; 13.0 dropped the shim), so one
+:class:`FakeCudaRuntime` serves both. What 13.x changed beyond the shim is not modelled: the extra pins ``<13``.
 """
 
 from __future__ import annotations
@@ -297,8 +307,8 @@ class FakeCudaRuntime:
 
     cudaGraphExecDestroy = cudaGraphDestroy
 
-    def module(self) -> types.ModuleType:
-        module = types.ModuleType("cuda.bindings.runtime")
+    def module(self, name: str = "cuda.bindings.runtime") -> types.ModuleType:
+        module = types.ModuleType(name)
         for name in ("cudaError_t", "cudaMemcpyKind", "cudaStreamCaptureMode", "cudaStream_t"):
             setattr(module, name, globals()[name])
         for name in dir(self):
@@ -308,16 +318,27 @@ class FakeCudaRuntime:
         return module
 
 
-def install(monkeypatch: Any, runtime: FakeCudaRuntime | None = None) -> FakeCudaRuntime:
-    """Put a fake runtime in ``sys.modules`` as ``cuda.bindings.runtime`` and ``cuda.cudart``."""
+LAYOUTS = ("12.6+", "bindings", "12.2-12.5")
+
+
+def install(monkeypatch: Any, runtime: FakeCudaRuntime | None = None, layout: str = "12.6+") -> FakeCudaRuntime:
+    """Put a fake runtime in ``sys.modules`` under the module names of one cuda-python ``layout`` (see above)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
     runtime = runtime or FakeCudaRuntime()
-    module = runtime.module()
     cuda_pkg = types.ModuleType("cuda")
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = module  # type: ignore[attr-defined]
-    cuda_pkg.bindings = bindings  # type: ignore[attr-defined]
-    cuda_pkg.cudart = module  # type: ignore[attr-defined]
-    for name, value in (("cuda", cuda_pkg), ("cuda.bindings", bindings), ("cuda.bindings.runtime", module),
-                        ("cuda.cudart", module)):
+    cuda_pkg.__path__ = []  # a namespace package: submodules only from sys.modules
+    modules: dict[str, types.ModuleType | None] = {"cuda": cuda_pkg, "cuda.bindings": None,
+                                                   "cuda.bindings.runtime": None, "cuda.cudart": None}
+    if layout in ("12.6+", "bindings"):
+        bindings = types.ModuleType("cuda.bindings")
+        bindings.__path__ = []
+        bindings.runtime = runtime.module("cuda.bindings.runtime")  # type: ignore[attr-defined]
+        cuda_pkg.bindings = bindings  # type: ignore[attr-defined]
+        modules.update({"cuda.bindings": bindings, "cuda.bindings.runtime": bindings.runtime})
+    if layout in ("12.6+", "12.2-12.5"):
+        cuda_pkg.cudart = runtime.module("cuda.cudart")  # type: ignore[attr-defined]
+        modules["cuda.cudart"] = cuda_pkg.cudart
+    for name, value in modules.items():  # None in sys.modules: "import" raises ImportError, as when absent
         monkeypatch.setitem(sys.modules, name, value)
     return runtime

@@ -75,6 +75,66 @@ def _has_fp16_weights(model: bytes | None) -> bool:
     return any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load_from_string(model).graph.initializer)
 
 
+# What the ONNX parser of each TensorRT line accepts, from onnx-tensorrt's README / operators.md of that release:
+# 8.6 imports opsets 7-17, 10.0-10.3 up to 20 (later 10.x raise it; not modelled). Only the operators lungseg's
+# models (fp32, fp16 with Cast, QDQ int8) and the usual U-Net variants use are listed; the real list is longer,
+# so an operator missing here may still be real-importable: the fake then refuses more, never less, than lungseg
+# needs to know about.
+MAX_OPSET = {8: 17, 10: 20}
+KNOWN_OPS = frozenset({"Add", "BatchNormalization", "Cast", "Concat", "Conv", "ConvTranspose", "DequantizeLinear",
+                       "Identity", "MaxPool", "Mul", "QuantizeLinear", "Relu", "Resize", "Sigmoid"})
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(data: bytes) -> list[tuple[int, int, Any]]:
+    """Protocol-buffer fields (number, wire type, value) of one message: enough to read ONNX's ModelProto."""
+    out, pos = [], 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos:pos + length], pos + length
+        elif wire == 1:
+            value, pos = data[pos:pos + 8], pos + 8
+        elif wire == 5:
+            value, pos = data[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        out.append((number, wire, value))
+    return out
+
+
+def onnx_opsets_and_ops(model: bytes) -> tuple[dict[str, int], set[str]]:
+    """``({domain: opset}, {op_type})`` of an ONNX ModelProto (opset_import = 8; graph = 7, node = 1, op_type = 4,
+    node domain = 7)."""
+    opsets: dict[str, int] = {}
+    ops: set[str] = set()
+    for number, _, value in _fields(model):
+        if number == 8:
+            entry = {n: v for n, _, v in _fields(value)}
+            opsets[bytes(entry.get(1, b"")).decode()] = int(entry.get(2, 0))
+        elif number == 7:
+            for n, _, node in _fields(value):
+                if n == 1:
+                    entry = {k: v for k, _, v in _fields(node)}
+                    domain = bytes(entry.get(7, b"")).decode()
+                    ops.add((domain + "::" if domain else "") + bytes(entry.get(4, b"")).decode())
+    return opsets, ops
+
+
 def make_module(state: FakeTensorRT) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = state.version
@@ -224,9 +284,19 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
                 return False
             try:
                 data = open(path, "rb").read()  # noqa: SIM115
-                ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+                opsets, ops = onnx_opsets_and_ops(data)
+                ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # also a well-formed model
             except Exception as exc:
                 self.errors.append(f"failed to parse {path}: {exc}")
+                return False
+            opset, limit = opsets.get("", 0), MAX_OPSET.get(state.major, 17)
+            if opset > limit:
+                self.errors.append(f"ModelImporter.cpp: this version of TensorRT ({state.version}) supports ONNX "
+                                   f"opsets up to {limit}; the model uses opset {opset}")
+                return False
+            unknown = sorted(ops - KNOWN_OPS)
+            if unknown:
+                self.errors.append(f"ModelImporter.cpp: No importer registered for op: {unknown[0]}")
                 return False
             self.network.onnx = data
             return True

@@ -34,7 +34,8 @@ def test_sc_off_writes_seg_and_sr_and_a_valid_sidecar(tmp_path: Path, tiny_onnx:
     seg = pydicom.dcmread(folder / sidecar["outputs"]["segmentation"]["file"])
     assert (seg.Rows, seg.Columns) == (408, 512)
     assert (folder / sidecar["outputs"]["structured_report"]["file"]).is_file()
-    assert sidecar["rendered"] == {"rows": 204, "columns": 256, "decoded_level": 1}  # no SC fields
+    assert sidecar["rendered"] == {"rows": 204, "columns": 256, "decoded_level": 1,  # no SC fields
+                                   "pixel_decoder": "pydicom"}
     assert not list(jsonschema.Draft202012Validator(json_schema()).iter_errors(sidecar))
     assert "sc_encode" not in sidecar["write_stages_ms"] or sidecar["write_stages_ms"]["sc_encode"] < 1.0
 
@@ -59,7 +60,7 @@ def test_without_an_sc_the_decoder_is_not_asked_for_the_full_resolution_image(tm
     for sc in (True, False):
         config = EdgeConfig(watch=tmp_path, out=tmp_path / "out", sc=sc).validate()
         admission = Admission.__new__(Admission)  # only the decode step is exercised
-        admission.config, admission.decoder = config, Recorder()
+        admission.config, admission.decoder, admission.gpu_decoder = config, Recorder(), None
         admission._decode(source.read_bytes(), "a.dcm")
     assert asked == [True, False]
 

@@ -24,7 +24,7 @@ from fakes_cuda import install as install_cuda
 from fakes_tensorrt import FakeTensorRT
 from fakes_tensorrt import install as install_trt
 
-from lungseg.bundle import ENGINE_FP16, ENGINE_MANIFEST, ONNX_FP16, resolve_bundle
+from lungseg.bundle import ENGINE_FILE, ENGINE_MANIFEST, LEGACY_ENGINE_FILE, ONNX_FP16, resolve_bundle
 from lungseg.engine_cache import REFUSED, EngineCache
 from lungseg.predictors import BackendOptions, BackendRuntimeError, BackendUnavailableError, select_predictor
 from lungseg.selftest import load_golden
@@ -97,6 +97,39 @@ def test_builder_works_on_86_and_10x(gpu: FakeTensorRT, monkeypatch: pytest.Monk
         assert gpu.monitor_events, "IProgressMonitor was not attached on 10.x"
 
 
+def test_the_fake_parser_is_no_more_lenient_than_the_real_one(gpu: FakeTensorRT, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not onnxruntime's leniency: TensorRT 8.6's ONNX parser stops at opset 17 (10.3: 20), and the fake imports
+    only the operators it lists (a subset of the real parser's: it may refuse more, never less)."""
+    onnx = pytest.importorskip("onnx", reason="onnx (the [train] extra) writes the test models")
+    from conftest import FIXTURES
+
+    model = onnx.load(str(FIXTURES / "tiny_model.onnx"))
+    model.opset_import[0].version = 18  # Conv and Sigmoid are unchanged in 18: still a valid model
+    onnx.save(model, str(tmp_path / "opset18.onnx"))
+    custom = onnx.load(str(FIXTURES / "tiny_model.onnx"))
+    custom.graph.node[-1].op_type = "HardSigmoid"  # a valid model with an operator outside the fake's list
+    onnx.save(custom, str(tmp_path / "custom.onnx"))
+
+    def parse(path: Path) -> tuple[bool, str]:
+        import tensorrt as trt
+
+        logger = trt.Logger()
+        network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+        parser = trt.OnnxParser(network, logger)
+        ok = parser.parse_from_file(str(path))
+        return ok, "" if ok else parser.get_error(0)
+
+    use_version(monkeypatch, gpu, "8.6.1")
+    ok, error = parse(tmp_path / "opset18.onnx")
+    assert not ok and "opsets up to 17" in error
+    assert parse(FIXTURES / "tiny_model.onnx")[0]
+    ok, error = parse(tmp_path / "custom.onnx")
+    assert not ok and "No importer registered for op: HardSigmoid" in error
+    use_version(monkeypatch, gpu, "10.3.0")
+    assert parse(tmp_path / "opset18.onnx")[0]
+
+
 def test_tensorrt_older_than_86_is_refused_plainly(gpu: FakeTensorRT, monkeypatch: pytest.MonkeyPatch,
                                                    bundle) -> None:
     use_version(monkeypatch, gpu, "8.5.2")
@@ -158,6 +191,21 @@ def test_build_failure_reason_reaches_the_error_and_logging(gpu: FakeTensorRT, b
     assert ensure_engine(bundle, BackendOptions(), force=True)[2] == "built"
 
 
+def test_an_engine_that_builds_but_will_not_load_is_recorded_not_rebuilt_at_every_start(gpu: FakeTensorRT,
+                                                                                        bundle) -> None:
+    gpu.context_fails = True  # built, but no execution context (e.g. out of GPU memory on a small Jetson)
+    with pytest.raises(BackendUnavailableError, match="built but would not load"):
+        ensure_engine(bundle, BackendOptions())
+    assert gpu.builds == 2  # the fp16 engine, then its one fp32 rebuild
+    records = [json.loads((f / REFUSED).read_text()) for f in EngineCache().root.iterdir() if (f / REFUSED).is_file()]
+    assert sorted(r["details"]["stage"] for r in records) == ["load", "load"]
+    with pytest.raises(BackendUnavailableError, match=r"refused earlier.*would not load"):
+        ensure_engine(bundle, BackendOptions())
+    assert gpu.builds == 2
+    gpu.context_fails = False
+    assert ensure_engine(bundle, BackendOptions(), force=True)[2] == "built"
+
+
 # --- engine cache: exact device, never the bundle, lock, parity gate ----------------------------------------------
 def test_engine_is_cached_in_the_state_dir_never_in_a_read_only_bundle(gpu: FakeTensorRT, bundle,
                                                                        tmp_path: Path) -> None:
@@ -184,7 +232,7 @@ def test_engine_failing_parity_is_refused_recorded_and_never_used(gpu: FakeTenso
         ensure_engine(bundle, BackendOptions())
     cache = EngineCache()
     folders = list(cache.root.iterdir())
-    assert not list(cache.root.glob(f"*/{ENGINE_FP16}"))
+    assert not list(cache.root.glob(f"*/{ENGINE_FILE}"))
     assert any((f / REFUSED).is_file() for f in folders)
     assert any("refused" in r.getMessage() for r in caplog.records)
     assert gpu.builds == 2  # the fp16 engine, then its one fp32 rebuild: both failed, both refused
@@ -217,6 +265,17 @@ def test_an_fp16_engine_failing_parity_is_rebuilt_once_at_fp32(gpu: FakeTensorRT
     assert np.isfinite(out).all()
 
 
+def test_the_fp32_engine_is_not_called_fp16_and_an_older_cache_name_is_still_found(gpu: FakeTensorRT, bundle) -> None:
+    gpu.nan_fp16 = True
+    path, manifest, _ = ensure_engine(bundle, BackendOptions())
+    assert path.name == ENGINE_FILE and "fp16" not in path.name and manifest["precision"] == "fp32"
+    gpu.nan_fp16 = False
+    fresh, _, _ = ensure_engine(bundle, BackendOptions(), force=True)  # an fp16 engine, same file name
+    fresh.rename(fresh.with_name(LEGACY_ENGINE_FILE))  # as lungseg < 0.3 stored it
+    found, _, where = ensure_engine(bundle, BackendOptions())
+    assert where == "cache" and found.name == LEGACY_ENGINE_FILE and gpu.builds == 3
+
+
 def test_an_exported_engine_that_fails_the_pytorch_comparison_is_not_shipped(gpu: FakeTensorRT, tiny_bundle: Path,
                                                                              tmp_path: Path) -> None:
     from types import SimpleNamespace
@@ -236,9 +295,9 @@ def test_an_exported_engine_that_fails_the_pytorch_comparison_is_not_shipped(gpu
 
     info, result = _try_engine(dest, Checker(False), EngineSettings())
     assert result is not None and not result.passed and info["shipped"] is False and "removed" in info["reason"]
-    assert not (dest / ENGINE_FP16).exists() and not (dest / ENGINE_MANIFEST).exists()
+    assert not (dest / ENGINE_FILE).exists() and not (dest / ENGINE_MANIFEST).exists()
     info, _ = _try_engine(dest, Checker(True), EngineSettings())
-    assert info["shipped"] is True and (dest / ENGINE_FP16).is_file() and (dest / ENGINE_MANIFEST).is_file()
+    assert info["shipped"] is True and (dest / ENGINE_FILE).is_file() and (dest / ENGINE_MANIFEST).is_file()
 
 
 def test_auto_selection_falls_back_when_the_engine_fails_parity(gpu: FakeTensorRT, bundle) -> None:
@@ -297,7 +356,7 @@ def test_shipped_engine_is_used_only_with_the_exact_key_and_parity(gpu: FakeTens
     dest = tmp_path / "with-engine"
     shutil.copytree(tiny_bundle, dest)
     built, _, _ = ensure_engine(resolve_bundle(dest), BackendOptions())
-    for name in (ENGINE_FP16, ENGINE_MANIFEST):
+    for name in (ENGINE_FILE, ENGINE_MANIFEST):
         shutil.copyfile(built.parent / name, dest / name)
     assert ensure_engine(resolve_bundle(dest), BackendOptions())[2] == "bundle"
     manifest = json.loads((dest / ENGINE_MANIFEST).read_text())
@@ -433,7 +492,7 @@ def test_build_engine_and_engine_only_write_to_the_state_folder(gpu: FakeTensorR
     state = tmp_path / "state"
     code, out, err = run_main(edge_main, ["build-engine", "--model", str(bundle.root), "--state", str(state)])
     assert code == 0, err
-    assert "engine ready (built)" in out and list(state.glob(f"engines/*/{ENGINE_FP16}"))
+    assert "engine ready (built)" in out and list(state.glob(f"engines/*/{ENGINE_FILE}"))
     code, out, err = run_main(export_main, ["--engine-only", str(bundle.root), "--state", str(state), "--json"])
     assert code == 0, err
     report = json.loads(out)
@@ -517,3 +576,33 @@ def test_export_help_states_the_parity_data_default_truthfully() -> None:
     text = " ".join((action.help or "").split())
     assert action.default is None
     assert "source checkout" in text and "--engine-only" in text and "golden" in text, text
+
+
+@pytest.mark.parametrize(("layout", "module"), [("12.6+", "cuda.bindings.runtime"),
+                                                ("bindings", "cuda.bindings.runtime"),
+                                                ("12.2-12.5", "cuda.cudart")])
+def test_each_cuda_python_layout_runs_the_engine_through_its_own_module(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path, tiny_bundle: Path,
+                                                                        layout: str, module: str) -> None:
+    """cuda-python 12.6+ has both names (``cuda.cudart`` a deprecated shim): lungseg uses ``cuda.bindings.runtime``;
+    12.2-12.5 has only ``cuda.cudart``. The fake installs each name as its own module object."""
+    import sys
+
+    cuda = install_cuda(monkeypatch, FakeCudaRuntime(), layout=layout)
+    install_trt(monkeypatch, FakeTensorRT(version="10.3.0", cuda=cuda))
+    monkeypatch.setenv("LUNGSEG_ENGINE_CACHE", str(tmp_path / "engines"))
+    predictor = load_engine_predictor(resolve_bundle(tiny_bundle), BackendOptions())
+    assert predictor._rt is sys.modules[module]
+    assert predictor.predict(load_golden(tiny_bundle).inputs[:1]).shape[0] == 1
+    predictor.close()
+
+
+def test_no_cuda_python_at_all_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lungseg.cuda_memory import CudaUnavailableError, import_cudart
+
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(CudaUnavailableError, match=r"cuda-python is not installed.*<13"):
+        import_cudart()

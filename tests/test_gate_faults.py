@@ -124,3 +124,51 @@ def test_real_problem_files_say_why_on_the_edge_overlay(parts, tmp_path: Path):
         assert "REVIEW:" in comments or "before segmenting" in comments, comments
         assert dciodvfy_errors(sc_path) == []
     assert len(sc_files(out)) == 2
+
+
+def test_false_alarms_are_counted_per_subgroup_with_their_reasons() -> None:
+    """gate_eval's breakdown of good images flagged: by view, class, portable and white-out (bright lungs)."""
+    from types import SimpleNamespace
+
+    from lungseg.train.gate_eval import groups_of, lung_brightness, summarise
+
+    pixels = np.full((4, 4), 0.2, dtype=np.float32)
+    lung = np.zeros((4, 4), dtype=bool)
+    lung[1:3, 1:3] = True
+    pixels[lung] = 0.9
+    assert lung_brightness(pixels, lung, np.ones_like(lung)) == pytest.approx(0.9)
+    child = SimpleNamespace(view="AP (pediatric)", image_class="normal", portable=False)
+    icu = SimpleNamespace(view="AP Supine", image_class="covid", portable=True)
+    assert groups_of(icu, 0.9, 0.8) == ["view:AP Supine", "class:covid", "portable", "white_out"]
+    rows = [{"class": "good", "id": "a", "refused": "not_a_chest", "flags": [], "caught": True,
+             "groups": groups_of(child, 0.5, 0.8)},
+            {"class": "good", "id": "b", "refused": None, "flags": ["implausible_shape"], "caught": True,
+             "groups": groups_of(icu, 0.9, 0.8)},
+            {"class": "good", "id": "c", "refused": None, "flags": [], "caught": False,
+             "groups": groups_of(icu, 0.5, 0.8)}]
+    report = summarise(rows, [], [], [], {}, GatePolicy())
+    groups = report["good_flagged_by_group"]
+    assert groups["view:AP (pediatric)"] == {"n": 1, "flagged": 1, "rate": 1.0, "reasons": ["not_a_chest"]}
+    assert groups["white_out"] == {"n": 1, "flagged": 1, "rate": 1.0, "reasons": ["implausible_shape"]}
+    assert groups["view:AP Supine"]["n"] == 2 and groups["view:AP Supine"]["rate"] == 0.5
+
+
+def test_hard_good_chests_opacify_the_lungs_or_shrink_the_patient() -> None:
+    """The gate's hard positives (gate 0.3.0): a white-out brightens the lungs only; a small patient keeps the
+    image size, the film shrunk inside a dark border."""
+    from lungseg.train.gate_data import hard_chest, small_patient, white_out
+
+    rng = np.random.default_rng(0)
+    pixels = np.full((120, 100), 0.3, dtype=np.float32)
+    pixels[:, 42:58] = 0.8  # the mediastinum: brighter than the 0.9 quantile
+    lung = np.zeros_like(pixels, dtype=bool)
+    lung[20:100, 10:40] = lung[20:100, 60:90] = True
+    opaque = white_out(pixels, lung, 0.85)
+    assert opaque[60, 25] > 0.7 and opaque[60, 75] > 0.7  # lungs near the mediastinum's brightness
+    assert opaque[5, 5] == pytest.approx(0.3, abs=0.02)  # far from the lungs: unchanged
+    small = small_patient(pixels, rng, 0.5, 0.5)
+    assert small.shape == pixels.shape
+    assert (small <= 0.3 + 1e-6).mean() > 0.7  # mostly the dark border and the shrunk lungs
+    assert (small > 0.75).sum() == pytest.approx(0.25 * (pixels > 0.75).sum(), rel=0.3)  # mediastinum at 1/4 area
+    for _ in range(4):
+        assert hard_chest(pixels, lung, rng).shape == pixels.shape

@@ -120,6 +120,31 @@ def test_cpu_package_shadowing_the_gpu_one_is_named(monkeypatch: pytest.MonkeyPa
     assert predictors.cuda_provider_problem(["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
 
 
+def test_cuda_listed_but_cudnn_missing_is_caught_by_the_session_not_the_provider_list(
+        monkeypatch: pytest.MonkeyPatch, tiny_onnx: Path) -> None:
+    """onnxruntime lists CUDAExecutionProvider even when cuDNN is missing; only a session shows CUDA did not load.
+    Before that session the pip wheels' CUDA/cuDNN libraries are preloaded (onnxruntime.preload_dlls)."""
+    import inspect
+
+    import onnxruntime as ort
+
+    from lungseg.predictors import BackendUnavailableError, OnnxRuntimePredictor
+
+    calls: list[dict[str, object]] = []
+    real = ort.preload_dlls
+
+    def preload_dlls(cuda: bool = True, cudnn: bool = True, msvc: bool = True, directory: object = None) -> None:
+        calls.append({"cuda": cuda, "cudnn": cudnn})
+        raise OSError("libcudnn.so.9: cannot open shared object file")  # the wheels are not installed here
+
+    assert list(inspect.signature(real).parameters) == list(inspect.signature(preload_dlls).parameters)
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailableError, match="CUDA provider failed to initialise"):
+        OnnxRuntimePredictor(str(tiny_onnx), device="cuda")
+    assert calls == [{"cuda": True, "cudnn": True}]
+
+
 def test_daemon_options_put_engines_in_the_state_folder(tmp_path: Path) -> None:
     from lungseg.edge_runtime.backend_status import backend_options
     from lungseg.edge_runtime.config import EdgeConfig

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungseg.data import Record, load_manifest
+from lungseg.data import Record, load_manifest, read_label_mask
 from lungseg.gate import gate_input_from_pixels
 from lungseg.imaging import UnreadableImageError, read_image, to_unit_range
 from lungseg.train.config import TrainConfig
@@ -154,6 +154,38 @@ def _crop(pixels: np.ndarray, rng: np.random.Generator, low: float, high: float)
     return np.ascontiguousarray(pixels[top:top + h, left:left + w])
 
 
+# --- hard but good chests: what the QA set's false alarms looked like ----------------------------
+def white_out(pixels: np.ndarray, lung: np.ndarray, severity: float) -> np.ndarray:
+    """Lungs pulled ``severity`` of the way towards the brightness of the image's brightest tenth, edges softened:
+    severe ARDS / oedema on a supine ICU film."""
+    if lung.shape != pixels.shape:
+        lung = cv2.resize(lung.astype(np.uint8), (pixels.shape[1], pixels.shape[0]),
+                          interpolation=cv2.INTER_NEAREST).astype(bool)
+    target = float(np.quantile(pixels, 0.9))
+    soft = cv2.GaussianBlur(lung.astype(np.float32), (0, 0), sigmaX=max(2.0, pixels.shape[1] / 80))
+    return np.clip(pixels + severity * soft * (target - pixels).clip(min=0), 0.0, 1.0).astype(np.float32)
+
+
+def small_patient(pixels: np.ndarray, rng: np.random.Generator, low: float = 0.55, high: float = 0.7) -> np.ndarray:
+    """The film shrunk to ``low``-``high`` of its size at a random spot inside a dark border: a small child on a
+    large cassette."""
+    rows, cols = pixels.shape
+    scale = float(rng.uniform(low, high))
+    small = cv2.resize(pixels, (max(8, int(cols * scale)), max(8, int(rows * scale))), interpolation=cv2.INTER_AREA)
+    canvas = np.full_like(pixels, float(np.quantile(pixels, 0.02)))
+    top = int(rng.integers(0, rows - small.shape[0] + 1))
+    left = int(rng.integers(0, cols - small.shape[1] + 1))
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return canvas
+
+
+def hard_chest(pixels: np.ndarray, lung: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One hard good chest for training: a white-out (severity 0.4-0.95) or a small patient (0.5-0.8 of the film)."""
+    if rng.random() < 0.5:
+        return white_out(pixels, lung, float(rng.uniform(0.4, 0.95)))
+    return small_patient(pixels, rng, 0.5, 0.8)
+
+
 def synthetic_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """Something that is clearly not a radiograph: noise, gradients, shapes, stripes or a flat field."""
     kind = int(rng.integers(0, 5))
@@ -201,8 +233,9 @@ def _stack(items: list[tuple[np.ndarray, int, int, str]]) -> GateSamples:
 
 def build_samples(records: Sequence[Record], nonchest: Sequence[Path], *, variants: int = 2,
                   crops_per_record: int = 1, nonchest_variants: int = 40, synthetic: int = 300,
-                  seed: int = 0) -> GateSamples:
-    """Render chest variants (positive and negative), crops, real non-chest and synthetic images."""
+                  hard_variants: int = 1, seed: int = 0) -> GateSamples:
+    """Render chest variants (positive and negative; ``hard_variants`` of them white-out or small-patient films,
+    see :func:`hard_chest`), crops, real non-chest and synthetic images."""
     rng = np.random.default_rng(seed)
     items: list[tuple[np.ndarray, int, int, str]] = []
     for index, record in enumerate(records):
@@ -211,6 +244,12 @@ def build_samples(records: Sequence[Record], nonchest: Sequence[Path], *, varian
             image = _photometric(_frame(pixels, rng), rng)
             items.append((gate_input_from_pixels(image), 1, 0, record.id))
             items.append((gate_input_from_pixels(1.0 - image), 1, 1, record.id))
+        if hard_variants:
+            lung, _ = read_label_mask(record.mask)
+            for _ in range(hard_variants):
+                image = _photometric(hard_chest(pixels, lung, rng), rng)
+                items.append((gate_input_from_pixels(image), 1, 0, record.id))
+                items.append((gate_input_from_pixels(1.0 - image), 1, 1, record.id))
         for _ in range(crops_per_record):
             crop = _photometric(_crop(pixels, rng, 0.12, 0.4), rng)
             items.append((gate_input_from_pixels(crop if rng.random() < 0.5 else 1.0 - crop), 0, 0, record.id))

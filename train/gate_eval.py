@@ -3,7 +3,9 @@
 Classes (each from the held-out radiographs of :func:`lungseg.train.gate_data.gate_split`):
 ``good`` (as stored), ``rot90`` / ``rot180`` / ``rot270`` (quarter turns), ``negative``,
 ``mirrored``, ``not_chest`` (held-out real non-chest DICOM images from pydicom's test data, in
-several turns and crops, plus small crops of held-out radiographs). A wrong image counts as
+several turns and crops, plus small crops of held-out radiographs), and two hard but good classes,
+``hard:white_out`` and ``hard:small_patient`` (:func:`lungseg.train.gate_data.white_out` /
+``small_patient``), reported apart (``hard_good``: refused, called not-a-chest, flagged at all). A wrong image counts as
 caught when it is refused or carries any flag (a correction is a flag: it is reported);
 a good image counts as a false alarm when it carries any flag or is refused.
 
@@ -31,9 +33,43 @@ from lungseg.inference import segment_batch
 from lungseg.metrics import dice
 from lungseg.plausibility import load_shape_model
 from lungseg.predictors import OnnxRuntimePredictor
-from lungseg.train.gate_data import NONCHEST_HELDOUT, find_nonchest, gate_split, read_any_dicom
+from lungseg.train.gate_data import (
+    NONCHEST_HELDOUT,
+    find_nonchest,
+    gate_split,
+    read_any_dicom,
+    small_patient,
+    white_out,
+)
 
 log = logging.getLogger("lungseg.train.gate_eval")
+
+
+WHITE_OUT_QUANTILE = 0.9  # "white-out": lungs brighter than 90 % of the training images' lungs (training only)
+
+
+def lung_brightness(pixels: np.ndarray, lung: np.ndarray, valid: np.ndarray) -> float:
+    """Mean [0, 1] intensity inside the reference lung mask: high for opacified ("white-out") lungs."""
+    inside = lung.astype(bool) & valid.astype(bool)
+    return float(pixels[inside].mean()) if inside.any() else float("nan")
+
+
+def white_out_threshold(records: list[Any]) -> float:
+    """The :data:`WHITE_OUT_QUANTILE` of lung brightness over ``records`` (the gate's training patients)."""
+    values = []
+    for record in records:
+        lung, valid = read_label_mask(record.mask)
+        values.append(lung_brightness(read_image(record.image).pixels, lung, valid))
+    return float(np.nanquantile(values, WHITE_OUT_QUANTILE))
+
+
+def groups_of(record: Any, brightness: float, white_out: float) -> list[str]:
+    """The subgroups a good image's false alarm is counted in (view, class, portable, white-out)."""
+    groups = [f"view:{record.view or 'unknown'}", f"class:{record.image_class}",
+              "portable" if record.portable else "not_portable"]
+    if brightness >= white_out:
+        groups.append("white_out")
+    return groups
 
 
 def _fault_images(heldout: list[Any], per_class: int, seed: int) -> list[tuple[str, str, np.ndarray]]:
@@ -45,6 +81,9 @@ def _fault_images(heldout: list[Any], per_class: int, seed: int) -> list[tuple[s
         items += [("rot90", record.id, np.rot90(pixels, 1)), ("rot180", record.id, np.rot90(pixels, 2)),
                   ("rot270", record.id, np.rot90(pixels, 3)), ("negative", record.id, 1.0 - pixels),
                   ("mirrored", record.id, pixels[:, ::-1])]
+        lung, _ = read_label_mask(record.mask)  # hard but good: must not be refused or called not-a-chest
+        items += [("hard:white_out", record.id, white_out(pixels, lung, 0.85)),
+                  ("hard:small_patient", record.id, small_patient(pixels, rng))]
     for record in chosen[: per_class // 2]:
         pixels = read_image(record.image).pixels
         rows, cols = pixels.shape
@@ -74,6 +113,7 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
         raise SystemExit(f"{bundle}: the bundle has no gate.onnx / shape_model.npz")
     policy = gate.policy(policy)  # the bundle's calibrated mirror threshold unless one was given
     split = gate_split(manifest)
+    white_out = white_out_threshold(split.train)
     rows: list[dict[str, Any]] = []
 
     def run(kind: str, ident: str, pixels: np.ndarray) -> Any:
@@ -95,6 +135,7 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
         pixels = read_image(record.image).pixels
         lung, valid = read_label_mask(record.mask)
         result = run("good", record.id, pixels)
+        rows[-1]["groups"] = groups_of(record, lung_brightness(pixels, lung, valid), white_out)
         if not isinstance(result, Refused):
             good_dice_by_id[record.id] = dice(result.mask[valid], lung[valid])
     by_id = {r.id: r for r in split.heldout}
@@ -108,7 +149,9 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
                 dice_corrected.append(dice(back[valid], lung[valid]))
                 dice_upright.append(good_dice_by_id[ident])
     timing = cpu_timing(predictor, gate, split.heldout[:30])
-    return summarise(rows, list(good_dice_by_id.values()), dice_upright, dice_corrected, timing, policy)
+    report = summarise(rows, list(good_dice_by_id.values()), dice_upright, dice_corrected, timing, policy)
+    report["white_out_threshold"] = round(white_out, 4)
+    return report
 
 
 def cpu_timing(predictor: Any, gate: Any, records: list[Any]) -> dict[str, Any]:
@@ -143,14 +186,30 @@ def summarise(rows: list[dict[str, Any]], good_dice: list[float], dice_upright: 
             **({"correctly_corrected": round(float(np.mean([expected in r["flags"] for r in sub])), 4)}
                if expected else {}),
         }
-    wrong = [r for r in rows if r["class"] != "good"]
+    wrong = [r for r in rows if r["class"] != "good" and not r["class"].startswith("hard:")]
+    hard: dict[str, dict[str, Any]] = {}
+    for kind in sorted({r["class"] for r in rows if r["class"].startswith("hard:")}):
+        sub = [r for r in rows if r["class"] == kind]
+        hard[kind] = {"n": len(sub), "refused": round(float(np.mean([bool(r["refused"]) for r in sub])), 4),
+                      "called_not_chest": round(float(np.mean([r["refused"] == "not_chest" or "not_chest" in r["flags"]
+                                                               for r in sub])), 4),
+                      "flagged": round(float(np.mean([r["caught"] for r in sub])), 4)}
     good = [r for r in rows if r["class"] == "good"]
     flag_counts: dict[str, int] = {}
     for r in good:
         for f in r["flags"] + ([r["refused"]] if r["refused"] else []):
             flag_counts[f] = flag_counts.get(f, 0) + 1
+    by_group: dict[str, dict[str, Any]] = {}
+    for group in sorted({g for r in good for g in r.get("groups", [])}):
+        members = [r for r in good if group in r.get("groups", [])]
+        flagged = [r for r in members if r["caught"]]
+        by_group[group] = {"n": len(members), "flagged": len(flagged),
+                           "rate": round(len(flagged) / len(members), 4),
+                           "reasons": sorted({f for r in flagged for f in r["flags"] + [r["refused"] or ""] if f})}
     return {
         "policy": policy.__dict__,
+        "good_flagged_by_group": by_group,
+        "hard_good": hard,
         "wrong_caught": round(float(np.mean([r["caught"] for r in wrong])), 4),
         "n_wrong": len(wrong),
         "good_flagged": round(float(np.mean([r["caught"] for r in good])), 4),

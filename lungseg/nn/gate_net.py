@@ -10,7 +10,8 @@ from torch import nn
 
 from lungseg.gate import N_LOGITS
 
-GATE_VERSION = "0.2.0"  # 0.2.0: 30 epochs, flip-consensus mirror score, out-of-fold mirror threshold
+GATE_VERSION = "0.3.0"  # 0.3.0: + hard good chests (white-out, small patient) as positives; 0.2.0: 30 epochs,
+# flip-consensus mirror score, out-of-fold mirror threshold
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
