@@ -238,7 +238,7 @@ class EdgeConfig(GateOptions):
         section=UNTRUSTED, metavar="MB", help="address-space limit of the decoding worker"))
     gpu_decode: bool = field(default=False, metadata=setting(
         section=UNTRUSTED, help="decode JPEG 2000 / HTJ2K frames on the GPU with nvImageCodec (pip install "
-        "nvidia-nvimgcodec-cu12 nvidia-nvjpeg2k-cu12), in this process within the max_* limits; any refusal "
+        "'nvidia-nvimgcodec-cu12[nvjpeg2k]'), in this process within the max_* limits; any refusal "
         "or error: the CPU decoder in its worker. Off until verified on your GPU (not yet run on one by the "
         "project)"))
     max_pixels: int = field(default=50_000_000, metadata=setting(

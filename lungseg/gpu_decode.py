@@ -1,7 +1,7 @@
 """JPEG 2000 / HTJ2K frames decoded on the GPU with nvImageCodec (optional, off by default).
 
 nvImageCodec (``from nvidia import nvimgcodec``; wheels ``nvidia-nvimgcodec-cu12`` / ``-cu13`` / ``-tegra-cu12``
-with ``nvidia-nvjpeg2k-*`` for JPEG 2000) decodes the frame at full resolution for the overlay; the model's
+with their ``[nvjpeg2k]`` extra for JPEG 2000) decodes the frame at full resolution for the overlay; the model's
 reduced resolution is then the same area reduction the CPU path uses for a full-size decode. The GPU decoder
 runs in the service process (a CUDA context cannot live under the CPU decode worker's address-space limit), so
 it has its own limits, checked before any byte reaches it: one grayscale frame, a code stream no larger than
@@ -30,8 +30,8 @@ from lungseg.pixel_render import J2K_SYNTAXES, apply_pixel_representation, first
 log = logging.getLogger(__name__)
 
 MODULE = "nvidia.nvimgcodec"
-INSTALL_HINT = ("pip install nvidia-nvimgcodec-cu12 nvidia-nvjpeg2k-cu12 (x86-64, CUDA 12; "
-                "-tegra-cu12 on Jetson)")
+INSTALL_HINT = ("pip install 'nvidia-nvimgcodec-cu12[nvjpeg2k]' (x86-64, CUDA 12; "
+                "'nvidia-nvimgcodec-tegra-cu12[nvjpeg2k]' on Jetson)")
 J2K_SYNTAX_BYTES = tuple(uid.encode() for uid in J2K_SYNTAXES)
 
 
