@@ -18,6 +18,8 @@ What it holds a caller to, as the real library does:
   only input shapes inside it and needs every tensor address before it runs;
 * an engine deserialises only under the TensorRT version and GPU it was built
   for (else ``None`` and an error in the log);
+* the ONNX parser refuses opsets above its release's (8.6: 17, 10.x: 20) and operators outside a
+  listed subset of the real parser's; an engine's I/O tensors have the types the ONNX declares;
 * ``execute_async_v3`` needs a live stream of the fake CUDA runtime and reads and
   writes the fake device memory at the addresses it was given; a context's first
   enqueue may not happen inside a CUDA graph capture (TensorRT allocates then).
@@ -494,6 +496,11 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
             self.profile = [tuple(s) for s in header["profile"]]
             self.session = ort.InferenceSession(base64.b64decode(header["onnx"]), providers=["CPUExecutionProvider"])
             self.contexts = 0
+            # I/O tensors keep the types the ONNX declares (strongly or weakly typed; the FP16 flag changes layers,
+            # not I/O), as TensorRT's parser imports them
+            declared = {t.name: t.type for t in [*self.session.get_inputs(), *self.session.get_outputs()]}
+            self.io_dtypes = {name: {"tensor(float)": DataType.FLOAT, "tensor(float16)": DataType.HALF}[kind]
+                              for name, kind in declared.items()}
 
         num_io_tensors = 2
 
@@ -505,7 +512,7 @@ def make_module(state: FakeTensorRT) -> types.ModuleType:
                 name, trt.TensorIOMode.NONE)
 
         def get_tensor_dtype(self, name: str) -> Any:
-            return trt.float32
+            return self.io_dtypes[name]
 
         def get_tensor_shape(self, name: str) -> tuple:
             return (-1, 3, 256, 256) if name == "image" else (-1, 1, 256, 256)

@@ -606,3 +606,24 @@ def test_no_cuda_python_at_all_names_the_package(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(CudaUnavailableError, match=r"cuda-python is not installed.*<13"):
         import_cudart()
+
+
+def test_an_engine_whose_io_is_not_float32_is_refused_with_its_reason(gpu: FakeTensorRT, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake's engine reports the I/O types the ONNX declares (not always FLOAT): an fp16-I/O model's engine is
+    refused before any buffer is sized for float32."""
+    onnx = pytest.importorskip("onnx", reason="onnx (the [train] extra) writes the test model")
+    float16 = pytest.importorskip("onnxconverter_common.float16", reason="onnxconverter-common writes the fp16 model")
+    from conftest import FIXTURES
+
+    from lungseg.tensorrt_build import build_serialized, engine_settings
+
+    model = float16.convert_float_to_float16(onnx.load(str(FIXTURES / "tiny_model.onnx")), keep_io_types=False)
+    path = tmp_path / "fp16_io.onnx"
+    onnx.save(model, str(path))
+    use_version(monkeypatch, gpu, "10.3.0")
+    import tensorrt as trt
+
+    engine, _ = build_serialized(trt, path, "strong", engine_settings())
+    with pytest.raises(BackendUnavailableError, match=r"expected float32 I/O"):
+        TensorRTPredictor(trt, engine, model_path=str(path))
