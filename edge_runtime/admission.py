@@ -129,7 +129,6 @@ class Admission:
         self._failures: dict[str, int] = {}
         self.own: OwnFiles | None = None
         self.gpu_decoder: GpuFrameDecoder | None = None
-        self.gpu_decode_fallbacks = 0
         if getattr(config, "gpu_decode", False):
             self.gpu_decoder, reason = GpuFrameDecoder.create(max_pixels=self.limits.max_pixels,
                                                               max_frame_bytes=self.limits.max_file_bytes)
@@ -321,7 +320,6 @@ class Admission:
             try:
                 return decode_in_process(data, name, self.limits, min_side, display, frame_decoder=self.gpu_decoder)
             except GpuDecodeError as exc:  # refused or failed on the GPU: the CPU decoder in its worker decides
-                self.gpu_decode_fallbacks += 1
                 log.info("gpu_decode: %s; decoding on the CPU", exc,
                          extra={"event": "gpu_decode_fallback", "file": name})
             except MemoryError:

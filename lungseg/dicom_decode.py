@@ -36,7 +36,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from lungseg.errors import LungsegError
 from lungseg.pixel_render import block_means, reduction_level, render_with_lut, stored_values
 from lungseg.radiograph import Radiograph, UnreadableImageError, to_gray8, to_unit_range
 
@@ -201,13 +200,24 @@ def check_header_limits(ds: Dataset, path: str | Path, limits: DecodeLimits = DE
                                         f"header says {rows} x {columns}", "codestream_size_mismatch")
 
 
+J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # a JPEG 2000 code stream opens with SOC, then the SIZ marker
+
+
+def j2k_siz(stream: bytes, at: int = 0) -> tuple[int, int, int]:
+    """``(rows, columns, components)`` stated by the SIZ marker whose SOC is at ``stream[at]`` (``Ysiz - YOsiz``,
+    ``Xsiz - XOsiz``, ``Csiz``; components 0 when the stream ends before ``Csiz``)."""
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", stream[at + 8:at + 24])
+    csiz = stream[at + 40:at + 42]
+    return ysiz - yosiz, xsiz - xosiz, int.from_bytes(csiz, "big") if len(csiz) == 2 else 0
+
+
 def codestream_size(pixel_data: bytes, scan: int = 1 << 16) -> tuple[int, int] | None:
     """``(rows, columns)`` from the first JPEG 2000 SIZ or JPEG/JPEG-LS SOF marker, if one is found."""
     head = bytes(pixel_data[:scan])
-    at = head.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ
+    at = head.find(J2K_SOC_SIZ)
     if at >= 0 and at + 24 <= len(head):
-        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", head[at + 8:at + 24])
-        return max(0, ysiz - yosiz), max(0, xsiz - xosiz)
+        rows, columns, _ = j2k_siz(head, at)
+        return max(0, rows), max(0, columns)
     at = head.find(b"\xff\xd8")  # JPEG / JPEG-LS: walk the segments from SOI to the frame header
     if at < 0:
         return None
@@ -277,17 +287,15 @@ def radiograph_from_dataset(ds: Dataset, path: str | Path, *, min_side: int = 0,
     _ensure_transfer_syntax(ds)
     transfer_syntax = ds.file_meta.TransferSyntaxUID
     decoder_name = "pydicom"
-    try:
-        if frame_decoder is not None:
-            stored, level, decoder_name = frame_decoder.stored_values(ds), 0, frame_decoder.label
-        else:
+    if frame_decoder is not None:  # its own errors propagate: the caller decodes with the CPU decoders instead
+        stored, level, decoder_name = frame_decoder.stored_values(ds), 0, frame_decoder.label
+    else:
+        try:
             stored, level = stored_values(ds, 0 if display else min_side)
-    except LungsegError:
-        raise
-    except Exception as exc:
-        raise UnreadableImageError(
-            path, f"cannot decode pixel data ({transfer_syntax.name}): {type(exc).__name__}: {exc}"
-        ) from exc
+        except Exception as exc:
+            raise UnreadableImageError(
+                path, f"cannot decode pixel data ({transfer_syntax.name}): {type(exc).__name__}: {exc}"
+            ) from exc
     if stored.ndim != 2:
         raise UnreadableImageError(path, f"pixel data has shape {stored.shape}, expected one 2-D frame")
     native_shape = (int(ds.Rows), int(ds.Columns)) if level else (int(stored.shape[0]), int(stored.shape[1]))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from lungseg.dicom_decode import J2K_SOC_SIZ, j2k_siz
 from lungseg.errors import LungsegError
 from lungseg.pixel_render import J2K_SYNTAXES, apply_pixel_representation, first_frame
 
@@ -47,11 +48,9 @@ def looks_like_j2k(data: bytes, scan: int = 4096) -> bool:
 
 def codestream_dimensions(frame: bytes) -> tuple[int, int, int]:
     """``(rows, columns, components)`` from the code stream's SIZ marker, which must open it (SOC, SIZ)."""
-    if len(frame) < 42 or frame[:4] != b"\xff\x4f\xff\x51":
+    if len(frame) < 42 or frame[:4] != J2K_SOC_SIZ:
         raise GpuDecodeError("the frame does not start with a JPEG 2000 SOC + SIZ marker")
-    xsiz, ysiz, xosiz, yosiz = (int.from_bytes(frame[i:i + 4], "big") for i in (8, 12, 16, 20))
-    components = int.from_bytes(frame[40:42], "big")
-    return ysiz - yosiz, xsiz - xosiz, components
+    return j2k_siz(frame)
 
 
 def load_module() -> tuple[Any, str | None]:
@@ -101,7 +100,10 @@ class GpuFrameDecoder:
         rows, columns = int(ds.Rows), int(ds.Columns)
         if rows * columns > self.max_pixels:
             raise GpuDecodeError(f"{rows}x{columns} exceeds the limit of {self.max_pixels} pixels")
-        frame = first_frame(ds)
+        try:
+            frame = first_frame(ds)
+        except Exception as exc:  # malformed encapsulation: pydicom's errors, for the CPU decoder to judge
+            raise GpuDecodeError(f"no frame could be read: {type(exc).__name__}: {exc}") from exc
         if len(frame) > self.max_frame_bytes:
             raise GpuDecodeError(f"code stream of {len(frame)} bytes exceeds {self.max_frame_bytes}")
         stated = codestream_dimensions(frame)

@@ -310,10 +310,15 @@ def parity_gate(predictor: TensorRTPredictor, bundle_dir: Path) -> dict[str, Any
     return result
 
 
-def _rebuild_fp32(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey,
-                  keepalive: Callable[[str], object] | None, reason: str) -> tuple[Path, dict[str, Any]]:
-    """An fp16 engine that would not build, or lost accuracy (fp16 engines producing NaNs are reported on Orin),
-    is rebuilt once at fp32 (TF32 off) before the chain leaves TensorRT; both attempts are recorded."""
+def _refused(trt: ModuleType, bundle_dir: Path, settings: Any, cache: EngineCache, key: EngineKey, typing: str,
+             keepalive: Callable[[str], object] | None, earlier: str | None, reason: str,
+             details: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Record that ``key``'s engine was refused (``reason``). An fp16 engine that would not build or load, or lost
+    accuracy (fp16 engines producing NaNs are reported on Orin), is rebuilt once at fp32 (TF32 off) before the
+    chain leaves TensorRT; both attempts are recorded. An fp32 engine refused: :class:`BackendUnavailableError`."""
+    cache.refuse(key, reason, details)
+    if typing == "fp32":
+        raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason)
     log.warning("rebuilding the engine at fp32 (TF32 off) on this device after: %s", reason,
                 extra={"event": "engine_fp32_retry"})
     key32, onnx32, typing32 = engine_key(trt, bundle_dir, settings, key.device, fp32=True)
@@ -329,33 +334,24 @@ def build_checked_engine(trt: ModuleType, bundle_dir: Path, settings: Any, cache
     try:
         engine_bytes, facts = build_serialized(trt, onnx_path, typing, settings, keepalive)
     except EngineBuildError as exc:  # recorded like a parity failure: not rebuilt at every start (--force retries)
-        reason = f"TensorRT engine build failed: {exc}"
-        cache.refuse(key, reason, {"stage": "build", "typing": typing})
-        if typing == "fp32":
-            raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason) from exc
-        return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
+        return _refused(trt, bundle_dir, settings, cache, key, typing, keepalive, earlier,
+                        f"TensorRT engine build failed: {exc}", {"stage": "build", "typing": typing})
     try:
         candidate = TensorRTPredictor(trt, engine_bytes, model_path=str(cache.folder(key) / "unchecked.engine"),
                                       dla_core=settings.dla_core, cudart=None)
     except BackendUnavailableError as exc:  # built, but will not load here: recorded, not rebuilt at every start
         reason = f"new {facts['precision']} engine built but would not load: {exc}"
-        cache.refuse(key, reason, {"stage": "load", "typing": typing})
         log.error("%s; refused (recorded in %s)", reason, cache.folder(key), extra={"event": "engine_refused"})
-        if typing == "fp32":
-            raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason) from exc
-        return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
+        return _refused(trt, bundle_dir, settings, cache, key, typing, keepalive, earlier, reason,
+                        {"stage": "load", "typing": typing})
     try:
         parity = parity_gate(candidate, bundle_dir)
     finally:
         candidate.close()
     if not parity.get("passed"):
         reason = f"new {facts['precision']} engine failed its parity check: {parity.get('reason') or parity}"
-        cache.refuse(key, reason, parity)
-        log.error("%s; refused (recorded in %s)", reason, cache.folder(key),
-                  extra={"event": "engine_refused"})
-        if typing == "fp32":
-            raise BackendUnavailableError(f"{earlier}; then the {reason}" if earlier else reason)
-        return _rebuild_fp32(trt, bundle_dir, settings, cache, key, keepalive, reason)
+        log.error("%s; refused (recorded in %s)", reason, cache.folder(key), extra={"event": "engine_refused"})
+        return _refused(trt, bundle_dir, settings, cache, key, typing, keepalive, earlier, reason, parity)
     manifest = {**facts, "onnx_file": onnx_path.name, "onnx_sha256": key.onnx_sha256,
                 **({"fp16_attempt": earlier} if earlier else {}),
                 "tensorrt_version": trt.__version__, "device": key.device.to_dict(), "parity": parity,

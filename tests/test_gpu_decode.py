@@ -102,6 +102,12 @@ def test_an_undecodable_frame_or_a_cuda_error_is_a_gpu_decode_error(monkeypatch:
     monkeypatch.setattr("lungseg.gpu_decode.first_frame", lambda _ds: frame[:60])  # a truncated stream
     with pytest.raises(GpuDecodeError, match="could not decode"):
         gpu.stored_values(ds)
+    def broken(_ds: object) -> bytes:
+        raise ValueError("no item tag in the encapsulated pixel data")
+
+    monkeypatch.setattr("lungseg.gpu_decode.first_frame", broken)  # malformed encapsulation: also falls back
+    with pytest.raises(GpuDecodeError, match="no frame could be read"):
+        gpu.stored_values(ds)
     monkeypatch.undo()
     gpu, state = decoder(monkeypatch)
     state.fail = True

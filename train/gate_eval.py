@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,29 +103,46 @@ def _fault_images(heldout: list[Any], per_class: int, seed: int) -> list[tuple[s
     return [(c, i, np.ascontiguousarray(p, dtype=np.float32)) for c, i, p in items]
 
 
+@dataclass
+class GateChecker:
+    """A bundle's segmenter, gate, shape model and gate policy, run on one image as the product runs them."""
+
+    predictor: Any
+    gate: Any
+    shape_model: Any
+    policy: GatePolicy
+
+    @classmethod
+    def load(cls, bundle: Path, threads: int = 2, policy: GatePolicy | None = None) -> GateChecker:
+        """``policy``'s mirror threshold defaults to the one calibrated for the bundle's gate."""
+        resolved = resolve_bundle(bundle)
+        predictor = OnnxRuntimePredictor(str(resolved.onnx), threads=threads)
+        gate, shape_model = load_gate(resolved.root), load_shape_model(resolved.root)
+        if gate is None or shape_model is None:
+            raise SystemExit(f"{bundle}: the bundle has no gate.onnx / shape_model.npz")
+        return cls(predictor, gate, shape_model, gate.policy(policy or GatePolicy()))
+
+    def check(self, kind: str, ident: str, pixels: np.ndarray) -> tuple[dict[str, Any], Any]:
+        """``(row, result)``: the image refused, or segmented with its flags (``caught``: refused or flagged)."""
+        result = gated_segment(self.predictor, self.gate, [Radiograph(pixels=pixels, source=ident)], None,
+                               self.policy, self.shape_model)[0]
+        if isinstance(result, Refused):
+            return {"class": kind, "id": ident, "refused": result.code, "flags": [], "caught": True}, result
+        flags = result.qa["flags"]
+        return {"class": kind, "id": ident, "refused": None, "flags": flags, "caught": bool(flags),
+                "review": result.qa["review"], "gate": result.qa["gate"]["scores"]}, result
+
+
 def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, threads: int = 2,
              policy: GatePolicy | None = None) -> dict[str, Any]:
-    policy = policy or GatePolicy()
-    resolved = resolve_bundle(bundle)
-    predictor = OnnxRuntimePredictor(str(resolved.onnx), threads=threads)
-    gate = load_gate(resolved.root)
-    shape_model = load_shape_model(resolved.root)
-    if gate is None or shape_model is None:
-        raise SystemExit(f"{bundle}: the bundle has no gate.onnx / shape_model.npz")
-    policy = gate.policy(policy)  # the bundle's calibrated mirror threshold unless one was given
+    checker = GateChecker.load(bundle, threads, policy)
     split = gate_split(manifest)
-    white_out = white_out_threshold(split.train)
+    white_out_level = white_out_threshold(split.train)
     rows: list[dict[str, Any]] = []
 
     def run(kind: str, ident: str, pixels: np.ndarray) -> Any:
-        result = gated_segment(predictor, gate, [Radiograph(pixels=pixels, source=ident)], None, policy,
-                               shape_model)[0]
-        if isinstance(result, Refused):
-            rows.append({"class": kind, "id": ident, "refused": result.code, "flags": [], "caught": True})
-        else:
-            flags = result.qa["flags"]
-            rows.append({"class": kind, "id": ident, "refused": None, "flags": flags, "caught": bool(flags),
-                         "review": result.qa["review"], "gate": result.qa["gate"]["scores"]})
+        row, result = checker.check(kind, ident, pixels)
+        rows.append(row)
         if len(rows) % 50 == 0:
             log.info("fault set: %d images scored", len(rows))
         return result
@@ -135,7 +153,7 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
         pixels = read_image(record.image).pixels
         lung, valid = read_label_mask(record.mask)
         result = run("good", record.id, pixels)
-        rows[-1]["groups"] = groups_of(record, lung_brightness(pixels, lung, valid), white_out)
+        rows[-1]["groups"] = groups_of(record, lung_brightness(pixels, lung, valid), white_out_level)
         if not isinstance(result, Refused):
             good_dice_by_id[record.id] = dice(result.mask[valid], lung[valid])
     by_id = {r.id: r for r in split.heldout}
@@ -148,9 +166,9 @@ def evaluate(bundle: Path, manifest: Path, per_class: int = 60, seed: int = 0, t
                 back = np.rot90(result.mask, 2)  # the stored (upside-down) grid -> upright, to compare
                 dice_corrected.append(dice(back[valid], lung[valid]))
                 dice_upright.append(good_dice_by_id[ident])
-    timing = cpu_timing(predictor, gate, split.heldout[:30])
-    report = summarise(rows, list(good_dice_by_id.values()), dice_upright, dice_corrected, timing, policy)
-    report["white_out_threshold"] = round(white_out, 4)
+    timing = cpu_timing(checker.predictor, checker.gate, split.heldout[:30])
+    report = summarise(rows, list(good_dice_by_id.values()), dice_upright, dice_corrected, timing, checker.policy)
+    report["white_out_threshold"] = round(white_out_level, 4)
     return report
 
 

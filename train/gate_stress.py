@@ -28,13 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from lungseg.bundle import resolve_bundle
 from lungseg.data import read_label_mask
-from lungseg.gate import GatePolicy, Refused, gated_segment, load_gate
-from lungseg.imaging import Radiograph, read_image
-from lungseg.plausibility import load_shape_model
-from lungseg.predictors import OnnxRuntimePredictor
+from lungseg.gate import GatePolicy
+from lungseg.imaging import read_image
 from lungseg.train.gate_data import gate_split, small_patient, white_out
+from lungseg.train.gate_eval import GateChecker
 
 log = logging.getLogger("lungseg.train.gate_stress")
 CLASSES = ("as_stored", "white_out_0.6", "white_out_0.85", "small_child", "low_contrast")
@@ -56,12 +54,7 @@ def stressed(pixels: np.ndarray, lung: np.ndarray, kind: str, rng: np.random.Gen
 
 def run(bundle: Path, manifest: Path, n: int, seed: int = 0, threads: int = 2,
         policy: GatePolicy | None = None) -> dict[str, Any]:
-    resolved = resolve_bundle(bundle)
-    predictor = OnnxRuntimePredictor(str(resolved.onnx), threads=threads)
-    gate, shape_model = load_gate(resolved.root), load_shape_model(resolved.root)
-    if gate is None or shape_model is None:
-        raise SystemExit(f"{bundle}: the bundle has no gate.onnx / shape_model.npz")
-    policy = gate.policy(policy or GatePolicy())
+    checker = GateChecker.load(bundle, threads, policy)
     rng = np.random.default_rng(seed)
     train = gate_split(manifest).train
     chosen = [train[int(i)] for i in rng.choice(len(train), size=min(n, len(train)), replace=False)]
@@ -70,19 +63,11 @@ def run(bundle: Path, manifest: Path, n: int, seed: int = 0, threads: int = 2,
         pixels = read_image(record.image).pixels
         lung, _ = read_label_mask(record.mask)
         for kind in CLASSES:
-            image = stressed(pixels, lung, kind, rng)
-            result = gated_segment(predictor, gate, [Radiograph(pixels=image, source=record.id)], None, policy,
-                                   shape_model)[0]
-            if isinstance(result, Refused):
-                rows.append({"class": kind, "id": record.id, "view": record.view, "refused": result.code,
-                             "flags": [], "flagged": True})
-            else:
-                rows.append({"class": kind, "id": record.id, "view": record.view, "refused": None,
-                             "flags": result.qa["flags"], "flagged": bool(result.qa["flags"]),
-                             "chest": result.qa["gate"]["scores"]["chest"]})
+            row, _ = checker.check(kind, record.id, stressed(pixels, lung, kind, rng))
+            rows.append({**row, "view": record.view})
         if count % 20 == 0:
             log.info("%d / %d training images stressed", count, len(chosen))
-    return {"policy": policy.__dict__, "n_images": len(chosen), "classes": summarise(rows), "rows": rows}
+    return {"policy": checker.policy.__dict__, "n_images": len(chosen), "classes": summarise(rows), "rows": rows}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -95,8 +80,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for r in sub:
             for reason in r["flags"] + ([r["refused"]] if r["refused"] else []):
                 reasons[reason] = reasons.get(reason, 0) + 1
-        chest = [r["chest"] for r in sub if "chest" in r]
-        out[kind] = {"n": len(sub), "flagged": round(float(np.mean([r["flagged"] for r in sub])), 4),
+        chest = [r["gate"]["chest"] for r in sub if "gate" in r]
+        out[kind] = {"n": len(sub), "flagged": round(float(np.mean([r["caught"] for r in sub])), 4),
                      "refused": round(float(np.mean([bool(r["refused"]) for r in sub])), 4), "reasons": reasons,
                      "chest_score_min": round(min(chest), 4) if chest else None}
     return out
