@@ -53,7 +53,15 @@ BOUNDS: dict[str, Bound] = {
     "burst_speedup": Bound(">=", 1.5, "burst throughput, defaults / 0.1.0 path"),
     "daemon_peak_rss_mib": Bound("<", 700.0, "lungseg-edge's peak RSS in the burst, MiB"),
     "ort_cpu_vs_pytorch_p50": Bound("<=", 1.0, "onnxruntime CPU fp32 p50 / PyTorch eager p50, batch 1"),
+    # the CPU backends' side-by-side table (interleaved rounds, batch 1, medians)
+    "cpu_default_vs_fastest_b1": Bound("<=", 1.15, "the start-up's CPU choice / the fastest CPU configuration that "
+                                                   "keeps mask Dice >= 0.995 mean, 0.98 min"),
+    "cpu_default_over_ort_int8_b1": Bound(">=", 1.0, "onnxruntime int8 (the shipped CPU model before OpenVINO) / "
+                                                     "the start-up's CPU choice; the default bound is this CPU "
+                                                     "family's: 4 with AMX, 1.5 with AVX-512 VNNI, 1 elsewhere"),
 }
+# cpu_default_over_ort_int8_b1 by CPU family (the first flag this CPU has), unless --bound sets one
+CPU_FAMILY_SPEEDUP = (("amx_int8", 4.0), ("avx512_vnni", 1.5))
 
 
 def parse_bounds(items: Iterable[str]) -> dict[str, Bound]:

@@ -4,8 +4,9 @@ Names (stable, used as JSON keys): ``pytorch`` (the checkpoint, eager CPU: the
 reference), ``onnxruntime-cpu`` (model.onnx), ``onnxruntime-fp16``
 (model.fp16.onnx, on CUDA when onnxruntime has it, else CPU), ``onnxruntime-int8``
 (model.int8.onnx, CPU), ``onnxruntime-cuda`` (model.onnx), ``tensorrt-fp16``, and where the ``[openvino]``
-extra is installed ``openvino-int8`` (the NNCF IR), ``openvino-bf16`` (model.onnx, native bf16 CPUs only) and
-``openvino-fp32`` (model.onnx).
+extra is installed ``openvino-int8`` (the NNCF IR), ``openvino-bf16`` (model.onnx, native bf16 CPUs only),
+``openvino-fp32`` (model.onnx) and, only where OpenVINO finds an Intel GPU or NPU, ``openvino-gpu`` /
+``openvino-npu`` (the NNCF IR on that device).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from lungseg.bundle import ONNX_FP16, ONNX_INT8, Bundle
-from lungseg.openvino_runtime import load_openvino, openvino_installed
+from lungseg.openvino_runtime import accelerator_devices, load_openvino, load_openvino_device, openvino_installed
 from lungseg.predictors import BackendOptions, BackendUnavailableError, OnnxRuntimePredictor, Predictor
 from lungseg.tensorrt_runtime import load_engine_predictor
 
@@ -44,7 +45,8 @@ class Backend:
     def describe(self) -> dict[str, str | bool | None]:
         if self.predictor is None:
             return {"available": False, "reason": self.reason}
-        device = "cuda" if self.predictor.backend in ("cuda", "tensorrt") else "cpu"
+        device = ("cuda" if self.predictor.backend in ("cuda", "tensorrt")
+                  else str(getattr(self.predictor, "device", "cpu")).lower())
         described: dict[str, str | bool | None] = {"available": True, "precision": self.predictor.precision,
                                                    "device": device, "model": Path(self.predictor.model_path).name}
         isa = getattr(self.predictor, "isa", None)
@@ -91,6 +93,8 @@ def discover(bundle: Bundle, checkpoint: Path | None, threads: int) -> list[Back
         options = BackendOptions(threads=threads)
         for precision in ("int8", "bf16", "fp32"):
             factories[f"openvino-{precision}"] = lambda p=precision: load_openvino(bundle, p, options)
+        for device in sorted({d.split(".")[0] for d in accelerator_devices()}):
+            factories[f"openvino-{device.lower()}"] = lambda d=device: load_openvino_device(bundle, d, options)
     backends = []
     for name, factory in factories.items():
         try:

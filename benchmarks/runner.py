@@ -147,6 +147,7 @@ def run(args: argparse.Namespace, bundle: Bundle, samples: list[Sample], bounds:
     cpu_side_by_side = cpu_backends.compare_cpu(bundle, list(backends.values()), batch, threads=threads,
                                                 rounds=args.cpu_rounds)
     rows["ort_cpu_vs_pytorch_p50"] = _ort_vs_pytorch(timing["batches"], backends, bounds["ort_cpu_vs_pytorch_p50"])
+    rows.update(cpu_backends.acceptance_rows(cpu_side_by_side, bounds, system.cpu_features()))
     timing["memory"] = latency.peak_memory()
     golden = parity["golden"]
     result: dict[str, Any] = {

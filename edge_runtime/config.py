@@ -35,7 +35,8 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6) needs the tomli backport
 
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "openvino")  # lungseg.predictors.BACKENDS (kept import-free)
 # lungseg.predictors.CPU_CHOICES
-CPU_BACKEND_CHOICES = ("fastest", "chain", "openvino-int8", "openvino-bf16", "openvino-fp32", "cpu-int8", "cpu-fp32")
+CPU_BACKEND_CHOICES = ("fastest", "chain", "openvino-int8", "openvino-gpu", "openvino-npu", "openvino-bf16",
+                       "openvino-fp32", "cpu-int8", "cpu-fp32")
 QUARANTINE_MODES = ("copy", "move")
 ROOT_POLICIES = ("warn", "refuse", "allow")
 SC_SYNTAXES = ("explicit", "rle", "jpegls")
@@ -136,9 +137,9 @@ class EdgeConfig(GateOptions):
         section=MODEL, choices=CPU_BACKEND_CHOICES,
         help="which CPU backend serves: fastest = where OpenVINO is installed ([openvino] extra), self-test and "
         "time every CPU candidate on the golden set at start-up and serve the fastest that passes (measured once "
-        "per bundle, CPU and runtime versions, kept in <state>/engines; why is in backend.json); chain = the first "
-        "that passes, OpenVINO int8 -> bf16 -> fp32 -> onnxruntime int8 -> fp32; a candidate's name pins it "
-        "first"))
+        "per bundle, CPU, runtime versions and devices found, kept in <state>/engines; why is in backend.json); "
+        "chain = the first that passes, OpenVINO int8 -> Intel GPU -> Intel NPU -> bf16 -> fp32 -> onnxruntime "
+        "int8 -> fp32 (the GPU and NPU only where OpenVINO finds them); a candidate's name pins it first"))
     dla_core: int | None = field(default=None, metadata=setting(
         section=MODEL, commented=True, sample=0, metavar="N", default_text="none, the GPU",
         help="TensorRT on DLA core N (Jetson AGX/NX Orin): a static one-image engine, built once into "

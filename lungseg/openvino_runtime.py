@@ -7,7 +7,12 @@ Three candidates, each a :class:`OpenVINOPredictor` with the interface of every 
 * ``openvino-bf16``: ``model.onnx`` compiled with ``INFERENCE_PRECISION_HINT=bf16``, offered only
   where the CPU plugin lists ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (native bf16: AVX-512 BF16 or
   AMX); elsewhere OpenVINO would emulate it, slower than fp32;
-* ``openvino-fp32``: ``model.onnx`` with ``INFERENCE_PRECISION_HINT=f32``.
+* ``openvino-fp32``: ``model.onnx`` with ``INFERENCE_PRECISION_HINT=f32``;
+* ``openvino-gpu`` / ``openvino-npu``: the int8 IR on an Intel integrated GPU or NPU, offered only where
+  OpenVINO lists the device in ``Core.available_devices`` (its driver installed and the device visible to
+  the process). Accelerators get a static batch-1 shape (the NPU compiles static shapes only; the GPU
+  would otherwise recompile per batch size) and a batch runs image by image; the device keeps its own
+  inference precision (f16 where the IR is not quantised on the iGPU).
 
 ``openvino`` is imported only when a candidate is built: an install without the extra never
 imports it (:func:`openvino_installed` looks for the package without importing it).
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 OPENVINO_INT8_XML = "model.openvino.int8.xml"
 OPENVINO_INT8_BIN = "model.openvino.int8.bin"
 OPENVINO_PRECISIONS = ("int8", "bf16", "fp32")
+ACCELERATORS = ("GPU", "NPU")  # OpenVINO device plugins besides CPU that a candidate may run on
 INSTALL_HINT = "pip install 'lungseg[openvino]'"
 
 
@@ -55,6 +61,17 @@ def cpu_capabilities(core: Any | None = None) -> list[str]:
     return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
+def accelerator_devices(core: Any | None = None) -> list[str]:
+    """The Intel GPU/NPU devices OpenVINO finds here (``["GPU", "NPU"]``, ``["GPU.0", "GPU.1"]``; often none)."""
+    core = core or _core()
+    try:
+        found = [str(d) for d in core.available_devices]
+    except Exception as exc:  # a plugin whose driver is broken must not stop the CPU candidates
+        log.warning("OpenVINO could not list its devices: %s: %s", type(exc).__name__, exc)
+        return []
+    return [d for d in found if d.split(".")[0] in ACCELERATORS]
+
+
 def native_bf16(core: Any | None = None) -> bool:
     """True where OpenVINO's CPU plugin runs bf16 natively (it lists ``BF16``)."""
     return "BF16" in cpu_capabilities(core)
@@ -64,32 +81,49 @@ class OpenVINOPredictor:
     """One compiled OpenVINO model on a device (``CPU`` unless told otherwise); ``(N,3,S,S)`` -> ``(N,S,S)``."""
 
     def __init__(self, model_path: Path, precision: str, *, options: BackendOptions | None = None,
-                 device: str = "CPU", core: Any | None = None):
+                 device: str = "CPU", core: Any | None = None, static_batch: bool | None = None):
         if precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"precision must be one of {OPENVINO_PRECISIONS}, got {precision!r}")
         options = options or BackendOptions()
         core = core or _core()
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
-                                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
-        if options.threads:
-            config["INFERENCE_NUM_THREADS"] = int(options.threads)
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        on_cpu = device.split(".")[0] == "CPU"
+        # accelerators run a static batch of one (see the module docstring); the CPU any batch size
+        self.static_batch = (not on_cpu) if static_batch is None else static_batch
+        if on_cpu:  # an accelerator keeps its own inference precision and has no CPU threads to set
+            config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == "bf16" else "f32"
+            if options.threads:
+                config["INFERENCE_NUM_THREADS"] = int(options.threads)
         try:
             model = core.read_model(str(model_path))
+            if self.static_batch:
+                shape = model.input(0).get_partial_shape()
+                shape[0] = 1
+                model.reshape({model.input(0): shape})
             self._compiled = core.compile_model(model, device, config)
             self._request = self._compiled.create_infer_request()
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for unreadable models
             raise BackendUnavailableError(f"{model_path.name}: OpenVINO could not load it "
                                           f"({type(exc).__name__}: {str(exc).strip()[:300]})") from exc
-        self.backend = "openvino" if device == "CPU" else f"openvino-{device.lower()}"
+        self.backend = "openvino"  # which device runs it is ``device`` (every output names both)
         self.device = device
         self.precision = precision
         self.model_path = str(model_path)
         self.isa = _isa(core, device)
-        actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        try:
+            actual = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except Exception:  # a plugin without the property (NPU): its own precision, not stated
+            actual = "device default"
         self.inference_precision = actual.replace("<Type: '", "").replace("'>", "")
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        result = self._request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.static_batch:
+            return np.concatenate([self._infer(batch[i:i + 1]) for i in range(batch.shape[0])])
+        return self._infer(batch)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        result = self._request.infer({0: batch})
         out = np.asarray(next(iter(result.values())))
         return out[:, 0].astype(np.float32, copy=False)
 
@@ -107,16 +141,31 @@ def _isa(core: Any, device: str) -> str:
         return f"unknown ({exc})"
 
 
+def _int8_ir(bundle: Bundle) -> Path:
+    try:
+        xml = verified_file(bundle.root, OPENVINO_INT8_XML)
+        verified_file(bundle.root, OPENVINO_INT8_BIN)
+    except ValueError as exc:
+        raise BackendUnavailableError(str(exc)) from exc
+    return xml
+
+
+def load_openvino_device(bundle: Bundle, device: str, options: BackendOptions | None = None) -> OpenVINOPredictor:
+    """The ``openvino-gpu`` / ``openvino-npu`` candidate: the bundle's int8 IR on an accelerator OpenVINO finds."""
+    core = _core()
+    found = accelerator_devices(core)
+    if device not in found and not any(d.startswith(f"{device}.") for d in found):
+        raise BackendUnavailableError(f"OpenVINO finds no {device} device here (it lists "
+                                      f"{[str(d) for d in core.available_devices]}; an Intel {device} needs its "
+                                      f"driver and access to its device node, see packaging/INSTALL.md)")
+    return OpenVINOPredictor(_int8_ir(bundle), "int8", options=options, device=device, core=core)
+
+
 def load_openvino(bundle: Bundle, precision: str, options: BackendOptions | None = None) -> OpenVINOPredictor:
     """The ``openvino-<precision>`` candidate of ``bundle``; :class:`BackendUnavailableError` says why not."""
     core = _core()
     if precision == "int8":
-        try:
-            xml = verified_file(bundle.root, OPENVINO_INT8_XML)
-            verified_file(bundle.root, OPENVINO_INT8_BIN)
-        except ValueError as exc:
-            raise BackendUnavailableError(str(exc)) from exc
-        return OpenVINOPredictor(xml, "int8", options=options, core=core)
+        return OpenVINOPredictor(_int8_ir(bundle), "int8", options=options, core=core)
     if precision == "bf16" and not native_bf16(core):
         raise BackendUnavailableError(f"this CPU has no native bf16 (OpenVINO capabilities "
                                       f"{cpu_capabilities(core)}): bf16 would be emulated")
@@ -125,5 +174,6 @@ def load_openvino(bundle: Bundle, precision: str, options: BackendOptions | None
     return OpenVINOPredictor(bundle.onnx, precision, options=options, core=core)
 
 
-__all__ = ["OPENVINO_INT8_BIN", "OPENVINO_INT8_XML", "OPENVINO_PRECISIONS", "OpenVINOPredictor",
-           "cpu_capabilities", "load_openvino", "native_bf16", "openvino_installed"]
+__all__ = ["ACCELERATORS", "OPENVINO_INT8_BIN", "OPENVINO_INT8_XML", "OPENVINO_PRECISIONS", "OpenVINOPredictor",
+           "accelerator_devices", "cpu_capabilities", "load_openvino", "load_openvino_device", "native_bf16",
+           "openvino_installed"]

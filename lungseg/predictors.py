@@ -1,16 +1,15 @@
 """Inference backends behind one interface, a start-up self-test, and demotion at run time.
 
-The chain, best first: TensorRT FP16 engine -> onnxruntime CUDA -> OpenVINO CPU int8 / bf16 / fp32
-(the ``[openvino]`` extra, :mod:`lungseg.openvino_runtime`) -> onnxruntime CPU int8 -> onnxruntime
-CPU fp32. At start-up each candidate is built and run on the bundle's golden set
-(:mod:`lungseg.selftest`); the first that passes serves. Where OpenVINO is installed, the CPU
-candidates are instead all self-tested and timed on the golden set, and the fastest that passes
-serves (``BackendOptions.cpu_choice``: ``fastest``, ``chain`` or one candidate pinned first). If it
-later fails while running (a CUDA error, a lost GPU), :class:`FallbackPredictor`
-moves to the next candidate that passes its self-test and runs the same batch
-again, so no input is lost to a backend fault. Every choice, failure and demotion
-is logged with its reason; a session that silently lost its GPU provider is
-reported as CPU, never as CUDA.
+The chain, best first: TensorRT FP16 engine -> onnxruntime CUDA -> OpenVINO CPU int8 / Intel GPU / Intel
+NPU / CPU bf16 / CPU fp32 (the ``[openvino]`` extra, :mod:`lungseg.openvino_runtime`; the GPU and NPU
+only where OpenVINO finds them) -> onnxruntime CPU int8 -> onnxruntime CPU fp32. At start-up each
+candidate is built and run on the bundle's golden set (:mod:`lungseg.selftest`); the first that passes
+serves. Where OpenVINO is installed, the CPU candidates are instead all self-tested and timed on the
+golden set, and the fastest that passes serves (``BackendOptions.cpu_choice``: ``fastest``, ``chain`` or
+one candidate pinned first). If it later fails while running (a CUDA error, a lost GPU),
+:class:`FallbackPredictor` moves to the next candidate that passes its self-test and runs the same batch
+again, so no input is lost to a backend fault. Every choice, failure and demotion is logged with its
+reason; a session that silently lost its GPU provider is reported as CPU, never as CUDA.
 """
 
 from __future__ import annotations
@@ -33,7 +32,13 @@ import numpy as np
 from lungseg.atomic import atomic_write
 from lungseg.backend_api import BackendOptions, BackendRuntimeError, BackendUnavailableError, Predictor
 from lungseg.bundle import INPUT_NAME, ONNX_FP32, ONNX_INT8, Bundle
-from lungseg.openvino_runtime import OPENVINO_INT8_XML, load_openvino, openvino_installed
+from lungseg.openvino_runtime import (
+    OPENVINO_INT8_XML,
+    accelerator_devices,
+    load_openvino,
+    load_openvino_device,
+    openvino_installed,
+)
 from lungseg.preprocess import CHANNELS, INPUT_SIZE
 from lungseg.selftest import GoldenSetError, load_golden, run_selftest
 from lungseg.tensorrt_runtime import load_engine_predictor
@@ -41,7 +46,10 @@ from lungseg.tensorrt_runtime import load_engine_predictor
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "openvino")
-OPENVINO_CANDIDATES = ("openvino-int8", "openvino-bf16", "openvino-fp32")
+# the int8 IR on an Intel GPU / NPU, where OpenVINO finds one (candidate name -> OpenVINO device)
+OPENVINO_DEVICE_CANDIDATES = {"openvino-gpu": "GPU", "openvino-npu": "NPU"}
+OPENVINO_CANDIDATES = ("openvino-int8", *OPENVINO_DEVICE_CANDIDATES, "openvino-bf16", "openvino-fp32")
+# the candidates measured against each other at start-up: the CPU ones and OpenVINO's accelerators beside it
 CPU_CANDIDATES = (*OPENVINO_CANDIDATES, "cpu-int8", "cpu-fp32")
 CHAINS = {
     "auto": ("tensorrt", "cuda", *CPU_CANDIDATES),
@@ -157,7 +165,9 @@ def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tu
     The OpenVINO candidates appear only where the ``openvino`` package is installed (found without importing
     it) and the bundle was exported for OpenVINO (it has ``model.openvino.int8.xml``, parity-checked at export),
     or OpenVINO is asked for by name (``backend="openvino"`` or a pinned ``cpu_choice``); elsewhere the chain is
-    the onnxruntime one. A ``cpu_choice`` naming a CPU candidate moves it to the front of the CPU candidates.
+    the onnxruntime one. ``openvino-gpu`` / ``openvino-npu`` join only where OpenVINO lists that device (or
+    when pinned, which then fails with the reason where it is absent). A ``cpu_choice`` naming a CPU candidate
+    moves it to the front of the CPU candidates.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -172,13 +182,25 @@ def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tu
         first_cpu = next((i for i, n in enumerate(names) if n in CPU_CANDIDATES), len(names))
         names.insert(first_cpu, options.cpu_choice)
     chain: list[tuple[str, Factory]] = []
+    devices: list[str] | None = None  # listed once, and only where OpenVINO serves
     for name in names:
         if name in OPENVINO_CANDIDATES:
             if not with_openvino:
                 if asked:
                     raise BackendUnavailableError("openvino is not installed: pip install 'lungseg[openvino]'")
                 continue
-            if name == "openvino-int8" and bundle.variant(OPENVINO_INT8_XML) is None:
+            int8_ir = bundle.variant(OPENVINO_INT8_XML) is not None
+            if name in OPENVINO_DEVICE_CANDIDATES:
+                device = OPENVINO_DEVICE_CANDIDATES[name]
+                if name != options.cpu_choice:
+                    if not int8_ir:
+                        continue
+                    devices = accelerator_devices() if devices is None else devices
+                    if not any(d.split(".")[0] == device for d in devices):
+                        continue
+                chain.append((name, _openvino_device_factory(bundle, device, options)))
+                continue
+            if name == "openvino-int8" and not int8_ir:
                 continue
             chain.append((name, _openvino_factory(bundle, name.split("-")[1], options)))
         elif name == "tensorrt":
@@ -195,6 +217,10 @@ def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tu
 
 def _openvino_factory(bundle: Bundle, precision: str, options: BackendOptions) -> Factory:
     return lambda: load_openvino(bundle, precision, options)
+
+
+def _openvino_device_factory(bundle: Bundle, device: str, options: BackendOptions) -> Factory:
+    return lambda: load_openvino_device(bundle, device, options)
 
 
 def _now() -> str:
@@ -486,8 +512,9 @@ def _ms_per_image(predictor: Predictor, image: np.ndarray, runs: int = TIMED_RUN
     return best
 
 
-def _choice_cache(bundle: Bundle, options: BackendOptions) -> Path | None:
-    """``<engine cache>/cpu-choice-<key>.json``: key = bundle, CPU, runtime versions and threads."""
+def _choice_cache(bundle: Bundle, options: BackendOptions, candidates_measured: list[str]) -> Path | None:
+    """``<engine cache>/cpu-choice-<key>.json``: key = bundle, CPU, runtime versions, threads and the candidates
+    measured (an Intel GPU or NPU that appears or goes away is a new measurement)."""
     if options.engine_cache is None:
         return None
     cpu = ""
@@ -497,7 +524,7 @@ def _choice_cache(bundle: Bundle, options: BackendOptions) -> Path | None:
     except OSError:
         cpu = platform.processor()
     key = "|".join([bundle.sha256, cpu, str(os.cpu_count()), str(options.threads), str(_installed("onnxruntime")),
-                    str(_installed("openvino"))])
+                    str(_installed("openvino")), ",".join(candidates_measured)])
     return Path(options.engine_cache) / f"cpu-choice-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -553,7 +580,7 @@ def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None 
     start = time.perf_counter()
     chain = candidates(bundle, backend, options)
     measure = options.cpu_choice == "fastest" and any(name in OPENVINO_CANDIDATES for name, _ in chain)
-    cache = _choice_cache(bundle, options) if measure else None
+    cache = _choice_cache(bundle, options, [n for n, _ in chain if n in CPU_CANDIDATES]) if measure else None
     cached = _read_choice(cache) if cache is not None else None
     if cached is not None:  # measured here before, same bundle, CPU and runtimes: that ranking, first that passes
         order = {name: i for i, name in enumerate(cached["ms_per_image_b1"])}
@@ -580,6 +607,6 @@ def select_predictor(bundle: Bundle, backend: str = "auto", threads: int | None 
 
 
 __all__ = ["BACKENDS", "CHAINS", "CPU_CANDIDATES", "CPU_CHOICES", "INPUT_NAME", "INT8_SESSION_CONFIG",
-           "OPENVINO_CANDIDATES", "BackendOptions", "BackendRuntimeError",
+           "OPENVINO_CANDIDATES", "OPENVINO_DEVICE_CANDIDATES", "BackendOptions", "BackendRuntimeError",
            "BackendUnavailableError", "FallbackPredictor", "OnnxRuntimePredictor", "Predictor", "Selection",
            "candidates", "cuda_provider_problem", "preload_cuda_libraries", "select_predictor"]

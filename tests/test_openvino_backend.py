@@ -22,7 +22,13 @@ import pytest
 
 from lungseg.bundle import ONNX_FP32, write_bundle_manifest
 from lungseg.openvino_runtime import OPENVINO_INT8_BIN, OPENVINO_INT8_XML
-from lungseg.predictors import BackendOptions, candidates, select_predictor
+from lungseg.predictors import (
+    CPU_CHOICES,
+    OPENVINO_DEVICE_CANDIDATES,
+    BackendOptions,
+    candidates,
+    select_predictor,
+)
 
 HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino (the [openvino] extra) is not installed")
@@ -47,6 +53,14 @@ def openvino_bundle(selftest_bundle: Path, request: pytest.FixtureRequest) -> Pa
         quantize_openvino_int8(bundle / ONNX_FP32, bundle, batch[calibration])
         write_bundle_manifest(bundle)
     return bundle
+
+
+def found_accelerators() -> set[str]:
+    """The ``openvino-gpu`` / ``openvino-npu`` candidates this machine has (real OpenVINO; usually none)."""
+    from lungseg.openvino_runtime import accelerator_devices
+
+    found = {d.split(".")[0] for d in accelerator_devices()}
+    return {name for name, device in OPENVINO_DEVICE_CANDIDATES.items() if device in found}
 
 
 def corrupt_openvino(bundle: Path, dest: Path, *, rewrite_manifest: bool) -> Path:
@@ -75,7 +89,13 @@ class Hide(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, Hide())
 from lungseg.bundle import resolve_bundle
-from lungseg.predictors import BackendOptions, candidates, select_predictor
+from lungseg.predictors import (
+    CPU_CHOICES,
+    OPENVINO_DEVICE_CANDIDATES,
+    BackendOptions,
+    candidates,
+    select_predictor,
+)
 bundle = resolve_bundle({str(bundle)!r})
 names = [n for n, _ in candidates(bundle, "auto", BackendOptions())]
 chosen = select_predictor(bundle, "cpu", threads=2).predictor
@@ -115,11 +135,12 @@ def test_the_fastest_cpu_candidate_serves_and_why_is_recorded(openvino_bundle: P
     timings = choice["ms_per_image_b1"]
     assert choice["by"] == "measurement" and choice["chosen"] == min(timings, key=timings.get)
     expected = {"openvino-int8", "openvino-fp32", "cpu-int8", "cpu-fp32"} | ({"openvino-bf16"} if native_bf16()
-                                                                             else set())
+                                                                             else set()) | found_accelerators()
     assert set(timings) == expected and all(t > 0 for t in timings.values())
     assert predictor.current_name == choice["chosen"] and predictor.selftest["passed"]
     status = predictor.status()
-    assert status["device"] == "CPU" and status["remaining"] == sorted(timings, key=timings.get)[1:]
+    assert status["device"] == OPENVINO_DEVICE_CANDIDATES.get(choice["chosen"], "CPU")
+    assert status["remaining"] == sorted(timings, key=timings.get)[1:]
     if predictor.backend == "openvino":
         assert status["isa"] and "FP32" in status["isa"]
     write_backend_status(tmp_path / "state", status)
@@ -239,7 +260,9 @@ def test_calibration_shares_no_patient_with_the_parity_set(fixture_manifest: Pat
 
 def test_the_cpu_backend_setting_reaches_the_backend_options(tmp_path: Path) -> None:
     from lungseg.edge_runtime.backend_status import backend_options
-    from lungseg.edge_runtime.config import EdgeConfig
+    from lungseg.edge_runtime.config import CPU_BACKEND_CHOICES, EdgeConfig
+
+    assert CPU_BACKEND_CHOICES == CPU_CHOICES  # the edge's settings (import-free) name every candidate
 
     config = EdgeConfig(watch=tmp_path / "in", out=tmp_path / "out", cpu_backend="cpu-int8")
     assert backend_options(config).cpu_choice == "cpu-int8"
@@ -281,5 +304,59 @@ def test_bench_puts_every_cpu_backend_side_by_side(tiny_onnx: Path) -> None:
         assert set(row["ms_per_image"]) == {"1", "4"} and all(t["rounds"] == 2 and 0 < t["min"] <= t["median"]
                                                                <= t["max"] for t in row["ms_per_image"].values())
     assert result["default_choice"]["candidate"] == "cpu-fp32"  # a bare ONNX: no OpenVINO export, the ORT chain
+    floor = result["int8_floor"]
+    assert floor["model_gmac"] == pytest.approx(256 * 256 * 3 * 81 / 1e9)  # the tiny model: one 9x9 conv, 3 -> 1
+    for row in rows.values():  # each row's rate is the model's MACs over its own batch-1 time
+        near = row["vs_int8_floor"]["1"]
+        assert near["gmac_per_s"] == pytest.approx(floor["model_gmac"] / row["ms_per_image"]["1"]["median"] * 1000)
     lines = text_lines(result)
     assert all(sum(line.lstrip().startswith(name + " ") for line in lines) == 1 for name in rows)
+    assert any(line.lstrip().startswith(f"int8 floor: {floor['floor_ms_per_image']:.1f} ms/image") for line in lines)
+
+
+@needs_openvino
+def test_accelerators_join_the_measured_candidates_only_where_openvino_finds_them(openvino_bundle: Path) -> None:
+    from lungseg.bundle import resolve_bundle
+
+    names = [n for n, _ in candidates(resolve_bundle(openvino_bundle), "cpu", BackendOptions())]
+    assert {n for n in names if n in OPENVINO_DEVICE_CANDIDATES} == found_accelerators()
+    assert names[0] == "openvino-int8" and names[-2:] == ["cpu-int8", "cpu-fp32"]
+
+
+@needs_openvino
+def test_the_static_batch_path_of_the_accelerators_matches_the_dynamic_one(openvino_bundle: Path) -> None:
+    """Accelerators run a static batch of one, image by image; the same path on the real CPU plugin must give
+    the dynamic-batch probabilities (the GPU/NPU plugins themselves run only where present, below)."""
+    from lungseg.openvino_runtime import OpenVINOPredictor
+    from lungseg.selftest import load_golden
+
+    xml = openvino_bundle / OPENVINO_INT8_XML
+    inputs = load_golden(openvino_bundle).inputs[:3]
+    static = OpenVINOPredictor(xml, "int8", options=BackendOptions(threads=2), static_batch=True)
+    dynamic = OpenVINOPredictor(xml, "int8", options=BackendOptions(threads=2))
+    assert static.static_batch and not dynamic.static_batch
+    assert static._compiled.input(0).get_partial_shape().is_static  # the compiled model is batch-1 static
+    out = static.predict(inputs)
+    assert out.shape == (3, *inputs.shape[2:]) and out.dtype == np.float32
+    np.testing.assert_allclose(out, dynamic.predict(inputs), atol=1e-4)
+    assert not np.allclose(out[0], out[1])  # each image its own output, not the first one repeated
+
+
+@needs_openvino
+@pytest.mark.parametrize("name", sorted(OPENVINO_DEVICE_CANDIDATES))
+def test_a_pinned_accelerator_serves_where_found_and_says_what_openvino_lists_where_not(openvino_bundle: Path,
+                                                                                      name: str) -> None:
+    from lungseg.bundle import resolve_bundle
+
+    device = OPENVINO_DEVICE_CANDIDATES[name]
+    selection = select_predictor(resolve_bundle(openvino_bundle), "cpu",
+                                 options=BackendOptions(threads=2, cpu_choice=name))
+    predictor = selection.predictor
+    if name in found_accelerators():  # an Intel GPU/NPU with its driver: the real plugin serves and passes
+        status = predictor.status()
+        assert (predictor.current_name, status["backend"], status["device"]) == (name, "openvino", device)
+        assert predictor.selftest["passed"] and predictor.selftest["n_images"] == 4
+        return
+    [reason] = [f for f in selection.fallbacks if f.startswith(f"{name}: ")]
+    assert f"OpenVINO finds no {device} device here (it lists [" in reason and "'CPU'" in reason
+    assert predictor.current_name != name and predictor.selftest["passed"]
