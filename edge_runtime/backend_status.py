@@ -60,7 +60,8 @@ def report_backend_to_metrics(status: dict[str, Any]) -> bool:
 def describe(status: dict[str, Any]) -> list[str]:
     """Human-readable lines for ``lungseg-edge status``."""
     selftest = status.get("selftest") or {}
-    lines = [f"backend:                {status.get('backend')} ({status.get('precision')}, "
+    device = f" on {status['device']}" if status.get("device") not in (None, "", "CPU", "none") else ""
+    lines = [f"backend:                {status.get('backend')} ({status.get('precision')}{device}, "
              f"{status.get('model_file')})"]
     choice = status.get("choice") or {}
     if choice.get("reason"):

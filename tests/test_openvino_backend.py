@@ -347,6 +347,7 @@ def test_the_static_batch_path_of_the_accelerators_matches_the_dynamic_one(openv
 def test_a_pinned_accelerator_serves_where_found_and_says_what_openvino_lists_where_not(openvino_bundle: Path,
                                                                                       name: str) -> None:
     from lungseg.bundle import resolve_bundle
+    from lungseg.edge_runtime.backend_status import describe
 
     device = OPENVINO_DEVICE_CANDIDATES[name]
     selection = select_predictor(resolve_bundle(openvino_bundle), "cpu",
@@ -355,8 +356,17 @@ def test_a_pinned_accelerator_serves_where_found_and_says_what_openvino_lists_wh
     if name in found_accelerators():  # an Intel GPU/NPU with its driver: the real plugin serves and passes
         status = predictor.status()
         assert (predictor.current_name, status["backend"], status["device"]) == (name, "openvino", device)
+        assert f"openvino (int8 on {device}, {OPENVINO_INT8_XML})" in describe(status)[0]
         assert predictor.selftest["passed"] and predictor.selftest["n_images"] == 4
         return
     [reason] = [f for f in selection.fallbacks if f.startswith(f"{name}: ")]
     assert f"OpenVINO finds no {device} device here (it lists [" in reason and "'CPU'" in reason
     assert predictor.current_name != name and predictor.selftest["passed"]
+
+
+def test_status_names_the_device_when_it_is_not_the_cpu() -> None:
+    from lungseg.edge_runtime.backend_status import describe
+
+    status = {"backend": "openvino", "precision": "int8", "model_file": OPENVINO_INT8_XML}
+    assert describe({**status, "device": "NPU"})[0].endswith(f"openvino (int8 on NPU, {OPENVINO_INT8_XML})")
+    assert describe({**status, "device": "CPU"})[0].endswith(f"openvino (int8, {OPENVINO_INT8_XML})")
