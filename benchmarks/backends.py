@@ -93,7 +93,7 @@ def discover(bundle: Bundle, checkpoint: Path | None, threads: int) -> list[Back
         options = BackendOptions(threads=threads)
         for precision in ("int8", "bf16", "fp32"):
             factories[f"openvino-{precision}"] = lambda p=precision: load_openvino(bundle, p, options)
-        for device in sorted({d.split(".")[0] for d in accelerator_devices()}):
+        for device in accelerator_devices():
             factories[f"openvino-{device.lower()}"] = lambda d=device: load_openvino_device(bundle, d, options)
     backends = []
     for name, factory in factories.items():

@@ -61,15 +61,20 @@ def cpu_capabilities(core: Any | None = None) -> list[str]:
     return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
-def accelerator_devices(core: Any | None = None) -> list[str]:
-    """The Intel GPU/NPU devices OpenVINO finds here (``["GPU", "NPU"]``, ``["GPU.0", "GPU.1"]``; often none)."""
-    core = core or _core()
+def _available_devices(core: Any) -> list[str]:
+    """Every device OpenVINO lists (``["CPU", "GPU.0", "GPU.1", "NPU"]``); ``[]`` where listing fails."""
     try:
-        found = [str(d) for d in core.available_devices]
+        return [str(d) for d in core.available_devices]
     except Exception as exc:  # a plugin whose driver is broken must not stop the CPU candidates
         log.warning("OpenVINO could not list its devices: %s: %s", type(exc).__name__, exc)
         return []
-    return [d for d in found if d.split(".")[0] in ACCELERATORS]
+
+
+def accelerator_devices(core: Any | None = None, listed: list[str] | None = None) -> list[str]:
+    """The kinds of Intel accelerator OpenVINO finds here, ``GPU.0``/``GPU.1`` counted once as ``GPU``
+    (``["GPU", "NPU"]``; often none). ``listed`` is an already-read device list."""
+    found = _available_devices(core or _core()) if listed is None else listed
+    return [kind for kind in ACCELERATORS if any(d.split(".")[0] == kind for d in found)]
 
 
 def native_bf16(core: Any | None = None) -> bool:
@@ -153,11 +158,11 @@ def _int8_ir(bundle: Bundle) -> Path:
 def load_openvino_device(bundle: Bundle, device: str, options: BackendOptions | None = None) -> OpenVINOPredictor:
     """The ``openvino-gpu`` / ``openvino-npu`` candidate: the bundle's int8 IR on an accelerator OpenVINO finds."""
     core = _core()
-    found = accelerator_devices(core)
-    if device not in found and not any(d.startswith(f"{device}.") for d in found):
-        raise BackendUnavailableError(f"OpenVINO finds no {device} device here (it lists "
-                                      f"{[str(d) for d in core.available_devices]}; an Intel {device} needs its "
-                                      f"driver and access to its device node, see packaging/INSTALL.md)")
+    listed = _available_devices(core)
+    if device not in accelerator_devices(listed=listed):
+        raise BackendUnavailableError(f"OpenVINO finds no {device} device here (it lists {listed}; an Intel "
+                                      f"{device} needs its driver and access to its device node, see "
+                                      f"packaging/INSTALL.md)")
     return OpenVINOPredictor(_int8_ir(bundle), "int8", options=options, device=device, core=core)
 
 

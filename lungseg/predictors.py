@@ -196,7 +196,7 @@ def candidates(bundle: Bundle, backend: str, options: BackendOptions) -> list[tu
                     if not int8_ir:
                         continue
                     devices = accelerator_devices() if devices is None else devices
-                    if not any(d.split(".")[0] == device for d in devices):
+                    if device not in devices:
                         continue
                 chain.append((name, _openvino_device_factory(bundle, device, options)))
                 continue

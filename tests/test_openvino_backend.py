@@ -59,7 +59,7 @@ def found_accelerators() -> set[str]:
     """The ``openvino-gpu`` / ``openvino-npu`` candidates this machine has (real OpenVINO; usually none)."""
     from lungseg.openvino_runtime import accelerator_devices
 
-    found = {d.split(".")[0] for d in accelerator_devices()}
+    found = accelerator_devices()
     return {name for name, device in OPENVINO_DEVICE_CANDIDATES.items() if device in found}
 
 
