@@ -246,14 +246,19 @@ def summarise(rows: list[dict[str, Any]], good_dice: list[float], dice_upright: 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lungseg.train.gate_eval",
-                                     description="Fault-set evaluation of the image gate on held-out patients.")
+def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--data``, ``--out`` and ``--threads``: the options every gate evaluation tool takes."""
     parser.add_argument("--model", type=Path, required=True, help="bundle with model.onnx, gate.onnx, shape_model.npz")
     parser.add_argument("--data", type=Path, required=True, help="manifest CSV")
     parser.add_argument("--out", type=Path, required=True, help="JSON report")
-    parser.add_argument("--per-class", type=int, default=60, help="held-out radiographs per fault class")
     parser.add_argument("--threads", type=int, default=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lungseg.train.gate_eval",
+                                     description="Fault-set evaluation of the image gate on held-out patients.")
+    add_bundle_arguments(parser)
+    parser.add_argument("--per-class", type=int, default=60, help="held-out radiographs per fault class")
     parser.add_argument("--mirror-threshold", type=float, default=None,
                         help="policy mirror threshold (default: the one calibrated for the bundle's gate)")
     args = parser.parse_args(argv)

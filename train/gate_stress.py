@@ -32,7 +32,7 @@ from lungseg.data import read_label_mask
 from lungseg.gate import GatePolicy
 from lungseg.imaging import read_image
 from lungseg.train.gate_data import gate_split, small_patient, white_out
-from lungseg.train.gate_eval import GateChecker
+from lungseg.train.gate_eval import GateChecker, add_bundle_arguments
 
 log = logging.getLogger("lungseg.train.gate_stress")
 CLASSES = ("as_stored", "white_out_0.6", "white_out_0.85", "small_child", "low_contrast")
@@ -90,11 +90,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lungseg.train.gate_stress",
                                      description="Gate false alarms on stressed training images (see the docstring).")
-    parser.add_argument("--model", type=Path, required=True, help="bundle with model.onnx, gate.onnx, shape_model.npz")
-    parser.add_argument("--data", type=Path, required=True, help="manifest CSV")
-    parser.add_argument("--out", type=Path, required=True, help="JSON report")
+    add_bundle_arguments(parser)
     parser.add_argument("--n", type=int, default=120, help="training images to stress (default 120)")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = run(args.model, args.data, args.n, threads=args.threads)
